@@ -1,0 +1,271 @@
+"""FlashAttention-2's online-softmax algorithm in plain PyTorch ops: the CPU path (any device works).
+
+Same contract as the Triton kernels: layout (batch, seqlen, heads, head_dim), GQA/MQA by head
+grouping, causal mask "key j visible from query i iff j <= i + causal_offset", forward returning
+the natural-log LSE, and a backward that takes an external ``out``/``lse`` (ring attention).
+
+Memory. Both passes walk (query tile × key tile) pairs of ``block_size`` rows each, so the largest
+temporary is a (batch, heads, block_size, block_size) score/probability tile in the compute dtype.
+Everything else is O(seqlen): per-row statistics, and copies of q/k/v/out/dout (and fp32 dq/dk/dv
+accumulators) in the compute dtype and the grouped row order described below. No
+seqlen_q × seqlen_k buffer is ever allocated, in forward or backward.
+
+GQA without expanding k/v. Query rows are regrouped per kv head as (batch, kv_heads, seqlen_q ·
+group, head_dim), row ``i * group + g`` holding position i of query head ``kv_head * group + g``.
+A query tile is then a contiguous row slice, every matmul is a plain 4-D batched matmul against
+the shared kv head, and ``Pᵀ dO`` / ``dSᵀ Q`` sum over the group for free.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["blockwise_attention", "blockwise_attention_backward"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp16/bf16 accumulate in fp32 (as the kernels do); fp32/fp64 keep their own precision.
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seqlen, heads, head_dim), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"k and v must agree on (batch, seqlen_k, kv_heads), got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must agree on batch and head_dim, got {tuple(q.shape)}, {tuple(k.shape)}")
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+
+
+def _scale(softmax_scale: float | None, head_dim: int) -> float:
+    if softmax_scale is not None:
+        return float(softmax_scale)
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+
+
+def _rows(x: Tensor, kv_heads: int, dtype: torch.dtype) -> Tensor:
+    """(B, S, H, D) → (B, Hkv, S·G, D) in ``dtype``; row i·G + g is head hkv·G + g at position i."""
+    b, s, h, d = x.shape
+    x = x.reshape(b, s, kv_heads, h // kv_heads, d).permute(0, 2, 1, 3, 4)
+    return x.to(dtype).reshape(b, kv_heads, s * (h // kv_heads), d)
+
+
+def _unrows(x: Tensor, seqlen: int, heads: int) -> Tensor:
+    """Inverse of ``_rows`` (without the dtype change): (B, Hkv, S·G, D) → (B, S, H, D)."""
+    b, kv_heads, _, d = x.shape
+    x = x.reshape(b, kv_heads, seqlen, heads // kv_heads, d).permute(0, 2, 1, 3, 4)
+    return x.reshape(b, seqlen, heads, d)
+
+
+def _lse_rows(lse: Tensor, kv_heads: int, dtype: torch.dtype) -> Tensor:
+    """(B, H, S) → (B, Hkv, S·G), matching ``_rows``."""
+    b, h, s = lse.shape
+    return lse.reshape(b, kv_heads, h // kv_heads, s).transpose(2, 3).to(dtype).reshape(b, kv_heads, -1)
+
+
+def _mask(i0: int, i1: int, j0: int, j1: int, group: int, offset: int, device: torch.device) -> Tensor:
+    """Boolean (rows, keys) tile mask, True where key j is hidden from the row's query i."""
+    i = torch.arange((i1 - i0) * group, device=device) // group + i0  # row → query position
+    j = torch.arange(j0, j1, device=device)
+    return j[None, :] > i[:, None] + offset
+
+
+def _forward(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, offset: int, block: int
+) -> tuple[Tensor, Tensor]:
+    """Returns out (B, Sq, H, Dv) in q's dtype and lse (B, H, Sq) in the compute dtype."""
+    b, sq, h, _ = q.shape
+    sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    group, cdt = h // hkv, _compute_dtype(q.dtype)
+    qr = _rows(q, hkv, cdt) * scale  # fold the scale into q once (O(Sq·D) instead of O(Sq·Sk))
+    kr = k.transpose(1, 2).to(cdt)
+    vr = v.transpose(1, 2).to(cdt)
+    out = qr.new_zeros(b, hkv, sq * group, dv)
+    lse = qr.new_full((b, hkv, sq * group), -math.inf)
+    for i0 in range(0, sq, block):
+        i1 = min(i0 + block, sq)
+        # Causal: the tile's last query sees keys up to i1 - 1 + offset; later key tiles are skipped.
+        k_end = min(sk, i1 + offset) if causal else sk
+        if k_end <= 0:
+            continue  # no key visible from any row of this tile: out 0, lse -inf
+        q_t = qr[:, :, i0 * group : i1 * group]
+        m = q_t.new_full(q_t.shape[:3], -math.inf)  # running row max
+        l_sum = q_t.new_zeros(q_t.shape[:3])  # running row sum of exp(s - m)
+        acc = q_t.new_zeros(*q_t.shape[:3], dv)
+        for j0 in range(0, k_end, block):
+            j1 = min(j0 + block, k_end)
+            s = q_t @ kr[:, :, j0:j1].transpose(-1, -2)
+            if causal and j1 - 1 > i0 + offset:  # only tiles crossing the diagonal need a mask
+                s = s.masked_fill(_mask(i0, i1, j0, j1, group, offset, s.device), -math.inf)
+            m_new = torch.maximum(m, s.amax(dim=-1))
+            # A row that has seen only masked keys keeps m = -inf; shift by 0 so exp gives 0, not NaN.
+            m_safe = m_new.masked_fill(m_new == -math.inf, 0.0)
+            p = torch.exp(s - m_safe[..., None])
+            alpha = torch.exp(m - m_safe)  # rescales the old statistics to the new max
+            l_sum = l_sum * alpha + p.sum(dim=-1)
+            acc = acc * alpha[..., None] + p @ vr[:, :, j0:j1]
+            m = m_new
+        seen = l_sum > 0
+        out[:, :, i0 * group : i1 * group] = acc / torch.where(seen, l_sum, 1.0)[..., None]
+        lse[:, :, i0 * group : i1 * group] = torch.where(seen, m + torch.log(l_sum), -math.inf)
+    lse = lse.reshape(b, hkv, sq, group).transpose(2, 3).reshape(b, h, sq)
+    return _unrows(out, sq, h).to(q.dtype), lse
+
+
+def blockwise_attention_backward(
+    dout: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    causal_offset: int = 0,
+    block_size: int = 256,
+    dlse: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """FlashAttention-2 backward from an external ``out``/``lse``, recomputing P tile by tile.
+
+    Args:
+        dout: (B, Sq, H, Dv) gradient of ``out``, or None (zero).
+        q: (B, Sq, H, D); k: (B, Sk, Hkv, D); v: (B, Sk, Hkv, Dv).
+        out: (B, Sq, H, Dv) forward output; lse: (B, H, Sq) natural-log LSE (-inf: row saw no key).
+        dlse: optional (B, H, Sq) gradient of ``lse`` (ring attention merges chunks through it).
+        The rest as in ``blockwise_attention``.
+
+    Returns (dq, dk, dv) shaped and typed like (q, k, v). Extra memory as in the module docstring.
+    """
+    _check_inputs(q, k, v, block_size)
+    b, sq, h, _ = q.shape
+    sk, hkv, d_v = k.shape[1], k.shape[2], v.shape[3]
+    if out.shape != (b, sq, h, d_v) or lse.shape != (b, h, sq):
+        raise ValueError(
+            f"out must be {(b, sq, h, d_v)} and lse {(b, h, sq)}, got {tuple(out.shape)}, {tuple(lse.shape)}"
+        )
+    if dout is not None and dout.shape != out.shape:
+        raise ValueError(f"dout must have out's shape {tuple(out.shape)}, got {tuple(dout.shape)}")
+    scale, group, cdt = _scale(softmax_scale, q.shape[3]), h // hkv, _compute_dtype(q.dtype)
+    qr = _rows(q, hkv, cdt) * scale
+    kr, vr = k.transpose(1, 2).to(cdt), v.transpose(1, 2).to(cdt)
+    do = _rows(dout, hkv, cdt) if dout is not None else qr.new_zeros(b, hkv, sq * group, d_v)
+    # delta = rowsum(dO ∘ O) = Σ_j P_ij dP_ij; a gradient on lse adds dlse_i · P_ij to dS_ij.
+    delta = (do * _rows(out, hkv, cdt)).sum(dim=-1)
+    if dlse is not None:
+        delta = delta - _lse_rows(dlse, hkv, cdt)
+    # A row with lse = -inf saw no key: use +inf so that P = exp(S - lse) = 0 there, never NaN.
+    lse_r = _lse_rows(lse, hkv, cdt)
+    lse_r = lse_r.masked_fill(lse_r == -math.inf, math.inf)
+    dq = torch.zeros_like(qr)
+    dk = torch.zeros_like(kr)
+    dv = torch.zeros_like(vr)
+    for j0 in range(0, sk, block_size):
+        j1 = min(j0 + block_size, sk)
+        # Causal: queries i < j0 - offset see nothing of this key tile; start at their query tile.
+        i_start = (max(0, j0 - causal_offset) // block_size) * block_size if causal else 0
+        k_t, v_t = kr[:, :, j0:j1], vr[:, :, j0:j1]
+        dk_t, dv_t = dk[:, :, j0:j1], dv[:, :, j0:j1]
+        for i0 in range(i_start, sq, block_size):
+            i1 = min(i0 + block_size, sq)
+            rows = slice(i0 * group, i1 * group)
+            q_t, do_t = qr[:, :, rows], do[:, :, rows]
+            s = q_t @ k_t.transpose(-1, -2)
+            if causal and j1 - 1 > i0 + causal_offset:
+                s = s.masked_fill(_mask(i0, i1, j0, j1, group, causal_offset, s.device), -math.inf)
+            p = torch.exp(s - lse_r[:, :, rows, None])
+            dv_t += p.transpose(-1, -2) @ do_t  # sums over the GQA group too (rows hold all g)
+            ds = p * (do_t @ v_t.transpose(-1, -2) - delta[:, :, rows, None])
+            dq[:, :, rows] += ds @ k_t
+            dk_t += ds.transpose(-1, -2) @ q_t  # q_t already carries the scale
+    dq = _unrows(dq * scale, sq, h).to(q.dtype)
+    return dq, dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)
+
+
+class _BlockwiseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, offset, block):  # type: ignore[override]
+        out, lse = _forward(q, k, v, scale, causal, offset, block)
+        # Keep lse in the compute dtype (fp64 for fp64 inputs) so the backward loses nothing.
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (scale, causal, offset, block)
+        ctx.set_materialize_grads(False)  # an unused out/lse gives None: skip its term
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlse):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, causal, offset, block = ctx.args
+        if dout is None and dlse is None:
+            return None, None, None, None, None, None, None
+        dq, dk, dv = blockwise_attention_backward(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            softmax_scale=scale,
+            causal=causal,
+            causal_offset=offset,
+            block_size=block,
+            dlse=dlse,
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def blockwise_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    causal_offset: int = 0,
+    block_size: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """Exact attention by FlashAttention-2's online softmax, in PyTorch ops, differentiable.
+
+    Args:
+        q: (batch, seqlen_q, heads, head_dim), any float dtype.
+        k: (batch, seqlen_k, kv_heads, head_dim); v: (batch, seqlen_k, kv_heads, head_dim_v).
+            GQA/MQA: heads % kv_heads == 0, query head h reads kv head h // (heads // kv_heads);
+            k/v are never expanded.
+        softmax_scale: defaults to 1 / sqrt(head_dim).
+        causal: key j is visible from query i iff j <= i + causal_offset. Pass
+            causal_offset = seqlen_k - seqlen_q for flash-attn's bottom-right alignment,
+            0 for PyTorch's top-left. A row that sees no key gives out 0 and lse -inf.
+        block_size: rows per query tile and per key tile.
+
+    Returns:
+        out (batch, seqlen_q, heads, head_dim_v) in q's dtype, and lse (batch, heads, seqlen_q),
+        fp32, natural log. fp16/bf16 compute in fp32; fp32/fp64 in their own dtype.
+
+    Memory: a (batch, heads, block_size, block_size) tile plus O(seqlen) per pass, forward and
+    backward (the backward recomputes P per tile and skips fully masked causal tiles).
+    """
+    _check_inputs(q, k, v, block_size)
+    scale = _scale(softmax_scale, q.shape[3])
+    out, lse = _BlockwiseAttention.apply(q, k, v, scale, bool(causal), int(causal_offset), block_size)
+    return out, lse.float()

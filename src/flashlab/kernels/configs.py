@@ -1,0 +1,66 @@
+"""Tile configurations: chosen by a heuristic per architecture and head dim, never autotuned on a
+user's first call (compile time only). The interpreter gets small tiles so CPU tests stay fast."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def launch_kwargs(self) -> dict[str, int]:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.num_warps,
+                "num_stages": self.num_stages}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Head dims are padded to a power of two (≥ 16, the smallest tensor-core tile)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
+def forward_config(block_d: int, causal: bool, device: torch.device) -> TileConfig:
+    if interpreting():
+        return TileConfig(32, 32, 4, 1)
+    major, _ = _capability(device)
+    stages = 3 if major >= 9 else 2
+    if block_d <= 64:
+        return TileConfig(128, 64, 4, stages)
+    if block_d <= 128:
+        return TileConfig(128, 64, 8, stages)
+    return TileConfig(64, 32, 4, 2)
+
+
+def backward_config(block_d: int, causal: bool, device: torch.device) -> tuple[TileConfig, TileConfig]:
+    """(dK/dV kernel config, dQ kernel config). BLOCK_N of the first and BLOCK_M of the second
+    are the tile each program owns; the other is the tile it streams."""
+    if interpreting():
+        return TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)
+    major, _ = _capability(device)
+    stages = 2
+    if block_d <= 64:
+        return TileConfig(32, 128, 4, stages), TileConfig(128, 32, 4, stages)
+    if block_d <= 128:
+        return TileConfig(32, 128, 8, stages), TileConfig(128, 32, 8, stages)
+    return TileConfig(16, 64, 4, 1), TileConfig(64, 16, 4, 1)
+
+
+def preprocess_block_m(block_d: int) -> int:
+    return 32 if interpreting() else 128
