@@ -178,8 +178,9 @@ def blockwise_attention_backward(
     lse_r = _lse_rows(lse, hkv, cdt)
     lse_r = lse_r.masked_fill(lse_r == -math.inf, math.inf)
     dq = torch.zeros_like(qr)
-    dk = torch.zeros_like(kr)
-    dv = torch.zeros_like(vr)
+    # dk/dv accumulate in (B, Sk, Hkv, D) storage so that the returned gradients are contiguous.
+    dk = kr.new_zeros(b, sk, hkv, kr.shape[3]).transpose(1, 2)
+    dv = vr.new_zeros(b, sk, hkv, d_v).transpose(1, 2)
     for j0 in range(0, sk, block_size):
         j1 = min(j0 + block_size, sk)
         # Causal: queries i < j0 - offset see nothing of this key tile; start at their query tile.
