@@ -39,12 +39,14 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def forward_config(block_d: int, causal: bool, device: torch.device) -> TileConfig:
     if interpreting():
         return TileConfig(32, 32, 4, 1)
-    major, _ = _capability(device)
-    stages = 3 if major >= 9 else 2
+    if _capability(device)[0] < 9:
+        # Ampere-class parts have 100-164 KB of shared memory: smaller tiles, 2 stages.
+        return TileConfig(128, 64, 4, 2) if block_d <= 64 else TileConfig(64, 64, 4, 2)
+    # Hopper; measured on H100 at seqlen 8k (benchmarks/results/h100-kernel-check-round1.json).
     if block_d <= 64:
-        return TileConfig(128, 64, 4, stages)
+        return TileConfig(128, 64, 8 if causal else 4, 3)
     if block_d <= 128:
-        return TileConfig(128, 64, 8, stages)
+        return TileConfig(128, 128, 8, 3)
     return TileConfig(64, 32, 4, 2)
 
 
@@ -53,13 +55,14 @@ def backward_config(block_d: int, causal: bool, device: torch.device) -> tuple[T
     are the tile each program owns; the other is the tile it streams."""
     if interpreting():
         return TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)
-    major, _ = _capability(device)
-    stages = 2
+    if block_d > 128:
+        # The fp32 dK/dV (or dQ) accumulators of a 256-wide tile fill the register file.
+        return TileConfig(32, 32, 8, 1), TileConfig(32, 32, 8, 1)
+    if _capability(device)[0] < 9:
+        return TileConfig(32, 64, 4, 2), TileConfig(64, 32, 4, 2)
     if block_d <= 64:
-        return TileConfig(32, 128, 4, stages), TileConfig(128, 32, 4, stages)
-    if block_d <= 128:
-        return TileConfig(32, 128, 8, stages), TileConfig(128, 32, 8, stages)
-    return TileConfig(16, 64, 4, 1), TileConfig(64, 16, 4, 1)
+        return TileConfig(32, 128, 4, 3), TileConfig(128, 32, 4, 3)
+    return TileConfig(64, 128, 8, 2), TileConfig(128, 64, 8, 2)
 
 
 def preprocess_block_m(block_d: int) -> int:

@@ -1,0 +1,191 @@
+"""GPU check of flashlab's kernels: correctness at real sizes, then speed against PyTorch's SDPA
+backends measured in the same run (the FlashAttention grid: 16k tokens, heads × head_dim = 2048).
+
+    python benchmarks/kernel_check.py --out DIR [--tune] [--seqlens 2048 8192 16384]
+
+``--tune`` also times tile-config variants of flashlab (monkeypatched, same run). Prints a short
+table last; full rows go to DIR/kernel_check.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import flashlab
+import flashlab.ops as ops
+from flashlab.kernels.configs import TileConfig
+from flashlab.reference import accuracy_check, naive_attention, reference_attention
+
+
+def check_correctness(rows: list[dict]) -> bool:
+    ok_all = True
+    cases = [  # B, Sq, Sk, H, Hk, D, causal, dtype
+        (2, 1024, 1024, 8, 8, 64, False, torch.bfloat16),
+        (2, 1024, 1024, 8, 8, 128, True, torch.float16),
+        (1, 113, 203, 6, 2, 80, True, torch.bfloat16),
+        (1, 203, 113, 6, 2, 80, True, torch.float16),
+        (1, 2048, 2048, 4, 1, 256, True, torch.bfloat16),
+        (3, 517, 1031, 4, 2, 96, False, torch.float16),
+        (1, 4096, 4096, 2, 2, 192, False, torch.bfloat16),
+        (1, 1, 4097, 4, 4, 40, True, torch.float16),
+    ]
+    for b, sq, sk, h, hk, d, causal, dtype in cases:
+        q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype, requires_grad=True)
+        out = flashlab.flash_attn_func(q, k, v, causal=causal)
+        ref = reference_attention(q, k, v, causal=causal)
+        low = naive_attention(q, k, v, causal=causal)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        rgrads = torch.autograd.grad(ref, (q, k, v), g.float())
+        lgrads = torch.autograd.grad(low, (q, k, v), g)
+        checks = [accuracy_check(out, ref, low)] + [
+            accuracy_check(a, r, lo, factor=3) for a, r, lo in zip(grads, rgrads, lgrads)
+        ]
+        ok = all(c.ok for c in checks)
+        ok_all &= ok
+        name = f"B{b}-S{sq}x{sk}-H{h}:{hk}-D{d}-{'causal' if causal else 'full'}-{str(dtype)[6:]}"
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: " + "; ".join(f"{c.max_error:.2e}/{c.allowed:.2e}" for c in checks))
+        rows.append({"kind": "correctness", "case": name, "ok": ok, "checks": [str(c) for c in checks]})
+    return ok_all
+
+
+def tflops(b: int, h: int, s: int, d: int, causal: bool, mode: str, ms: float) -> float:
+    flops = 4 * b * h * s * s * d / (2 if causal else 1) * {"fwd": 1.0, "fwd+bwd": 3.5, "bwd": 2.5}[mode]
+    return flops / ms / 1e9
+
+
+def bench(fn, mode: str, out_grad: torch.Tensor | None, inputs) -> float:
+    if mode == "fwd":
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def step():
+        o = fn()
+        torch.autograd.grad(o, inputs, out_grad)
+
+    return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+
+
+def providers(q, k, v, causal):
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+        return run
+
+    return {
+        "flashlab": lambda: flashlab.flash_attn_func(q, k, v, causal=causal),
+        "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+    }
+
+
+def time_grid(rows: list[dict], seqlens: list[int], head_dims: list[int], modes: list[str], dtype) -> None:
+    for d, causal, s, mode in itertools.product(head_dims, (False, True), seqlens, modes):
+        b, h = 16384 // s, 2048 // d
+        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        g = torch.randn(b, s, h, d, device="cuda", dtype=dtype)
+        for name, fn in providers(q, k, v, causal).items():
+            try:
+                grad = g if name == "flashlab" else g.transpose(1, 2)
+                ms = bench(fn, mode, grad, (q, k, v))
+                rows.append({"kind": "time", "provider": name, "d": d, "causal": causal, "seqlen": s, "mode": mode,
+                             "ms": ms, "tflops": tflops(b, h, s, d, causal, mode, ms)})
+            except Exception as e:  # a backend that cannot run this case
+                rows.append({"kind": "time", "provider": name, "d": d, "causal": causal, "seqlen": s, "mode": mode,
+                             "error": f"{type(e).__name__}: {str(e)[:200]}"})
+
+
+def tune(rows: list[dict], seqlen: int, dtype) -> None:
+    fwd_variants = [TileConfig(*c) for c in [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 4, 3),
+                                             (64, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 4), (128, 128, 8, 2)]]
+    bwd_variants = [tuple(TileConfig(*c) for c in pair) for pair in [
+        ((32, 128, 4, 2), (128, 32, 4, 2)), ((32, 128, 4, 3), (128, 32, 4, 3)), ((64, 128, 8, 2), (128, 64, 8, 2)),
+        ((32, 128, 8, 3), (128, 32, 8, 3)), ((64, 64, 4, 3), (64, 64, 4, 3)), ((32, 64, 4, 3), (64, 32, 4, 3))]]
+    orig_f, orig_b = ops.forward_config, ops.backward_config
+    try:
+        for d, causal in itertools.product((64, 128), (False, True)):
+            b, h = 16384 // seqlen, 2048 // d
+            q, k, v = (torch.randn(b, seqlen, h, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+            g = torch.randn_like(q)
+            fn = lambda: flashlab.flash_attn_func(q, k, v, causal=causal)  # noqa: E731
+            for cfg in fwd_variants:
+                ops.forward_config = lambda *a, cfg=cfg: cfg
+                try:
+                    ms = bench(fn, "fwd", None, None)
+                    rows.append({"kind": "tune-fwd", "cfg": str(cfg), "d": d, "causal": causal, "ms": ms,
+                                 "tflops": tflops(b, h, seqlen, d, causal, "fwd", ms)})
+                except Exception as e:
+                    rows.append({"kind": "tune-fwd", "cfg": str(cfg), "d": d, "causal": causal, "error": str(e)[:200]})
+            ops.forward_config = orig_f
+            fwd_ms = bench(fn, "fwd", None, None)
+            for pair in bwd_variants:
+                ops.backward_config = lambda *a, pair=pair: pair
+                try:
+                    ms = bench(fn, "fwd+bwd", g, (q, k, v)) - fwd_ms
+                    rows.append({"kind": "tune-bwd", "cfg": str(pair), "d": d, "causal": causal, "ms": ms,
+                                 "tflops": tflops(b, h, seqlen, d, causal, "bwd", ms)})
+                except Exception as e:
+                    rows.append({"kind": "tune-bwd", "cfg": str(pair), "d": d, "causal": causal, "error": str(e)[:200]})
+            ops.backward_config = orig_b
+    finally:
+        ops.forward_config, ops.backward_config = orig_f, orig_b
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
+    ap.add_argument("--skip-correctness", action="store_true")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = [{"kind": "env", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                         "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(), "time": time.ctime()}]
+    dump = lambda: (args.out / "kernel_check.json").write_text(json.dumps(rows, indent=1))  # noqa: E731
+    t0 = time.time()
+    if not args.skip_correctness:
+        ok = check_correctness(rows)
+        print("correctness:", "PASS" if ok else "FAIL", f"({time.time() - t0:.0f}s)")
+    dump()
+    if args.tune:
+        tune(rows, 8192, torch.float16)
+        dump()
+        for r in rows:
+            if r["kind"].startswith("tune"):
+                print(r["kind"], r["d"], "causal" if r["causal"] else "full", r["cfg"],
+                      f"{r['tflops']:.0f}" if "tflops" in r else r["error"])
+        print(f"tune done ({time.time() - t0:.0f}s)")
+    time_grid(rows, args.seqlens, args.head_dims, args.modes, torch.float16)
+    dump()
+    print(f"{'d':>4} {'mask':>6} {'seqlen':>6} {'mode':>8} | " + " ".join(f"{p:>10}" for p in
+          ("flashlab", "sdpa-flash", "sdpa-cudnn")) + " | vs flash")
+    table: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r["kind"] == "time":
+            table.setdefault((r["d"], r["causal"], r["seqlen"], r["mode"]), {})[r["provider"]] = r.get("tflops", math.nan)
+    for (d, causal, s, mode), vals in table.items():
+        ratio = vals.get("flashlab", math.nan) / vals.get("sdpa-flash", math.nan)
+        print(f"{d:>4} {'causal' if causal else 'full':>6} {s:>6} {mode:>8} | "
+              + " ".join(f"{vals.get(p, math.nan):>10.0f}" for p in ("flashlab", "sdpa-flash", "sdpa-cudnn"))
+              + f" | {ratio:.2f}x")
+    print(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
