@@ -1,0 +1,41 @@
+"""Shared helpers for kernel tests: random inputs and the accuracy rule on outputs and gradients."""
+
+from __future__ import annotations
+
+import torch
+
+from flashlab.reference import accuracy_check, naive_attention, reference_attention
+
+
+def make_qkv(batch: int, seqlen_q: int, seqlen_k: int, heads: int, kv_heads: int, head_dim: int,
+             dtype: torch.dtype, device: str, layout: str = "bshd") -> tuple[torch.Tensor, ...]:
+    """Fresh random q, k, v (requires_grad) in flash (bshd) or SDPA (bhsd) layout."""
+    def one(seqlen: int, h: int) -> torch.Tensor:
+        shape = (batch, seqlen, h, head_dim) if layout == "bshd" else (batch, h, seqlen, head_dim)
+        return torch.randn(shape, dtype=dtype, device=device).requires_grad_()
+    return one(seqlen_q, heads), one(seqlen_k, kv_heads), one(seqlen_k, kv_heads)
+
+
+def case_id(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal) -> str:
+    return f"B{batch}-S{seqlen_q}x{seqlen_k}-H{heads}:{kv_heads}-D{head_dim}-{'causal' if causal else 'full'}"
+
+
+def check_against_reference(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            grads: bool = True, **ref_kwargs) -> None:
+    """Assert the ANCHORS.md accuracy rule on ``out`` and (if ``grads``) on dq, dk, dv, against the
+    fp64 reference and the same-dtype naive attention with the same semantics."""
+    ref = reference_attention(q, k, v, dtype=torch.float64, **ref_kwargs)
+    low = naive_attention(q, k, v, **ref_kwargs)
+    check = accuracy_check(out, ref, low)
+    assert check.ok, f"output: {check}"
+    assert not out.isnan().any()
+    if not grads:
+        return
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g.double())
+    same = torch.autograd.grad(low, (q, k, v), g)
+    for name, a, r, s in zip(("dq", "dk", "dv"), got, want, same):
+        assert a.shape == r.shape and a.dtype == q.dtype
+        check = accuracy_check(a, r, s, factor=3.0)
+        assert check.ok, f"{name}: {check}"
