@@ -13,9 +13,9 @@ from flashlab.kernels.masking import key_block_ranges, visible
 
 # Running max starts finite: a row whose keys are all masked keeps m = M_INIT, so its
 # exponentials are exp2(-inf - M_INIT) = 0 instead of exp2(-inf + inf) = NaN.
-M_INIT: tl.constexpr = -1.0e30
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+M_INIT = tl.constexpr(-1.0e30)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
