@@ -38,3 +38,20 @@ def test_cpu_path_rejects_what_it_cannot_run(cpu_path):
     q = torch.ones(1, 2, 8, 16, dtype=torch.int32)
     with pytest.raises(TypeError, match="accepted"):
         flashlab.scaled_dot_product_attention(q, q, q)
+
+
+def test_varlen_on_cpu_path(cpu_path):
+    torch.manual_seed(2)
+    lengths = [3, 0, 17]
+    cu = torch.tensor([0, 3, 3, 20], dtype=torch.int32)
+    q, k, v = (torch.randn(20, 4, 16, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    out = flashlab.flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=True)
+    for a, b in [(0, 3), (3, 20)]:
+        check_against_reference(out[a:b][None], q[a:b][None], k[a:b][None], v[a:b][None], grads=False,
+                                causal=True)
+
+
+def test_kernel_only_options_name_themselves_on_cpu_path(cpu_path):
+    q, k, v = make_qkv(1, 8, 8, 2, 2, 16, torch.float16, "cpu")
+    with pytest.raises(NotImplementedError, match="softcap needs the Triton kernels"):
+        flashlab.flash_attn_func(q, k, v, softcap=3.0)

@@ -36,18 +36,53 @@ def test_flash_attn_func_rejects(make, exc, match):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, exc, match",
     [
-        ({"dropout_p": 0.1}, "dropout_p"),
-        ({"window_size": (4, 0)}, "window_size"),
-        ({"softcap": 30.0}, "softcap"),
-        ({"alibi_slopes": torch.ones(2)}, "alibi_slopes"),
+        ({"dropout_p": 1.0}, ValueError, r"dropout_p must be a float in \[0, 1\)"),
+        ({"dropout_p": -0.1}, ValueError, "dropout_p"),
+        ({"window_size": (-2, 0)}, ValueError, "window_size left must be an int ≥ -1"),
+        ({"window_size": 5}, ValueError, "window_size must be a pair"),
+        ({"softcap": -1.0}, ValueError, "softcap must be a finite float ≥ 0"),
+        ({"alibi_slopes": torch.ones(3)}, ValueError, r"alibi_slopes must have shape \(2,\) or \(1, 2\)"),
+        ({"alibi_slopes": torch.ones(2, dtype=torch.float16)}, TypeError, "alibi_slopes must be float32"),
+        ({"alibi_slopes": [0.5, 0.5]}, TypeError, "alibi_slopes must be a torch.Tensor"),
     ],
-    ids=["dropout", "window", "softcap", "alibi"],
+    ids=["dropout-1", "dropout-neg", "window-lt-minus-1", "window-not-pair", "softcap-neg", "alibi-shape",
+         "alibi-dtype", "alibi-list"],
 )
-def test_later_options_raise_not_implemented(kwargs, match):
-    with pytest.raises(NotImplementedError, match=match):
+def test_feature_arguments_rejected(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
         flashlab.flash_attn_func(*qkv(), **kwargs)
+
+
+def _packed(total=10, heads=2):
+    return (torch.randn(total, heads, 16, dtype=torch.float16) for _ in range(3))
+
+
+@pytest.mark.parametrize(
+    "cu_q, max_q, exc, match",
+    [
+        (torch.tensor([0, 4, 10], dtype=torch.int64), 6, TypeError, "cu_seqlens_q must be int32"),
+        (torch.tensor([0, 6, 4, 10], dtype=torch.int32), 6, ValueError, "non-decreasing"),
+        (torch.tensor([1, 4, 10], dtype=torch.int32), 6, ValueError, "start at 0"),
+        (torch.tensor([0, 4, 9], dtype=torch.int32), 6, ValueError, "must equal the number of packed tokens"),
+        (torch.tensor([0, 4, 10], dtype=torch.int32), 5, ValueError, "max_seqlen_q must be an int ≥"),
+        (torch.tensor([[0, 4, 10]], dtype=torch.int32), 6, ValueError, "must be 1-D"),
+    ],
+    ids=["dtype", "non-monotonic", "start", "total", "max-too-small", "rank"],
+)
+def test_varlen_arguments_rejected(cu_q, max_q, exc, match):
+    q, k, v = _packed()
+    cu_k = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(exc, match=match):
+        flashlab.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, 6)
+
+
+def test_varlen_batch_mismatch():
+    q, k, v = _packed()
+    with pytest.raises(ValueError, match="same length"):
+        flashlab.flash_attn_varlen_func(q, k, v, torch.tensor([0, 10], dtype=torch.int32),
+                                        torch.tensor([0, 4, 10], dtype=torch.int32), 10, 6)
 
 
 def test_bad_softmax_scale():
@@ -60,10 +95,14 @@ def test_sdpa_errors():
     kv = torch.randn(1, 2, 8, 16, dtype=torch.float16)
     with pytest.raises(ValueError, match="enable_gqa=True"):
         flashlab.scaled_dot_product_attention(q, kv, kv)
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        flashlab.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        flashlab.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        flashlab.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(7, 8, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attn_mask must be bool or a floating dtype"):
+        flashlab.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="not both"):
+        flashlab.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True)
+    with pytest.raises(ValueError, match="dropout_p"):
+        flashlab.scaled_dot_product_attention(q, q, q, dropout_p=1.5)
     with pytest.raises(ValueError, match="at least 3 dimensions"):
         flashlab.scaled_dot_product_attention(q[0, 0], q[0, 0], q[0, 0])
     with pytest.raises(ValueError, match="same rank"):

@@ -2,62 +2,16 @@
 
 Paths: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run the Triton kernels through
 the ``flashlab::attn_fwd`` op; other CPU tensors run ``blockwise.py``, the same online-softmax
-algorithm in PyTorch ops.
+algorithm in PyTorch ops (causal, GQA and variable length; the other options need the kernels).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-
 import torch
 
+from flashlab import checks
 from flashlab.kernels.configs import interpreting
-
-MAX_HEAD_DIM = 256
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _not_yet(option: str, value: object) -> NotImplementedError:
-    return NotImplementedError(f"flashlab does not support {option}={value!r} yet (planned: feature-parity issue)")
-
-
-def _check_qkv(q: object, k: object, v: object, names: tuple[str, str, str], seq_dim: int, head_dim_axis: int,
-               allowed_dtypes: Sequence[torch.dtype]) -> None:
-    """Shared checks for (batch, seqlen, heads, dim) or (batch, heads, seqlen, dim) inputs."""
-    for name, t in zip(names, (q, k, v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(t.shape)}")
-    qn, kn, vn = names
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{qn}, {kn}, {vn} must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in allowed_dtypes:
-        accepted = ", ".join(str(d) for d in allowed_dtypes)
-        raise TypeError(f"{qn} has dtype {q.dtype}; accepted: {accepted}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{qn}, {kn}, {vn} must be on one device, got {q.device}, {k.device}, {v.device}")
-    head_axis = 3 - seq_dim  # the other of axes 1 and 2
-    if k.shape != v.shape:
-        raise ValueError(f"{kn} and {vn} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"batch size of {qn} ({q.shape[0]}) and {kn} ({k.shape[0]}) differ")
-    head_dim = q.shape[head_dim_axis]
-    if k.shape[head_dim_axis] != head_dim:
-        raise ValueError(f"head_dim of {qn} ({head_dim}) and {kn} ({k.shape[head_dim_axis]}) differ; "
-                         "flashlab needs one head_dim for q, k and v")
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
-    heads, kv_heads = q.shape[head_axis], k.shape[head_axis]
-    if kv_heads == 0 or heads % kv_heads != 0:
-        raise ValueError(f"number of heads in {qn} ({heads}) must be a multiple of the number of heads in "
-                         f"{kn}/{vn} ({kv_heads})")
-
-
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    # Kernels are stride-generic except along head_dim, where loads must be contiguous.
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+from flashlab.ops import AttentionOptions, attention_forward, dropout_pattern
 
 
 class _NothingToAttend(torch.autograd.Function):
@@ -73,23 +27,65 @@ class _NothingToAttend(torch.autograd.Function):
         return tuple(torch.zeros_like(t) for t in ctx.saved_tensors)
 
 
-def _attention_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
-                    bottom_right: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch on (batch, seqlen, heads, dim) views that passed the checks: returns (out, lse)."""
-    batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k = k.shape[1]
-    if seqlen_q == 0 or seqlen_k == 0:
-        lse = torch.full((batch, heads, seqlen_q), float("-inf"), dtype=torch.float32, device=q.device)
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    # Kernels are stride-generic except along head_dim, where loads must be contiguous.
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _uses_kernels(t: torch.Tensor) -> bool:
+    return t.is_cuda or interpreting()
+
+
+def _cpu_path_unsupported(options: AttentionOptions) -> str | None:
+    named = {"window_size": (options.window_left, options.window_right) != (-1, -1), "softcap": options.softcap > 0,
+             "alibi_slopes": options.alibi_slopes is not None, "attn_mask": options.attn_mask is not None,
+             "dropout_p": options.dropout_p > 0}
+    return next((name for name, used in named.items() if used), None)
+
+
+def _dropout_seed(dropout_p: float) -> int:
+    # Drawn from torch's default generator, so torch.manual_seed reproduces a run.
+    return int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+              bottom_right: bool, options: AttentionOptions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch checked inputs — dense (batch, seqlen, heads, dim) views, or packed (total, heads,
+    dim) with ``options.cu_seqlens_*`` — to the kernels or the CPU path. Returns (out, lse)."""
+    options = options or AttentionOptions()
+    varlen = options.cu_seqlens_q is not None
+    heads = q.shape[-2]
+    if q.shape[-3] == 0 or k.shape[-3] == 0:
+        lse_shape = (heads, q.shape[0]) if varlen else (q.shape[0], heads, q.shape[1])
+        lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
         return _NothingToAttend.apply(q, k, v), lse
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    if q.is_cuda or interpreting():
-        from flashlab.ops import attention_forward
-
-        return attention_forward(q, k, v, softmax_scale, causal, bottom_right)
+    if _uses_kernels(q):
+        return attention_forward(q, k, v, softmax_scale, causal, bottom_right, options)
+    unsupported = _cpu_path_unsupported(options)
+    if unsupported:
+        raise NotImplementedError(f"{unsupported} needs the Triton kernels: use CUDA tensors (the CPU path "
+                                  "supports causal, GQA and variable-length batches)")
     from flashlab.blockwise import blockwise_attention
 
-    offset = seqlen_k - seqlen_q if bottom_right else 0
-    return blockwise_attention(q, k, v, softmax_scale=softmax_scale, causal=causal, causal_offset=offset)
+    def one(qs, ks, vs):
+        offset = ks.shape[1] - qs.shape[1] if bottom_right else 0
+        return blockwise_attention(qs, ks, vs, softmax_scale=softmax_scale, causal=causal, causal_offset=offset)
+
+    if not varlen:
+        return one(q, k, v)
+    cu_q, cu_k = options.cu_seqlens_q.tolist(), options.cu_seqlens_k.tolist()
+    pieces = [one(q[None, a:b], k[None, c:d], v[None, c:d]) for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])]
+    return torch.cat([o[0] for o, _ in pieces]), torch.cat([lse[0] for _, lse in pieces], dim=1)
+
+
+def _feature_options(q: torch.Tensor, batch: int, window_size, softcap, alibi_slopes, dropout_p,
+                     **varlen) -> AttentionOptions:
+    left, right = checks.check_window(window_size)
+    p = checks.check_dropout(dropout_p)
+    return AttentionOptions(window_left=left, window_right=right, softcap=checks.check_softcap(softcap),
+                            alibi_slopes=checks.check_alibi(alibi_slopes, batch, q.shape[-2], q.device),
+                            dropout_p=p, seed=_dropout_seed(p), **varlen)
 
 
 def flash_attn_func(
@@ -111,15 +107,23 @@ def flash_attn_func(
         q: (batch, seqlen_q, heads, head_dim), fp16 or bf16.
         k, v: (batch, seqlen_k, kv_heads, head_dim); ``heads % kv_heads == 0`` (GQA/MQA: query
             head ``h`` attends with kv head ``h // (heads // kv_heads)``; k/v are never expanded).
+        dropout_p: probability of dropping an attention weight (training); the pattern comes from
+            Philox seeded by torch's default generator (``torch.manual_seed`` reproduces it) and
+            the backward regenerates it. Pass 0.0 at evaluation.
         softmax_scale: scale of QKᵀ before the softmax; default ``1 / sqrt(head_dim)``.
         causal: causal mask aligned to the bottom-right corner: query ``i`` sees key ``j`` iff
             ``j <= i + seqlen_k - seqlen_q``. A query that sees no key returns zeros.
+        window_size: (left, right) sliding window: query ``i`` sees keys in
+            ``[i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]``; -1 is unbounded.
+            Blocks outside the window are skipped, so cost grows linearly with seqlen.
+        softcap: if > 0, scores become ``softcap · tanh(scores / softcap)`` before the softmax.
+        alibi_slopes: fp32 (heads,) or (batch, heads); adds ``-slope · |i + seqlen_k - seqlen_q - j|``.
         deterministic: accepted for compatibility; flashlab's backward is always deterministic
             (no atomics), so gradients are bit-identical run to run.
-        return_attn_probs: if True, return ``(out, softmax_lse, None)``; ``softmax_lse`` is fp32,
-            natural log, (batch, heads, seqlen_q), -inf for rows that see no key.
-        dropout_p, window_size, softcap, alibi_slopes: not yet supported beyond their defaults
-            (``NotImplementedError``).
+        return_attn_probs: if True, return ``(out, softmax_lse, dropout_keep)``; ``softmax_lse`` is
+            fp32, natural log, (batch, heads, seqlen_q), -inf for rows that see no key;
+            ``dropout_keep`` is the bool (batch, heads, seqlen_q, seqlen_k) pattern of kept weights
+            when ``dropout_p > 0`` (for testing; it is seqlen²) and None otherwise.
 
     Returns:
         out: (batch, seqlen_q, heads, head_dim), dtype of q. Differentiable w.r.t. q, k, v.
@@ -127,28 +131,64 @@ def flash_attn_func(
     Any seqlen ≥ 0 and head_dim 1..256 work; inputs may be strided views (e.g. slices of a packed
     qkv tensor) and are not copied unless the head dim is not unit-stride.
     """
-    _check_qkv(q, k, v, ("q", "k", "v"), seq_dim=1, head_dim_axis=3, allowed_dtypes=KERNEL_DTYPES)
-    if dropout_p != 0.0:
-        raise _not_yet("dropout_p", dropout_p)
-    if tuple(window_size) != (-1, -1):
-        raise _not_yet("window_size", tuple(window_size))
-    if softcap != 0.0:
-        raise _not_yet("softcap", softcap)
-    if alibi_slopes is not None:
-        raise _not_yet("alibi_slopes", "<tensor>")
-    scale = _resolve_scale(softmax_scale, q.shape[-1], "softmax_scale")
-    out, lse = _attention_bshd(q, k, v, scale, bool(causal), bottom_right=True)
+    checks.check_qkv(q, k, v, ("q", "k", "v"), rank=4, head_axis=2, allowed_dtypes=checks.KERNEL_DTYPES)
+    scale = checks.resolve_scale(softmax_scale, q.shape[-1], "softmax_scale")
+    options = _feature_options(q, q.shape[0], window_size, softcap, alibi_slopes, dropout_p)
+    out, lse = attention(q, k, v, scale, bool(causal), True, options)
     if return_attn_probs:
-        return out, lse, None
+        keep = None
+        if options.dropout_p:
+            keep = dropout_pattern(q.shape[0], q.shape[2], q.shape[1], k.shape[1], options, q.device)
+        return out, lse, keep
     return out
 
 
-def _resolve_scale(scale: float | None, head_dim: int, name: str) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"{name} must be a finite float or None, got {scale!r}")
-    return float(scale)
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+):
+    """Attention over a packed batch of variable-length sequences (flash-attn's semantics).
+
+    Args:
+        q: (total_q, heads, head_dim) — sequence b is rows ``cu_seqlens_q[b] : cu_seqlens_q[b + 1]``.
+        k, v: (total_k, kv_heads, head_dim), likewise with ``cu_seqlens_k``.
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,), starting at 0, non-decreasing (sequences
+            of length 0 are allowed).
+        max_seqlen_q, max_seqlen_k: ints ≥ the longest sequence (they size the launch grid).
+        Other arguments as in :func:`flash_attn_func`; causal and windows align each sequence's
+        own bottom-right corner; alibi_slopes (heads,) or (batch, heads).
+
+    Returns ``out`` (total_q, heads, head_dim), or ``(out, softmax_lse, None)`` with
+    ``softmax_lse`` (heads, total_q) when ``return_attn_probs``. No padding is materialized.
+    """
+    checks.check_qkv(q, k, v, ("q", "k", "v"), rank=3, head_axis=1, allowed_dtypes=checks.KERNEL_DTYPES,
+                     batch_axis=None)
+    cu_q, lengths_q = checks.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q,
+                                              "max_seqlen_q", q.device)
+    cu_k, _ = checks.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k",
+                                      q.device)
+    if cu_k.numel() != cu_q.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+                         f"{cu_q.numel()} and {cu_k.numel()}")
+    scale = checks.resolve_scale(softmax_scale, q.shape[-1], "softmax_scale")
+    options = _feature_options(q, len(lengths_q), window_size, softcap, alibi_slopes, dropout_p,
+                               cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(max_seqlen_q, 1),
+                               max_seqlen_k=max(max_seqlen_k, 1))
+    out, lse = attention(q, k, v, scale, bool(causal), True, options)
+    return (out, lse, None) if return_attn_probs else out
 
 
 def scaled_dot_product_attention(
@@ -168,10 +208,13 @@ def scaled_dot_product_attention(
             leading batch dims, as PyTorch accepts.
         key, value: (batch, kv_heads, seqlen_k, head_dim); ``kv_heads != heads`` needs
             ``enable_gqa=True`` (as in PyTorch).
+        attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
+            (batch, heads, seqlen_q, seqlen_k), as PyTorch defines it. A row with nothing to attend
+            returns zeros (PyTorch returns NaN).
+        dropout_p: dropout on the attention weights (as in :func:`flash_attn_func`).
         is_causal: causal mask aligned to the top-left corner, as PyTorch defines it: query ``i``
-            sees key ``j`` iff ``j <= i``. Rows that see no key return zeros (PyTorch gives NaN).
+            sees key ``j`` iff ``j <= i``. Cannot be combined with attn_mask (as in PyTorch).
         scale: default ``1 / sqrt(head_dim)``.
-        attn_mask, dropout_p: not yet supported beyond None / 0.0 (``NotImplementedError``).
 
     dtypes: fp16 and bf16 everywhere. fp32/fp64 run only on the CPU path (no GPU kernel for them:
     ``TypeError`` on CUDA tensors — cast to bf16/fp16 or use PyTorch's SDPA).
@@ -186,24 +229,35 @@ def scaled_dot_product_attention(
             raise ValueError(f"{name} must have at least 3 dimensions (heads, seqlen, head_dim), "
                              f"got shape {tuple(t.shape)}")
     if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(f"query, key, value must have the same rank, got {query.dim()}, {key.dim()}, {value.dim()}")
-    if attn_mask is not None:
-        raise _not_yet("attn_mask", "<tensor>")
-    if dropout_p != 0.0:
-        raise _not_yet("dropout_p", dropout_p)
+        raise ValueError(f"query, key, value must have the same rank, got {query.dim()}, {key.dim()}, "
+                         f"{value.dim()}")
     lead = query.shape[:-3]
     if key.shape[:-3] != lead or value.shape[:-3] != lead:
-        raise ValueError(f"leading (batch) dims of query {tuple(lead)}, key {tuple(key.shape[:-3])} and value "
-                         f"{tuple(value.shape[:-3])} differ")
+        raise ValueError(f"leading (batch) dims of query {tuple(lead)}, key {tuple(key.shape[:-3])} and "
+                         f"value {tuple(value.shape[:-3])} differ")
     q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
-    on_cpu_path = q.device.type == "cpu" and not interpreting()
-    dtypes = KERNEL_DTYPES + ((torch.float32, torch.float64) if on_cpu_path else ())
-    _check_qkv(q, k, v, ("query", "key", "value"), seq_dim=2, head_dim_axis=3, allowed_dtypes=dtypes)
-    if q.shape[1] != k.shape[1] and not enable_gqa:
-        raise ValueError(f"query has {q.shape[1]} heads and key/value {k.shape[1]}: pass enable_gqa=True "
+    on_cpu_path = not _uses_kernels(q)
+    dtypes = checks.KERNEL_DTYPES + ((torch.float32, torch.float64) if on_cpu_path else ())
+    checks.check_qkv(q, k, v, ("query", "key", "value"), rank=4, head_axis=1, allowed_dtypes=dtypes)
+    batch, heads, seqlen_q, _ = q.shape
+    if heads != k.shape[1] and not enable_gqa:
+        raise ValueError(f"query has {heads} heads and key/value {k.shape[1]}: pass enable_gqa=True "
                          "for grouped-query attention")
-    softmax_scale = _resolve_scale(scale, q.shape[-1], "scale")
-    out, _ = _attention_bshd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale,
-                             bool(is_causal), bottom_right=False)
+    if attn_mask is not None and is_causal:
+        raise ValueError("pass either attn_mask or is_causal=True, not both (as in PyTorch)")
+    mask = None
+    if attn_mask is not None:
+        full = (*lead, heads, seqlen_q, k.shape[2])
+        if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() <= len(full):
+            try:
+                attn_mask = attn_mask.expand(full).reshape(batch, heads, seqlen_q, k.shape[2])
+            except RuntimeError:
+                pass  # check_attn_mask reports the shape
+        mask = checks.check_attn_mask(attn_mask, batch, heads, seqlen_q, k.shape[2], q.device)
+    p = checks.check_dropout(dropout_p)
+    options = AttentionOptions(attn_mask=mask, dropout_p=p, seed=_dropout_seed(p))
+    softmax_scale = checks.resolve_scale(scale, q.shape[-1], "scale")
+    out, _ = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale, bool(is_causal),
+                       False, options)
     out = out.transpose(1, 2)
     return out.reshape(*lead, *out.shape[1:])

@@ -1,17 +1,21 @@
 """torch.library ops around the Triton kernels: the only place that launches them.
 
 ``flashlab::attn_fwd`` and ``flashlab::attn_bwd`` are ``triton_op``s, so ``torch.compile`` sees
-through them to the kernels, and autograd is registered on the forward. Both take tensors in
-(batch, seqlen, heads, head_dim) *logical* layout with any strides (the head dim must be
-unit-stride); the caller checks arguments (interface.py).
+through them to the kernels, and autograd is registered on the forward. The caller checks
+arguments (interface.py). Tensors are either dense — q (batch, seqlen_q, heads, head_dim), k/v
+(batch, seqlen_k, kv_heads, head_dim), any strides with a unit-stride head dim, LSE (batch, heads,
+seqlen_q) — or packed variable-length — q (total_q, heads, head_dim) with int32 ``cu_seqlens_q``
+(batch + 1), LSE (heads, total_q).
 
 Stable entry points (ring attention and split-KV decoding build on them):
-* ``attention_forward(q, k, v, softmax_scale, causal, bottom_right) -> (out, lse)``
-* ``attention_backward(dout, q, k, v, out, lse, softmax_scale, causal, bottom_right, dlse=None)
-  -> (dq, dk, dv)`` — accepts an external out/LSE (e.g. merged across ring steps).
+* ``attention_forward(q, k, v, softmax_scale, causal, bottom_right, **options) -> (out, lse)``
+* ``attention_backward(dout, q, k, v, out, lse, softmax_scale, causal, bottom_right, dlse=None,
+  **options) -> (dq, dk, dv)`` — accepts an external out/LSE (e.g. merged across ring steps).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -21,119 +25,235 @@ from flashlab.kernels import backward as bwd_kernels
 from flashlab.kernels import forward as fwd_kernels
 from flashlab.kernels.configs import backward_config, forward_config, padded_head_dim, preprocess_block_m
 
-
-def _diag_offset(seqlen_q: int, seqlen_k: int, bottom_right: bool) -> int:
-    return seqlen_k - seqlen_q if bottom_right else 0
+LOG2E = 1.4426950408889634
 
 
-def _bshd_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+@dataclass(frozen=True)
+class _Launch:
+    """Everything a kernel launch derives from the op's arguments, shared by forward and backward."""
+
+    q4: torch.Tensor  # dense 4-D view (varlen: a leading batch dim of 1 with stride 0)
+    k4: torch.Tensor
+    v4: torch.Tensor
+    batch: int
+    seqlen_q: int  # varlen: the maximum
+    seqlen_k: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    lse_strides: tuple[int, int]
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    slopes: torch.Tensor
+    slope_strides: tuple[int, int]
+    mask: torch.Tensor
+    mask_strides: tuple[int, int, int, int]
+    scalars: tuple  # runtime scalars after the shape arguments
+    flags: dict
+
+
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 4 else t.unsqueeze(0)
+
+
+def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    return (0 if varlen else t.stride(0)), t.stride(1), t.stride(2)
+
+
+def _prepare(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, window_left, window_right,
+             softcap, alibi_slopes, attn_mask, dropout_p, seed) -> _Launch:
+    varlen = cu_q is not None
+    q4, k4, v4 = _as4d(q), _as4d(k), _as4d(v)
+    heads, head_dim, kv_heads = q4.shape[2], q4.shape[3], k4.shape[2]
+    if varlen:
+        batch, seqlen_q, seqlen_k = cu_q.numel() - 1, max_q, max_k
+        lse_strides = (0, q.shape[0])
+    else:
+        batch, seqlen_q, seqlen_k = q4.shape[0], q4.shape[1], k4.shape[1]
+        lse_strides = (heads * seqlen_q, seqlen_q)
+    dummy = q4
+    slopes, slope_strides = dummy, (0, 0)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes
+        slope_strides = (alibi_slopes.stride(0), alibi_slopes.stride(1)) if alibi_slopes.dim() == 2 else (
+            0, alibi_slopes.stride(0))
+    mask, mask_strides, mask_kind = dummy, (0, 0, 0, 0), 0
+    if attn_mask is not None:
+        mask = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
+        mask_kind = 1 if attn_mask.dtype == torch.bool else 2
+        mask_strides = tuple(mask.stride())
+    upper = causal or window_right >= 0
+    scalars = (
+        window_left, 0 if causal else window_right, scale,
+        scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
+        seed, dropout_p, seqlen_k,
+    )
+    flags = dict(BOTTOM_RIGHT=bottom_right, HAS_UPPER=upper, HAS_LOWER=window_left >= 0, IS_VARLEN=varlen,
+                 HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
+                 HAS_DROPOUT=dropout_p > 0)
+    return _Launch(q4, k4, v4, batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, lse_strides,
+                   cu_q if varlen else dummy, cu_k if varlen else dummy, slopes, slope_strides, mask, mask_strides,
+                   scalars, flags)
 
 
 @triton_op("flashlab::attn_fwd", mutates_args=())
 def attn_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool, bottom_right: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+    softmax_scale: float, causal: bool, bottom_right: bool, window_left: int, window_right: int,
+    softcap: float, alibi_slopes: torch.Tensor | None, attn_mask: torch.Tensor | None,
+    dropout_p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    out = torch.empty((batch, seqlen_q, heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
-    block_d = padded_head_dim(head_dim)
-    cfg = forward_config(block_d, causal, q.device)
-    grid = (triton.cdiv(seqlen_q, cfg.block_m), heads, batch)
+    run = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                   bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p, seed)
+    varlen = cu_seqlens_q is not None
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse_shape = (run.heads, q.shape[0]) if varlen else (run.batch, run.heads, run.seqlen_q)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    block_d = padded_head_dim(run.head_dim)
+    cfg = forward_config(block_d, run.flags["HAS_UPPER"], q.device)
+    grid = (triton.cdiv(run.seqlen_q, cfg.block_m), run.heads, run.batch)
     wrap_triton(fwd_kernels.attn_fwd_kernel)[grid](
-        q, k, v, out, lse,
-        *_bshd_strides(q), *_bshd_strides(k), *_bshd_strides(v), *_bshd_strides(out),
-        seqlen_q, seqlen_k, heads // kv_heads, _diag_offset(seqlen_q, seqlen_k, bottom_right), softmax_scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, IS_CAUSAL=causal, **cfg.launch_kwargs(),
+        run.q4, run.k4, run.v4, _as4d(out), lse, run.cu_q, run.cu_k, run.slopes, run.mask,
+        *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
+        *_strides3(_as4d(out), varlen), *run.lse_strides, *run.slope_strides, *run.mask_strides,
+        run.seqlen_q, run.seqlen_k, run.heads // run.kv_heads, *run.scalars,
+        HEAD_DIM=run.head_dim, BLOCK_D=block_d, **run.flags, **cfg.launch_kwargs(),
     )
     return out, lse
 
 
 @triton_op("flashlab::attn_bwd", mutates_args=())
 def attn_bwd(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     dlse: torch.Tensor | None,
-    softmax_scale: float,
-    causal: bool,
-    bottom_right: bool,
+    cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+    softmax_scale: float, causal: bool, bottom_right: bool, window_left: int, window_right: int,
+    softcap: float, alibi_slopes: torch.Tensor | None, attn_mask: torch.Tensor | None,
+    dropout_p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    block_d = padded_head_dim(head_dim)
-    diag_offset = _diag_offset(seqlen_q, seqlen_k, bottom_right)
-    dq = torch.empty((batch, seqlen_q, heads, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty((batch, seqlen_k, kv_heads, head_dim), dtype=k.dtype, device=k.device)
-    dv = torch.empty((batch, seqlen_k, kv_heads, head_dim), dtype=v.dtype, device=v.device)
-    delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    run = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                   bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p, seed)
+    varlen = cu_seqlens_q is not None
+    block_d = padded_head_dim(run.head_dim)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty_like(lse)
+    dq4, dk4, dv4, do4, o4 = (_as4d(t) for t in (dq, dk, dv, dout, out))
+    common = (*run.lse_strides, *run.slope_strides, *run.mask_strides,
+              run.seqlen_q, run.seqlen_k, run.heads // run.kv_heads, *run.scalars)
+    consts = dict(HEAD_DIM=run.head_dim, BLOCK_D=block_d, **run.flags)
 
     pre_m = preprocess_block_m(block_d)
-    wrap_triton(bwd_kernels.attn_bwd_preprocess_kernel)[(triton.cdiv(seqlen_q, pre_m), heads, batch)](
-        out, dout, dlse if dlse is not None else delta, delta,
-        *_bshd_strides(out), *_bshd_strides(dout), seqlen_q,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=dlse is not None,
+    wrap_triton(bwd_kernels.attn_bwd_preprocess_kernel)[(triton.cdiv(run.seqlen_q, pre_m), run.heads, run.batch)](
+        o4, do4, dlse if dlse is not None else delta, delta, run.cu_q,
+        *_strides3(o4, varlen), *_strides3(do4, varlen), *run.lse_strides, run.seqlen_q,
+        HEAD_DIM=run.head_dim, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=dlse is not None, IS_VARLEN=varlen,
     )
-    cfg_kv, cfg_q = backward_config(block_d, causal, q.device)
-    wrap_triton(bwd_kernels.attn_bwd_dkdv_kernel)[(triton.cdiv(seqlen_k, cfg_kv.block_n), kv_heads, batch)](
-        q, k, v, dout, lse, delta, dk, dv,
-        *_bshd_strides(q), *_bshd_strides(k), *_bshd_strides(v), *_bshd_strides(dout),
-        *_bshd_strides(dk), *_bshd_strides(dv),
-        seqlen_q, seqlen_k, heads, heads // kv_heads, diag_offset, softmax_scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, IS_CAUSAL=causal, **cfg_kv.launch_kwargs(),
+    cfg_kv, cfg_q = backward_config(block_d, run.flags["HAS_UPPER"], q.device)
+    wrap_triton(bwd_kernels.attn_bwd_dkdv_kernel)[(triton.cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads,
+                                                   run.batch)](
+        run.q4, run.k4, run.v4, do4, lse, delta, dk4, dv4, run.cu_q, run.cu_k, run.slopes, run.mask,
+        *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
+        *_strides3(do4, varlen), *_strides3(dk4, varlen), *_strides3(dv4, varlen), *common,
+        **consts, **cfg_kv.launch_kwargs(),
     )
-    wrap_triton(bwd_kernels.attn_bwd_dq_kernel)[(triton.cdiv(seqlen_q, cfg_q.block_m), heads, batch)](
-        q, k, v, dout, lse, delta, dq,
-        *_bshd_strides(q), *_bshd_strides(k), *_bshd_strides(v), *_bshd_strides(dout), *_bshd_strides(dq),
-        seqlen_q, seqlen_k, heads // kv_heads, diag_offset, softmax_scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, IS_CAUSAL=causal, **cfg_q.launch_kwargs(),
+    wrap_triton(bwd_kernels.attn_bwd_dq_kernel)[(triton.cdiv(run.seqlen_q, cfg_q.block_m), run.heads, run.batch)](
+        run.q4, run.k4, run.v4, do4, lse, delta, dq4, run.cu_q, run.cu_k, run.slopes, run.mask,
+        *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
+        *_strides3(do4, varlen), *_strides3(dq4, varlen), *common,
+        **consts, **cfg_q.launch_kwargs(),
     )
     return dq, dk, dv
 
 
+_FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale",
+             "causal", "bottom_right", "window_left", "window_right", "softcap", "alibi_slopes", "attn_mask",
+             "dropout_p", "seed")
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, softmax_scale, causal, bottom_right = inputs
+    args = dict(zip(_FWD_ARGS, inputs))
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.softmax_scale, ctx.causal, ctx.bottom_right = softmax_scale, causal, bottom_right
+    ctx.save_for_backward(args["q"], args["k"], args["v"], out, lse, args["cu_seqlens_q"], args["cu_seqlens_k"],
+                          args["alibi_slopes"], args["attn_mask"])
+    ctx.scalars = {name: args[name] for name in _FWD_ARGS[5:] if name not in ("alibi_slopes", "attn_mask")}
 
 
 def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, slopes, mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     elif dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, dlse, ctx.softmax_scale, ctx.causal, ctx.bottom_right)
-    return dq, dk, dv, None, None, None
+    s = ctx.scalars
+    dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, s["max_seqlen_q"], s["max_seqlen_k"],
+                          s["softmax_scale"], s["causal"], s["bottom_right"], s["window_left"], s["window_right"],
+                          s["softcap"], slopes, mask, s["dropout_p"], s["seed"])
+    return (dq, dk, dv) + (None,) * (len(_FWD_ARGS) - 3)
 
 
 torch.library.register_autograd("flashlab::attn_fwd", _backward, setup_context=_setup_context)
 
 
+@dataclass(frozen=True)
+class AttentionOptions:
+    """Optional features of the kernels (defaults: none of them)."""
+
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi_slopes: torch.Tensor | None = None
+    attn_mask: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    seed: int = 0
+
+    def args(self) -> tuple:
+        return (self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k)
+
+    def tail(self) -> tuple:
+        return (self.window_left, self.window_right, self.softcap, self.alibi_slopes, self.attn_mask,
+                self.dropout_p, self.seed)
+
+
 def attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool, bottom_right: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool, bottom_right: bool,
+    options: AttentionOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable forward: ``(out, lse)``, out (batch, seqlen_q, heads, head_dim) contiguous,
-    lse fp32 (batch, heads, seqlen_q), natural log, -inf for rows that see no key."""
-    return torch.ops.flashlab.attn_fwd(q, k, v, softmax_scale, causal, bottom_right)
+    """Differentiable forward: ``(out, lse)``. Dense: out (batch, seqlen_q, heads, head_dim)
+    contiguous, lse fp32 (batch, heads, seqlen_q); varlen: out (total_q, heads, head_dim), lse
+    (heads, total_q). LSE is the natural log, -inf for rows that see no key."""
+    options = options or AttentionOptions()
+    return torch.ops.flashlab.attn_fwd(q, k, v, *options.args(), softmax_scale, causal, bottom_right,
+                                       *options.tail())
 
 
 def attention_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    softmax_scale: float,
-    causal: bool,
-    bottom_right: bool,
-    dlse: torch.Tensor | None = None,
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    softmax_scale: float, causal: bool, bottom_right: bool, dlse: torch.Tensor | None = None,
+    options: AttentionOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) from an output and LSE computed elsewhere (same layouts as forward)."""
-    return torch.ops.flashlab.attn_bwd(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right)
+    """Gradients (dq, dk, dv) from an output and LSE computed elsewhere (same layouts as forward).
+    ``dlse`` is the gradient flowing into the LSE, if any."""
+    options = options or AttentionOptions()
+    return torch.ops.flashlab.attn_bwd(dout, q, k, v, out, lse, dlse, *options.args(), softmax_scale, causal,
+                                       bottom_right, *options.tail())
+
+
+def dropout_pattern(batch: int, heads: int, seqlen_q: int, seqlen_k: int, options: AttentionOptions,
+                    device: torch.device | str = "cuda") -> torch.Tensor:
+    """The bool (batch, heads, seqlen_q, seqlen_k) pattern of weights that dense attention with
+    ``options.dropout_p`` / ``options.seed`` keeps (True) — for tests and inspection."""
+    from flashlab.kernels.scores import dropout_pattern_kernel
+
+    keep = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.uint8, device=device)
+    if keep.numel():
+        grid = (triton.cdiv(seqlen_q, 32), heads, batch)
+        dropout_pattern_kernel[grid](keep, options.seed, options.dropout_p, seqlen_q, seqlen_k, BLOCK_M=32,
+                                     BLOCK_N=64)
+    return keep.view(torch.bool)

@@ -36,14 +36,32 @@ def causal_offset(seqlen_q: int, seqlen_k: int, align: CausalAlign) -> int:
 
 
 def visible_mask(
-    seqlen_q: int, seqlen_k: int, *, causal: bool, align: CausalAlign, device: torch.device | str = "cpu"
+    seqlen_q: int,
+    seqlen_k: int,
+    *,
+    causal: bool,
+    align: CausalAlign,
+    window_size: tuple[int, int] = (-1, -1),
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor | None:
-    """Boolean (seqlen_q, seqlen_k) mask, True where query i may attend key j; None if all are."""
-    if not causal:
+    """Boolean (seqlen_q, seqlen_k) mask, True where query i may attend key j; None if all are.
+
+    flash-attn's band: ``i + off - left <= j <= i + off + right`` with ``off`` from ``align``,
+    ``right = 0`` under causal, and -1 meaning unbounded."""
+    left, right = window_size
+    if causal:
+        right = 0
+    if left < 0 and right < 0:
         return None
+    off = causal_offset(seqlen_q, seqlen_k, align)
     i = torch.arange(seqlen_q, device=device)[:, None]
     j = torch.arange(seqlen_k, device=device)[None, :]
-    return j <= i + causal_offset(seqlen_q, seqlen_k, align)
+    keep = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if right >= 0:
+        keep &= j <= i + off + right
+    if left >= 0:
+        keep &= j >= i + off - left
+    return keep
 
 
 def naive_attention(
@@ -55,6 +73,12 @@ def naive_attention(
     softmax_scale: float | None = None,
     layout: Layout = "bshd",
     causal_align: CausalAlign = "bottom_right",
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    dropout_keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention computed the textbook way, in the dtype of the inputs.
@@ -63,8 +87,13 @@ def naive_attention(
     grows with seqlen². GQA/MQA: k and v may have fewer heads; query head h reads kv head
     ``h // (heads // kv_heads)``. Rows that see no key give zeros (and LSE = -inf).
 
+    Options, in flash-attn's order: scale; ``softcap · tanh(s / softcap)``; ALiBi
+    (``-slope · |i + off - j|``, slopes (heads,) or (batch, heads)); causal/window band;
+    ``attn_mask`` (bool keep, or float added; broadcast to (batch, heads, seqlen_q, seqlen_k));
+    softmax; dropout with the given bool ``dropout_keep`` pattern, scaled by 1 / (1 - dropout_p).
+
     Returns ``out`` in the layout of the inputs, or ``(out, lse)`` with the natural-log
-    log-sum-exp of the scaled scores, fp32, shape (batch, heads, seqlen_q).
+    log-sum-exp of the modified scores, fp32, shape (batch, heads, seqlen_q).
     """
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -75,15 +104,31 @@ def naive_attention(
         group = heads // kv_heads
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-    mask = visible_mask(q.shape[2], k.shape[2], causal=causal, align=causal_align, device=q.device)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if alibi_slopes is not None:
+        off = causal_offset(seqlen_q, seqlen_k, causal_align)
+        i = torch.arange(seqlen_q, device=q.device)[:, None]
+        j = torch.arange(seqlen_k, device=q.device)[None, :]
+        slopes = alibi_slopes.reshape(-1, heads, 1, 1)  # (1 or batch, heads, 1, 1)
+        scores = scores - (slopes * (i + off - j).abs()).to(scores.dtype)
+    keep = visible_mask(seqlen_q, seqlen_k, causal=causal, align=causal_align, window_size=window_size,
+                        device=q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = attn_mask if keep is None else keep & attn_mask
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    if mask is not None:
-        # softmax over an all -inf row is NaN; such a row attends to nothing and gives zeros.
-        probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    # softmax over an all -inf row is NaN; such a row attends to nothing and gives zeros.
+    probs = probs.masked_fill((scores == float("-inf")).all(dim=-1, keepdim=True), 0.0)
+    if dropout_keep is not None:
+        probs = probs.masked_fill(~dropout_keep, 0.0) / (1.0 - dropout_p)
     out = torch.matmul(probs, v)
     if layout == "bshd":
         out = out.transpose(1, 2)

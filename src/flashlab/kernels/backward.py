@@ -12,30 +12,33 @@ LSE = -inf (they saw no key) are read as +inf, which makes their P exactly 0.
 import triton
 import triton.language as tl
 
-from flashlab.kernels.forward import LOG2E, _load_tile
+from flashlab.kernels.forward import LOG2E, _load_tile, sequence_bounds
 from flashlab.kernels.masking import key_block_ranges, query_block_ranges, visible
+from flashlab.kernels.scores import dropout_keep, modified_scores
 
 
 @triton.jit
 def attn_bwd_preprocess_kernel(
-    O, DO, DLSE, DELTA,
+    O, DO, DLSE, DELTA, CU_Q,
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
-    seqlen_q,
+    stride_lb, stride_lh, seqlen_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
-    """DELTA[b, h, i] = Σ_d O·dO (fp32), minus dLSE[b, h, i] when the LSE itself has a gradient
-    (∂LSE/∂S = P folds into the same term). Grid: (cdiv(seqlen_q, BLOCK_M), heads, batch)."""
+    """DELTA = Σ_d O·dO (fp32, laid out like the LSE), minus dLSE when the LSE itself has a
+    gradient (∂LSE/∂S = P folds into the same term). Grid: (cdiv(seqlen_q, BLOCK_M), heads, batch)."""
     off_h = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
+    q_start, _, seqlen_q, _ = sequence_bounds(CU_Q, CU_Q, off_b, seqlen_q, seqlen_q, IS_VARLEN)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
-                   offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
+    o = _load_tile(O + off_b * stride_ob + (q_start + offs_m[:, None]) * stride_os + off_h * stride_oh
+                   + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + off_b * stride_dob + (q_start + offs_m[:, None]) * stride_dos + off_h * stride_doh
                     + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    row = (off_b * tl.num_programs(1) + off_h) * seqlen_q + offs_m
+    row = off_b * stride_lb + off_h * stride_lh + q_start + offs_m
     if HAS_DLSE:
         delta -= tl.load(DLSE + row, mask=offs_m < seqlen_q, other=0.0)
     tl.store(DELTA + row, delta, mask=offs_m < seqlen_q)
@@ -51,11 +54,40 @@ def _load_row_stats(LSE, DELTA, row_base, offs_m, seqlen_q):
 
 
 @triton.jit
+def _probs_and_dscores(qk, dp, lse, delta, qi, kj, seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in,
+                       cap_out, slope, mask_base, stride_mq, stride_mk, seed, drop_base, drop_stride, dropout_p,
+                       MASKED: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
+                       HAS_DROPOUT: tl.constexpr):
+    """From a q·k tile and its dO·v tile: (P after dropout, for dV; dS w.r.t. the raw q·k / scale).
+    ``lse`` and ``delta`` broadcast like ``qi``."""
+    s, t = modified_scores(qk, qi, kj, seqlen_q, seqlen_k, diag, qk_scale, cap_in, cap_out, slope,
+                           mask_base, stride_mq, stride_mk, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND)
+    p = tl.math.exp2(s - lse)
+    if MASKED:
+        p = tl.where(visible(qi, kj, seqlen_k, diag, left, right, HAS_UPPER, HAS_LOWER), p, 0.0)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, drop_base, qi, kj, drop_stride, dropout_p)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        p_dropped = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    else:
+        p_dropped = p
+    ds = p * (dp - delta)
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return p_dropped, ds
+
+
+@triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA, row_base,
-                offs_n, offs_d, lo, hi, seqlen_q, diag_offset, qk_scale,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                MASKED: tl.constexpr):
-    """Accumulate query blocks [lo, hi) into one key block's dK, dV (transposed orientation)."""
+                offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope,
+                mask_base, stride_mq, stride_mk, seed, drop_stride, dropout_p,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+                HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """Accumulate query blocks [lo, hi) into one key block's dK, dV (tiles are kᵀ-oriented:
+    [BLOCK_N, BLOCK_M])."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
@@ -63,73 +95,94 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA
         do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, seqlen_q, offs_d,
                         HEAD_DIM, BLOCK_D, True)
         lse, delta = _load_row_stats(LSE, DELTA, row_base, offs_m, seqlen_q)
-        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
-        if MASKED:
-            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + diag_offset, p_t, 0.0)
+        p_t, ds_t = _probs_and_dscores(
+            tl.dot(k, tl.trans(q)), tl.dot(v, tl.trans(do)), lse[None, :], delta[None, :], offs_m[None, :],
+            offs_n[:, None], seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope, mask_base,
+            stride_mq, stride_mk, seed, row_base * drop_stride, drop_stride, dropout_p,
+            MASKED, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
-        dp_t = tl.dot(v, tl.trans(do))
-        ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk)
     return dk, dv
 
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, SLOPES, MASK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
-    seqlen_q, seqlen_k, heads, group_size, diag_offset, softmax_scale,
+    stride_lb, stride_lh, stride_sb, stride_sh,
+    stride_mb, stride_mh, stride_mq, stride_mk,
+    seqlen_q, seqlen_k, group_size, window_left, window_right, softmax_scale, cap_in, cap_out,
+    seed, dropout_p, drop_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     """dK, dV for one key block of one kv head, summed over the query heads of its GQA group.
-    Grid: (cdiv(seqlen_k, BLOCK_N), kv_heads, batch)."""
+    Grid: (cdiv(max seqlen_k, BLOCK_N), kv_heads, batch)."""
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
+    q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN)
     start_n = tl.program_id(0) * BLOCK_N
+    if start_n >= seqlen_k:
+        return
+    diag = seqlen_k - seqlen_q if BOTTOM_RIGHT else 0
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    k = _load_tile(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                   offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_tile(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
-                   offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    k = _load_tile(K + off_b * stride_kb + (k_start + offs_n[:, None]) * stride_ks + off_hk * stride_kh
+                   + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V + off_b * stride_vb + (k_start + offs_n[:, None]) * stride_vs + off_hk * stride_vh
+                   + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = softmax_scale * LOG2E
-    lo, masked_hi = query_block_ranges(start_n, seqlen_q, diag_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    lo, full_lo, full_hi, hi = query_block_ranges(start_n, seqlen_q, diag, window_left, window_right,
+                                                  BLOCK_M, BLOCK_N, HAS_UPPER, HAS_LOWER)
 
     for g in range(group_size):
         off_h = off_hk * group_size + g
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = DO + off_b * stride_dob + off_h * stride_doh
-        row_base = (off_b * heads + off_h) * seqlen_q
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, LSE, DELTA, row_base,
-                             offs_n, offs_d, lo, masked_hi, seqlen_q, diag_offset, qk_scale,
-                             BLOCK_M, HEAD_DIM, BLOCK_D, True)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, LSE, DELTA, row_base,
-                             offs_n, offs_d, masked_hi, seqlen_q, seqlen_q, diag_offset, qk_scale,
-                             BLOCK_M, HEAD_DIM, BLOCK_D, False)
+        q_base = Q + off_b * stride_qb + q_start * stride_qs + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + q_start * stride_dos + off_h * stride_doh
+        row_base = off_b * stride_lb + off_h * stride_lh + q_start
+        mask_base = MASK + off_b * stride_mb + off_h * stride_mh
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(SLOPES + off_b * stride_sb + off_h * stride_sh)
+        for phase in tl.static_range(3):
+            if phase == 0:
+                a, b = lo, full_lo
+            elif phase == 1:
+                a, b = full_lo, full_hi
+            else:
+                a, b = full_hi, hi
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, LSE, DELTA, row_base,
+                                 offs_n, offs_d, a, b, seqlen_q, seqlen_k, diag, window_left, window_right,
+                                 qk_scale, cap_in, cap_out, slope, mask_base, stride_mq, stride_mk, seed,
+                                 drop_stride, dropout_p, BLOCK_M, HEAD_DIM, BLOCK_D, phase != 1, HAS_UPPER,
+                                 HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
 
     dk *= softmax_scale
     row_ok = offs_n[:, None] < seqlen_k
     if BLOCK_D != HEAD_DIM:
         row_ok = row_ok & (offs_d[None, :] < HEAD_DIM)
-    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=row_ok)
-    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=row_ok)
+    tl.store(DK + off_b * stride_dkb + (k_start + offs_n[:, None]) * stride_dks + off_hk * stride_dkh
+             + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=row_ok)
+    tl.store(DV + off_b * stride_dvb + (k_start + offs_n[:, None]) * stride_dvs + off_hk * stride_dvh
+             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
-              seqlen_k, diag_offset, qk_scale,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr):
+              seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope,
+              mask_base, stride_mq, stride_mk, seed, drop_base, drop_stride, dropout_p,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+              HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     """Accumulate key blocks [lo, hi) into one query block's dQ."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
@@ -138,58 +191,79 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_
                        HEAD_DIM, BLOCK_D, MASKED)
         v = _load_tile(v_base + cols[:, None] * stride_vn + offs_d[None, :], cols, seqlen_k, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-        if MASKED:
-            p = tl.where(visible(offs_m, cols, seqlen_k, diag_offset, IS_CAUSAL), p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
+        _, ds = _probs_and_dscores(
+            tl.dot(q, tl.trans(k)), tl.dot(do, tl.trans(v)), lse[:, None], delta[:, None], offs_m[:, None],
+            cols[None, :], seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope, mask_base,
+            stride_mq, stride_mk, seed, drop_base, drop_stride, dropout_p,
+            MASKED, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
         dq = tl.dot(ds.to(k.dtype), k, dq)
     return dq
 
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, SLOPES, MASK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
-    seqlen_q, seqlen_k, group_size, diag_offset, softmax_scale,
+    stride_lb, stride_lh, stride_sb, stride_sh,
+    stride_mb, stride_mh, stride_mq, stride_mk,
+    seqlen_q, seqlen_k, group_size, window_left, window_right, softmax_scale, cap_in, cap_out,
+    seed, dropout_p, drop_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
-    """dQ for one query block. Grid: (cdiv(seqlen_q, BLOCK_M), heads, batch)."""
+    """dQ for one query block. Grid: (cdiv(max seqlen_q, BLOCK_M), heads, batch)."""
     pid_m = tl.program_id(0)
-    if IS_CAUSAL:
+    if HAS_UPPER:
         pid_m = tl.num_programs(0) - 1 - pid_m
     off_h = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
-    off_hk = off_h // group_size
+    q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN)
     start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    off_hk = off_h // group_size
+    diag = seqlen_k - seqlen_q if BOTTOM_RIGHT else 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                   offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
+    q = _load_tile(Q + off_b * stride_qb + (q_start + offs_m[:, None]) * stride_qs + off_h * stride_qh
+                   + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + off_b * stride_dob + (q_start + offs_m[:, None]) * stride_dos + off_h * stride_doh
                     + offs_d[None, :], offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    row_base = (off_b * tl.num_programs(1) + off_h) * seqlen_q
+    row_base = off_b * stride_lb + off_h * stride_lh + q_start
     lse, delta = _load_row_stats(LSE, DELTA, row_base, offs_m, seqlen_q)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    k_base = K + off_b * stride_kb + k_start * stride_ks + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + k_start * stride_vs + off_hk * stride_vh
+    mask_base = MASK + off_b * stride_mb + off_h * stride_mh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + off_b * stride_sb + off_h * stride_sh)
     qk_scale = softmax_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    full_hi, hi = key_block_ranges(start_m, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, 0, full_hi,
-                   seqlen_k, diag_offset, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False, IS_CAUSAL)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, full_hi, hi,
-                   seqlen_k, diag_offset, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True, IS_CAUSAL)
+    lo, full_lo, full_hi, hi = key_block_ranges(start_m, seqlen_k, diag, window_left, window_right,
+                                                BLOCK_M, BLOCK_N, HAS_UPPER, HAS_LOWER)
+    for phase in tl.static_range(3):
+        if phase == 0:
+            a, b = lo, full_lo
+        elif phase == 1:
+            a, b = full_lo, full_hi
+        else:
+            a, b = full_hi, hi
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, a, b,
+                       seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, cap_in, cap_out, slope,
+                       mask_base, stride_mq, stride_mk, seed, row_base * drop_stride, drop_stride, dropout_p,
+                       BLOCK_N, HEAD_DIM, BLOCK_D, phase != 1, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI,
+                       MASK_KIND, HAS_DROPOUT)
 
     dq *= softmax_scale
     row_ok = offs_m[:, None] < seqlen_q
     if BLOCK_D != HEAD_DIM:
         row_ok = row_ok & (offs_d[None, :] < HEAD_DIM)
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok)
+    tl.store(DQ + off_b * stride_dqb + (q_start + offs_m[:, None]) * stride_dqs + off_h * stride_dqh
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok)

@@ -1,10 +1,14 @@
-"""Which key blocks a query block visits, and which of them need a mask.
+"""Which blocks a program visits, and which of them need an element-wise mask.
 
-The causal rule everywhere: key ``j`` is visible from query ``i`` iff ``j <= i + diag_offset``
-(``diag_offset = seqlen_k - seqlen_q`` for flash-attn's bottom-right alignment, 0 for PyTorch's
-top-left). Key blocks split into a mask-free run (every key visible to every query row of the
-block, and inside ``seqlen_k``) and a short masked run (the diagonal and the ragged tail), so the
-hot loop carries no per-element predicate.
+Visibility everywhere (flash-attn's semantics): key ``j`` is visible from query ``i`` iff
+``i + diag - left <= j <= i + diag + right``, where ``diag = seqlen_k - seqlen_q`` for flash-attn's
+bottom-right alignment or 0 for PyTorch's top-left, ``right = 0`` under causal, and an unbounded
+side (window -1, no causal) drops its inequality (``HAS_UPPER`` / ``HAS_LOWER`` are constexpr).
+
+A program's blocks split into masked head [lo, full_lo), mask-free middle [full_lo, full_hi) and
+masked tail [full_hi, hi): the hot loop carries no predicate, blocks outside the window are never
+visited (sliding-window cost grows linearly with seqlen), and only diagonal/edge blocks pay for
+the mask.
 """
 
 import triton
@@ -12,47 +16,63 @@ import triton.language as tl
 
 
 @triton.jit
-def key_block_ranges(start_m, seqlen_k, diag_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     IS_CAUSAL: tl.constexpr):
-    """For the query block starting at row ``start_m``: keys [0, full_hi) need no mask,
-    keys [full_hi, hi) do. ``full_hi`` is a multiple of BLOCK_N."""
-    if IS_CAUSAL:
-        # The last row of the block sees keys up to start_m + BLOCK_M - 1 + diag_offset.
-        hi = tl.minimum(start_m + BLOCK_M + diag_offset, seqlen_k)
-        hi = tl.maximum(hi, 0)
-        # The first row sees keys up to start_m + diag_offset: that prefix is visible to all rows.
-        full_hi = tl.minimum(start_m + diag_offset + 1, seqlen_k)
-        full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
-    else:
-        hi = seqlen_k
-        full_hi = seqlen_k // BLOCK_N * BLOCK_N
-    return full_hi, hi
+def _order(lo, full_lo, full_hi, hi):
+    """Clamp so that lo <= full_lo <= full_hi <= hi (empty ranges where nothing is visible)."""
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
-def query_block_ranges(start_n, seqlen_q, diag_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       IS_CAUSAL: tl.constexpr):
-    """For the key block starting at ``start_n``: query rows [lo, masked_hi) need the causal mask,
-    rows [masked_hi, seqlen_q) see the whole key block. Both bounds are multiples of BLOCK_M
-    (rows past seqlen_q are zero-padded and contribute nothing)."""
-    if IS_CAUSAL:
-        # Row i sees key start_n iff i >= start_n - diag_offset.
-        lo = tl.maximum(start_n - diag_offset, 0) // BLOCK_M * BLOCK_M
-        # Row i sees the whole block iff i >= start_n + BLOCK_N - 1 - diag_offset.
-        masked_hi = tl.maximum(start_n + BLOCK_N - 1 - diag_offset, 0)
-        masked_hi = tl.cdiv(masked_hi, BLOCK_M) * BLOCK_M
-        masked_hi = tl.minimum(masked_hi, tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M)
-        lo = tl.minimum(lo, masked_hi)
-    else:
-        lo = 0
-        masked_hi = 0
-    return lo, masked_hi
+def key_block_ranges(start_m, seqlen_k, diag, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr):
+    """Key ranges (lo, full_lo, full_hi, hi) for the query rows [start_m, start_m + BLOCK_M).
+    All but ``hi`` are multiples of BLOCK_N; keys in [full_lo, full_hi) are visible to every row."""
+    lo = 0
+    full_lo = 0
+    hi = seqlen_k
+    full_hi = seqlen_k // BLOCK_N * BLOCK_N
+    if HAS_UPPER:
+        # The last row sees keys up to start_m + BLOCK_M - 1 + diag + right, the first row up to
+        # start_m + diag + right.
+        hi = tl.minimum(hi, tl.maximum(start_m + BLOCK_M + diag + right, 0))
+        full_hi = tl.minimum(full_hi, tl.maximum(start_m + diag + right + 1, 0) // BLOCK_N * BLOCK_N)
+    if HAS_LOWER:
+        # The first row sees keys from start_m + diag - left, the last from start_m + BLOCK_M - 1 + diag - left.
+        lo = tl.maximum(start_m + diag - left, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - 1 + diag - left, 0), BLOCK_N) * BLOCK_N
+    return _order(lo, full_lo, full_hi, hi)
 
 
 @triton.jit
-def visible(offs_m, offs_n, seqlen_k, diag_offset, IS_CAUSAL: tl.constexpr):
-    """Boolean [BLOCK_M, BLOCK_N]: key inside seqlen_k and allowed by the causal rule."""
-    keep = offs_n[None, :] < seqlen_k
-    if IS_CAUSAL:
-        keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag_offset)
+def query_block_ranges(start_n, seqlen_q, diag, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr):
+    """Query ranges (lo, full_lo, full_hi, hi) for the keys [start_n, start_n + BLOCK_N), all
+    multiples of BLOCK_M; rows in [full_lo, full_hi) see every key of the block. Rows past
+    seqlen_q are zero-padded by the caller and contribute nothing."""
+    lo = 0
+    full_lo = 0
+    hi = tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M
+    full_hi = hi
+    if HAS_UPPER:
+        # Row i sees key j only if i >= j - diag - right.
+        lo = tl.maximum(start_n - diag - right, 0) // BLOCK_M * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - right, 0), BLOCK_M) * BLOCK_M
+    if HAS_LOWER:
+        # Row i sees key j only if i <= j - diag + left.
+        hi = tl.minimum(hi, tl.cdiv(tl.maximum(start_n + BLOCK_N - diag + left, 0), BLOCK_M) * BLOCK_M)
+        full_hi = tl.minimum(full_hi, tl.maximum(start_n - diag + left + 1, 0) // BLOCK_M * BLOCK_M)
+    return _order(lo, full_lo, full_hi, hi)
+
+
+@triton.jit
+def visible(qi, kj, seqlen_k, diag, left, right, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr):
+    """Boolean tile: key inside seqlen_k and inside the (causal/window) band. ``qi`` / ``kj`` are
+    query / key indices shaped to broadcast ([M, 1] and [1, N], or transposed)."""
+    keep = kj < seqlen_k
+    if HAS_UPPER:
+        keep = keep & (kj <= qi + diag + right)
+    if HAS_LOWER:
+        keep = keep & (kj >= qi + diag - left)
     return keep

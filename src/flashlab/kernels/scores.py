@@ -1,0 +1,71 @@
+"""Element-wise score modifications shared by the forward and backward kernels.
+
+Order (flash-attn's): scale, softcap (``softcap · tanh(score / softcap)``), ALiBi
+(``− slope · |i + diag − j|``), then the user's mask (boolean: keep where True; float: added).
+Everything is in log2 units (× log2 e) because the kernels exponentiate with ``exp2``.
+Dropout keeps a score's probability with chance ``1 − p``, decided by Philox on a counter that is
+unique per (batch, head, query, key), so the backward regenerates the same pattern.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def tanh(x):
+    """tanh via exp2 (portable to the interpreter); saturates to ±1 without NaN."""
+    e = tl.math.exp2(x * (2.0 * LOG2E))
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def modified_scores(qk, qi, kj, seqlen_q, seqlen_k, diag, qk_scale, cap_in, cap_out, slope,
+                    mask_base, stride_mq, stride_mk,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Raw q·k tile → (scores in log2 units, the tanh term of the softcap, or qk without one).
+
+    ``qi`` / ``kj`` are the query and key indices shaped to broadcast against the tile
+    ([M, 1] and [1, N], or transposed for the dK/dV kernel's kᵀq tiles).
+    ``cap_in = scale / softcap`` and ``cap_out = softcap · log2 e`` (host-computed); MASK_KIND is
+    0 (none), 1 (boolean, stored as uint8) or 2 (additive float)."""
+    if HAS_SOFTCAP:
+        t = tanh(qk * cap_in)
+        s = t * cap_out
+    else:
+        t = qk
+        s = qk * qk_scale
+    if HAS_ALIBI:
+        dist = tl.abs(qi + diag - kj).to(tl.float32)
+        s = s - (slope * LOG2E) * dist
+    if MASK_KIND != 0:
+        in_bounds = (qi < seqlen_q) & (kj < seqlen_k)
+        ptrs = mask_base + qi * stride_mq + kj * stride_mk
+        if MASK_KIND == 1:
+            keep = tl.load(ptrs, mask=in_bounds, other=0)
+            s = tl.where(keep != 0, s, float("-inf"))
+        else:
+            s = s + tl.load(ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
+    return s, t
+
+
+@triton.jit
+def dropout_keep(seed, counter_base, qi, kj, stride_counter_m, dropout_p):
+    """Boolean tile (shaped by ``qi`` / ``kj`` like modified_scores): True where the probability
+    survives dropout. Counter = (LSE row of the query) × max seqlen_k + key."""
+    counters = counter_base + qi.to(tl.int64) * stride_counter_m + kj
+    return tl.rand(seed, counters) >= dropout_p
+
+
+@triton.jit
+def dropout_pattern_kernel(OUT, seed, dropout_p, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT[b, h, i, j] = 1 where dense attention (LSE rows b·H·Sq + h·Sq + i) keeps weight (i, j).
+    Grid: (cdiv(seqlen_q, BLOCK_M), heads, batch). For tests: it is seqlen² bytes."""
+    row0 = (tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * seqlen_q
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = dropout_keep(seed, row0 * seqlen_k, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p)
+        ok = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+        tl.store(OUT + (row0 + offs_m[:, None]) * seqlen_k + offs_n[None, :], keep.to(tl.uint8), mask=ok)
