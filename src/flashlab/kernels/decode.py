@@ -131,7 +131,7 @@ def decode_attn_kernel(
     if SPLIT:
         if lo >= n_keys:
             return  # an idle split: the combine kernel never reads it
-    hi = tl.minimum(lo + chunk + BLOCK_N, n_keys)
+    hi = tl.minimum(lo + chunk, n_keys)
     diag = n_keys - seqlen_q
     if IS_CAUSAL:
         # Keys after the last row's diagonal are hidden from the whole tile; keys up to the first

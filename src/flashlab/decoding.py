@@ -1,0 +1,384 @@
+"""Inference: attention of a few new tokens against a KV cache, with in-place append (flash-decoding).
+
+``flash_attn_with_kvcache`` follows flash-attn's function of the same name. Host side only:
+argument checks, the split-count heuristic and two ``torch.library`` ops that launch the kernels of
+``kernels/decode.py``:
+
+* ``flashlab::kvcache_append`` (mutates ``k_cache``/``v_cache``): writes new k/v at
+  ``cache_seqlens[b] ..`` (through the block table for a paged cache);
+* ``flashlab::kvcache_attn``: split-KV attention + log-sum-exp combine, returns ``(out, lse)``.
+
+CPU tensors outside Triton's interpreter take a PyTorch path (gather + ``blockwise_attention``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from flashlab.kernels import decode as kernels
+from flashlab.kernels.configs import TileConfig, interpreting, padded_head_dim
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+MAX_HEAD_DIM = 256
+MAX_SPLITS = 128
+MIN_SPLIT_KEYS = 256  # the heuristic never gives a split fewer keys than this (GPU)
+CTAS_PER_SM = 2  # split until batch × kv_heads × splits programs fill this many per SM
+
+
+def decode_config(rows: int, block_d: int, device: torch.device) -> TileConfig:
+    """Tile for ``rows = seqlen_q × group`` query rows per kv head (BLOCK_M ≥ 16 for tl.dot)."""
+    if interpreting():
+        return TileConfig(16 if rows <= 16 else 32, 32, 4, 1)
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_n = 32 if block_d > 128 else 64
+    ampere = torch.cuda.get_device_capability(device)[0] < 9
+    return TileConfig(block_m, block_n, 4, 2 if ampere or block_d > 128 else 3)
+
+
+@functools.cache
+def _num_sms(device_index: int | None) -> int:
+    if device_index is None or not torch.cuda.is_available():
+        return 8  # interpreter: a pretend GPU, small enough that tests exercise the split path
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, max_keys: int, num_sms: int,
+                      min_split_keys: int) -> int:
+    """Splits per (sequence, kv head): enough programs for ``CTAS_PER_SM`` per SM, but no split
+    shorter than ``min_split_keys`` of the longest sequence, and at most ``MAX_SPLITS``."""
+    tiles = batch * kv_heads * m_blocks
+    want = math.ceil(CTAS_PER_SM * num_sms / max(tiles, 1))
+    useful = math.ceil(max(max_keys, 1) / min_split_keys)
+    return max(1, min(want, useful, MAX_SPLITS))
+
+
+def _grid_rows(q: torch.Tensor, kv_heads: int) -> int:
+    return q.shape[1] * (q.shape[2] // kv_heads)
+
+
+def _capacity(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> int:
+    return block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+
+
+def _index_args(cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | None,
+                block_table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    # Absent index tensors are replaced by a dummy pointer; the kernel's constexpr flags skip them.
+    bt = block_table if block_table is not None else cache_seqlens
+    return (cache_batch_idx if cache_batch_idx is not None else cache_seqlens, bt,
+            block_table.stride(0) if block_table is not None else 0)
+
+
+@triton_op("flashlab::kvcache_append", mutates_args={"k_cache", "v_cache"})
+def kvcache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | None,
+                   block_table: torch.Tensor | None) -> None:
+    """k_cache/v_cache ← k/v (batch, seqlen_new, kv_heads, head_dim) at cache_seqlens[b] + i."""
+    batch, seqlen_new, kv_heads, head_dim = k.shape
+    batch_idx, bt, stride_btb = _index_args(cache_seqlens, cache_batch_idx, block_table)
+    block_s = 16
+    wrap_triton(kernels.kvcache_append_kernel)[(triton.cdiv(seqlen_new, block_s), kv_heads, batch)](
+        k, v, k_cache, v_cache, cache_seqlens, batch_idx, bt,
+        *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
+        stride_btb, seqlen_new, _capacity(k_cache, block_table),
+        HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_S=block_s, PAGE_SIZE=k_cache.shape[1],
+        PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
+    )
+
+
+@triton_op("flashlab::kvcache_attn", mutates_args=())
+def kvcache_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                 cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, seqlen_new: int,
+                 softmax_scale: float, causal: bool, num_splits: int, min_chunk: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (batch, seqlen_q, heads, head_dim) in q's dtype, lse fp32 (batch, heads, seqlen_q))."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    block_d = padded_head_dim(head_dim)
+    cfg = decode_config(_grid_rows(q, kv_heads), block_d, q.device)
+    m_blocks = triton.cdiv(_grid_rows(q, kv_heads), cfg.block_m)
+    min_chunk = triton.cdiv(max(min_chunk, 1), cfg.block_n) * cfg.block_n
+    out = torch.empty((batch, seqlen_q, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    split = num_splits > 1
+    rows = seqlen_q * heads
+    o_part = torch.empty((num_splits, batch, rows, head_dim) if split else (0,), dtype=torch.float32,
+                         device=q.device)
+    lse_part = torch.empty((num_splits, batch, rows) if split else (0,), dtype=torch.float32, device=q.device)
+    batch_idx, bt, stride_btb = _index_args(cache_seqlens, cache_batch_idx, block_table)
+    capacity = _capacity(k_cache, block_table)
+    wrap_triton(kernels.decode_attn_kernel)[(num_splits, kv_heads * m_blocks, batch)](
+        q, k_cache, v_cache, out, lse, o_part, lse_part, cache_seqlens, batch_idx, bt,
+        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3], stride_btb,
+        batch, seqlen_q, seqlen_new, capacity, heads, heads // kv_heads, num_splits, min_chunk, softmax_scale,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=k_cache.shape[1], PAGED=block_table is not None,
+        HAS_BATCH_IDX=cache_batch_idx is not None, IS_CAUSAL=causal, SPLIT=split, **cfg.launch_kwargs(),
+    )
+    if split:
+        wrap_triton(kernels.decode_combine_kernel)[(rows, batch)](
+            out, lse, o_part, lse_part, cache_seqlens, *out.stride()[:3],
+            batch, seqlen_q, seqlen_new, capacity, heads, num_splits, min_chunk,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n, SPLITS_P2=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out, lse
+
+
+def _not_yet(option: str, value: object) -> NotImplementedError:
+    return NotImplementedError(f"flash_attn_with_kvcache does not support {option}={value!r} yet "
+                               "(planned: feature-parity issue)")
+
+
+def _check_tensor(name: str, t: object, dims: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
+
+
+def _check_index(name: str, t: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    _check_tensor(name, t, len(shape))
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int32 tensor, got {t.dtype}")
+    if any(want not in (-1, got) for want, got in zip(shape, t.shape)):
+        want = "(" + ", ".join("max_blocks" if n == -1 else str(n) for n in shape) + ")"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, q on {device}: they must share a device")
+    return t.to(torch.int32).contiguous()
+
+
+def _check_values(seqlens: torch.Tensor, seqlen_new: int, capacity: int, cache_batch_idx: torch.Tensor | None,
+                  batch_cache: int, block_table: torch.Tensor | None, page_size: int, num_pages: int) -> int:
+    """Range checks that read the index tensors (a device sync if they are on a GPU). Returns the
+    longest total key length."""
+    lens = seqlens.cpu().long()
+    if (lens < 0).any():
+        raise ValueError(f"cache_seqlens must be >= 0, got {lens.min().item()}")
+    if (lens + seqlen_new > capacity).any():
+        b = int((lens + seqlen_new > capacity).nonzero()[0, 0])
+        raise ValueError(f"cache too small: sequence {b} holds {lens[b].item()} tokens + {seqlen_new} new > "
+                         f"capacity {capacity} (cache_seqlens[b] + k.shape[1] must be <= capacity)")
+    if cache_batch_idx is not None:
+        idx = cache_batch_idx.cpu().long()
+        if ((idx < 0) | (idx >= batch_cache)).any():
+            raise ValueError(f"cache_batch_idx entries must be in [0, {batch_cache}), got {idx.tolist()}")
+    if block_table is not None:
+        bt = block_table.cpu().long()
+        used = torch.arange(bt.shape[1])[None, :] < ((lens + seqlen_new + page_size - 1) // page_size)[:, None]
+        bad = used & ((bt < 0) | (bt >= num_pages))
+        if bad.any():
+            b, j = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"block_table[{b}, {j}] = {bt[b, j].item()} is out of range: k_cache has "
+                             f"{num_pages} blocks")
+    return int(lens.max().item()) + seqlen_new if lens.numel() else 0
+
+
+def _append_torch(k, v, k_cache, v_cache, seqlens, cache_batch_idx, block_table) -> None:
+    pos = seqlens.long()[:, None] + torch.arange(k.shape[1], device=k.device)[None, :]
+    if block_table is not None:
+        page_size = k_cache.shape[1]
+        pages = block_table.long().gather(1, pos // page_size)
+        index = (pages, pos % page_size)
+    else:
+        rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(k.shape[0])
+        index = (rows[:, None].expand_as(pos), pos)
+    k_cache[index] = k
+    v_cache[index] = v
+
+
+def _attend_torch(q, k_cache, v_cache, seqlens, seqlen_new, cache_batch_idx, block_table, scale, causal):
+    from flashlab.blockwise import blockwise_attention
+
+    outs, lses = [], []
+    for b, n in enumerate((seqlens.long() + seqlen_new).tolist()):
+        pos = torch.arange(n)
+        if block_table is not None:
+            where = (block_table[b].long()[pos // k_cache.shape[1]], pos % k_cache.shape[1])
+        else:
+            where = (int(cache_batch_idx[b]) if cache_batch_idx is not None else b, pos)
+        if n == 0:
+            outs.append(torch.zeros_like(q[b:b + 1]))
+            lses.append(torch.full((1, q.shape[2], q.shape[1]), float("-inf")))
+            continue
+        o, lse = blockwise_attention(q[b:b + 1], k_cache[where][None], v_cache[where][None], softmax_scale=scale,
+                                     causal=causal, causal_offset=n - q.shape[1])
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses).float()
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    cache_seqlens: int | torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+    *,
+    check_inputs: bool | None = None,
+):
+    """Attention of new queries against a KV cache, appending new keys/values in place
+    (flash-attn's ``flash_attn_with_kvcache`` semantics).
+
+    Args:
+        q: (batch, seqlen_q, heads, head_dim), fp16 or bf16; seqlen_q 1 (decoding) to a few hundred
+            (speculative decoding).
+        k_cache, v_cache: contiguous layout (batch_cache, seqlen_cache, kv_heads, head_dim), or paged
+            (num_blocks, block_size, kv_heads, head_dim) with ``block_table``. Any strides with a
+            unit-stride head_dim. ``heads % kv_heads == 0``: query head h reads kv head
+            ``h // (heads // kv_heads)`` (GQA/MQA, never expanded).
+        k, v: optional new tokens (batch, seqlen_new, kv_heads, head_dim), written into the cache
+            *in place* at positions ``cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1``;
+            attention then covers ``cache_seqlens[b] + seqlen_new`` keys.
+        cache_seqlens: int or int32 (batch,): tokens already in each sequence's cache. None: every
+            cache is full (capacity), which leaves no room for k/v.
+        cache_batch_idx: int32 (batch,): the cache row of each batch row (contiguous cache only).
+        block_table: int32 (batch, max_blocks): page indices into k_cache/v_cache; key position j of
+            sequence b is at ``[block_table[b, j // block_size], j % block_size]``. Any block_size.
+        softmax_scale: default ``1 / sqrt(head_dim)``.
+        causal: bottom-right aligned over the total key length n = cache_seqlens[b] + seqlen_new:
+            query i sees key j iff ``j <= i + n - seqlen_q``. Rows that see no key give 0.
+        num_splits: keys of a sequence are split over this many programs and merged by
+            log-sum-exp; 0 picks it from batch, kv heads, SM count and the longest cache (at most
+            128). Each sequence uses fewer splits when its own cache is short.
+        return_softmax_lse: also return the LSE, fp32 (batch, heads, seqlen_q), natural log.
+        window_size, softcap, alibi_slopes: only their defaults (``NotImplementedError``).
+        check_inputs: range checks on the *values* of cache_seqlens / cache_batch_idx / block_table
+            (cache too small for the new tokens, indices out of range). They need those values on the
+            host: None (default) checks them when they are CPU tensors or ints and skips them for
+            GPU tensors (no device sync in the decoding step; the kernels still clamp lengths to the
+            capacity); True always checks (one sync) and then sizes splits from the real lengths
+            instead of the capacity; False never checks.
+
+    Returns:
+        out (batch, seqlen_q, heads, head_dim) in q's dtype, or ``(out, softmax_lse)``. Not
+        differentiable (inference only).
+    """
+    _check_tensor("q", q, 4)
+    _check_tensor("k_cache", k_cache, 4)
+    _check_tensor("v_cache", v_cache, 4)
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new tokens to append) or both be None")
+    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
+    if k is not None:
+        _check_tensor("k", k, 4)
+        _check_tensor("v", v, 4)
+        tensors.update(k=k, v=v)
+    for name, t in tensors.items():
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: q, k_cache, v_cache, k, v must share one")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}: they must share a device")
+    on_torch_path = q.device.type == "cpu" and not interpreting()
+    dtypes = KERNEL_DTYPES + ((torch.float32, torch.float64) if on_torch_path else ())
+    if q.dtype not in dtypes:
+        raise TypeError(f"q has dtype {q.dtype}; accepted: {', '.join(str(d) for d in dtypes)}")
+    if tuple(window_size) != (-1, -1):
+        raise _not_yet("window_size", tuple(window_size))
+    if softcap != 0.0:
+        raise _not_yet("softcap", softcap)
+    if alibi_slopes is not None:
+        raise _not_yet("alibi_slopes", "<tensor>")
+
+    batch, seqlen_q, heads, head_dim = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    _, cache_len, kv_heads, cache_dim = k_cache.shape
+    if cache_dim != head_dim:
+        raise ValueError(f"head_dim of q ({head_dim}) and k_cache ({cache_dim}) differ")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"heads of q ({heads}) must be a multiple of the kv heads of k_cache ({kv_heads})")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1 and head_dim > 1:
+            raise ValueError(f"{name} must be unit-stride along head_dim (it is updated in place, never copied), "
+                             f"got strides {t.stride()}")
+    seqlen_new = 0
+    if k is not None:
+        if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
+            raise ValueError(f"k and v must be (batch={batch}, seqlen_new, kv_heads={kv_heads}, "
+                             f"head_dim={head_dim}), got {tuple(k.shape)} and {tuple(v.shape)}")
+        seqlen_new = k.shape[1]
+
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be combined with block_table (a paged cache is addressed "
+                             "through the block table only)")
+        block_table = _check_index("block_table", block_table, (batch, -1), q.device)
+        if cache_len < 1:
+            raise ValueError("paged k_cache must have block_size >= 1")
+    elif cache_batch_idx is not None:
+        cache_batch_idx = _check_index("cache_batch_idx", cache_batch_idx, (batch,), q.device)
+    elif k_cache.shape[0] != batch:
+        raise ValueError(f"k_cache has {k_cache.shape[0]} sequences but q has batch {batch}; pass "
+                         "cache_batch_idx to map batch rows to cache rows")
+    capacity = _capacity(k_cache, block_table)
+    if seqlen_new > capacity:
+        raise ValueError(f"cache too small: {seqlen_new} new tokens > capacity {capacity}")
+
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("k/v given without cache_seqlens: cache_seqlens says where to append")
+        cache_seqlens = capacity
+    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
+        raise TypeError(f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}")
+    host_known = isinstance(cache_seqlens, int) or cache_seqlens.device.type == "cpu"
+    if isinstance(cache_seqlens, int):
+        seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    else:
+        seqlens = _check_index("cache_seqlens", cache_seqlens, (batch,), q.device)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not math.isfinite(
+            softmax_scale):
+        raise TypeError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    max_keys = capacity
+    if (check_inputs or (check_inputs is None and host_known)) and not capturing:
+        max_keys = _check_values(seqlens, seqlen_new, capacity, cache_batch_idx, k_cache.shape[0], block_table,
+                                 cache_len, k_cache.shape[0])
+
+    if k is not None and on_torch_path:
+        _append_torch(k, v, k_cache, v_cache, seqlens, cache_batch_idx, block_table)
+    elif k is not None:
+        k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+        torch.ops.flashlab.kvcache_append(k, v, k_cache, v_cache, seqlens, cache_batch_idx, block_table)
+    if seqlen_q == 0:
+        out = q.new_zeros(q.shape)
+        lse = torch.full((batch, heads, 0), float("-inf"), dtype=torch.float32, device=q.device)
+        return (out, lse) if return_softmax_lse else out
+    if on_torch_path:
+        out, lse = _attend_torch(q, k_cache, v_cache, seqlens, seqlen_new, cache_batch_idx, block_table,
+                                 float(softmax_scale), bool(causal))
+        return (out, lse) if return_softmax_lse else out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    cfg = decode_config(_grid_rows(q, kv_heads), padded_head_dim(head_dim), q.device)
+    auto = num_splits == 0
+    min_split_keys = cfg.block_n if interpreting() else MIN_SPLIT_KEYS
+    if auto:
+        m_blocks = triton.cdiv(_grid_rows(q, kv_heads), cfg.block_m)
+        num_splits = choose_num_splits(batch, kv_heads, m_blocks, max_keys, _num_sms(q.device.index), min_split_keys)
+    out, lse = torch.ops.flashlab.kvcache_attn(
+        q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, seqlen_new, float(softmax_scale), bool(causal),
+        min(num_splits, MAX_SPLITS), min_split_keys if auto else 1)
+    return (out, lse) if return_softmax_lse else out
