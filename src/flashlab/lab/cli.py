@@ -157,12 +157,13 @@ def _execute(args: argparse.Namespace, argv: list[str], kind: str, name: str, ca
 
 
 def _summary(rows: list[dict[str, Any]], providers: list[str]) -> None:
-    """A compact table: one line per case and mode, the median time and peak memory per provider."""
-    table = RichTable(title="median time · peak memory above inputs", show_lines=False, pad_edge=False)
-    table.add_column("case")
-    table.add_column("mode")
+    """A compact table: one line per case and mode, the median time (ms) per provider."""
+    table = RichTable(title="median time (ms); OOM = out of memory, n/a = cannot run this case",
+                      show_lines=False, pad_edge=False, box=None)
+    table.add_column("case", no_wrap=True)
+    table.add_column("mode", no_wrap=True)
     for p in providers:
-        table.add_column(p, justify="right")
+        table.add_column(p, justify="right", no_wrap=True)
     index: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for r in rows:
         index.setdefault((r["label"], r["mode"]), {})[r["provider"]] = r
@@ -175,10 +176,11 @@ def _summary(rows: list[dict[str, Any]], providers: list[str]) -> None:
             elif r["status"] != "ok":
                 cells.append({"oom": "[red]OOM", "unsupported": "n/a"}.get(r["status"], "[red]error"))
             else:
-                mem = r.get("mem_above_inputs_mb")
-                cells.append(f"{r['time_ms']:.3g} ms" + (f" · {mem:.3g} MiB" if mem is not None else ""))
+                cells.append(f"{r['time_ms']:.3g}")
         table.add_row(label, mode, *cells)
-    console.print(table)
+    longest = max((len(label) for label, _ in index), default=4)
+    width = max(console.width, longest + 10 + sum(max(len(p), 7) + 2 for p in providers))
+    Console(stderr=True, width=width).print(table)
 
 
 # ----------------------------------------------------------------------------------- commands

@@ -23,14 +23,22 @@ from flashlab.lab.measure import time_cpu, time_cuda
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` → cuda if available else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from flashlab.lab.errors import LabError
+    """``auto`` → cuda if available else cpu; ``cuda`` gets the current device's index."""
+    from flashlab.lab.errors import LabError
 
-        raise LabError("--device cuda was asked for but no CUDA GPU is visible to torch")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise LabError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LabError(f"--device {name} was asked for but no CUDA GPU is visible to torch")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise LabError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
     return dev
 
 

@@ -98,6 +98,7 @@ def _serve() -> None:
     import flashlab.lab.workload  # noqa: F401 - imported before forking, once
 
     providers.load_plugins()
+    gc.freeze()  # the children's gc.collect() then skips the imported modules' objects
     for line in sys.stdin:
         if not line.strip():
             continue

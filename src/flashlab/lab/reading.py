@@ -59,7 +59,7 @@ def compare_sentences(index: dict, cases: list[Case], main: str, mode: str, wher
     lo, hi = min(speed, key=lambda t: t[0]), max(speed, key=lambda t: t[0])
     faster = sum(v > 1 for v in vals)
     out = [f"{main} was {fmt_ratio(lo[0])}–{fmt_ratio(hi[0])} as fast as naive ({MODE_NAMES[mode]}, median "
-           f"{fmt_ratio(statistics.median(vals))}) over {len(vals)} {where} cases; faster in {faster} of {len(vals)}; "
+           f"{fmt_ratio(statistics.median(vals))}) over the {len(vals)} {where} cases both ran; faster in {faster}; "
            f"largest gain at {short(hi[1])}."]
     mem = [(rn["mem_above_inputs_mb"] / rm["mem_above_inputs_mb"], c, rm, rn) for c, rm, rn in pairs
            if rm.get("mem_above_inputs_mb") and rn.get("mem_above_inputs_mb")]

@@ -7,6 +7,7 @@ they finish; rows already in the store (``--resume``) are skipped.
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from flashlab.lab.flops import case_flops, tflops_per_s
 from flashlab.lab.memprobe import CpuMemoryProbe, measure_here
 from flashlab.lab.memprobe import supported as cpu_memory_supported
 from flashlab.lab.providers import Attn, Provider
-from flashlab.lab.results import ResultStore, row_key
+from flashlab.lab.results import COLUMNS, ResultStore, row_key
 from flashlab.lab.workload import Workload
 
 MB = 2**20
@@ -79,8 +80,11 @@ def apply_memory_cap(device: torch.device, cap_gib: float | None, console: Conso
 
 
 def base_row(case: Case, provider: str, mode: str, device: torch.device) -> dict[str, Any]:
-    return {**case.to_dict(), "provider": provider, "label": case.label, "embed": case.embed, "mode": mode,
-            "status": "ok", "message": "", "flops": case_flops(case, mode), "device": device_name(device)}
+    """A row with every column present (None where not measured)."""
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(case.to_dict(), provider=provider, label=case.label, embed=case.embed, mode=mode, status="ok",
+               message="", flops=case_flops(case, mode), device=device_name(device))
+    return row
 
 
 class Runner:
@@ -104,6 +108,7 @@ class Runner:
 
     # -------------------------------------------------------------------------------- driving
     def run(self, cases: Sequence[Case], providers: Sequence[Provider]) -> None:
+        gc.freeze()  # torch's import leaves a large heap: keep gc.collect() between rows cheap
         tasks = [(c, p) for c in cases for p in providers]
         total = len(tasks) * len(self.opts.modes)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
