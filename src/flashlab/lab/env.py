@@ -43,6 +43,10 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def _git_commit() -> str | None:
+    """HEAD of the checkout flashlab runs from (``-dirty`` if modified), or $FLASHLAB_GIT_COMMIT
+    where the code was copied without its .git (e.g. onto a GPU machine)."""
+    if os.environ.get("FLASHLAB_GIT_COMMIT"):
+        return os.environ["FLASHLAB_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[3]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
