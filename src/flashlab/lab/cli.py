@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -309,8 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        # `timeout` and job schedulers send SIGTERM: stop like Ctrl-C (results kept, report written)
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         args = build_parser().parse_args(argv)
         return args.func(args, argv)
