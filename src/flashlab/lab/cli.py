@@ -317,9 +317,10 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    previous = None
     if threading.current_thread() is threading.main_thread():
         # `timeout` and job schedulers send SIGTERM: stop like Ctrl-C (results kept, report written)
-        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         args = build_parser().parse_args(argv)
         return args.func(args, argv)
@@ -329,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("flashlab: interrupted", markup=False)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
