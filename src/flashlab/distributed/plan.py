@@ -81,6 +81,7 @@ class Plan:
     causal: bool
     sharding: str
     layouts: tuple[RankLayout, ...]
+    varlen: bool = False
 
     def src(self, step: int) -> int:
         return (self.rank - step) % self.world_size
@@ -218,4 +219,4 @@ def make_plan(rank: int, causal: bool, sharding: str, cus: list[list[list[int]]]
         seq_q = tuple((a, b - a) for a, b in zip(cq, cq[1:]))
         seq_k = tuple((a, b - a) for a, b in zip(ck, ck[1:]))
         layouts.append(RankLayout(seq_q, seq_k, tuple(firsts[r]), tuple(firsts[r])))
-    return Plan(rank, world, causal, sharding, tuple(layouts))
+    return Plan(rank, world, causal, sharding, tuple(layouts), varlen)

@@ -20,12 +20,19 @@ returns dK/dV through one fp32 reduce-scatter: simpler traffic, O(seqlen) K/V me
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from flashlab.distributed._local import local_backward, local_forward
+from flashlab.distributed._local import (
+    Packed,
+    local_backward,
+    local_forward,
+    uses_kernels,
+    varlen_backward,
+    varlen_forward,
+)
 from flashlab.distributed.plan import Plan, all_gather_single
 
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -41,6 +48,7 @@ class Ring:
     plan: Plan
     softmax_scale: float
     method: str  # "ring", "allgather" or "local" (benchmark: no communication)
+    cache: dict = field(default_factory=dict, compare=False, repr=False)  # step → units
 
     @property
     def next_peer(self) -> int:
@@ -58,6 +66,56 @@ class Ring:
         ops = [dist.P2POp(dist.isend, t, self.next_peer, self.group) for t in send if t.numel()]
         ops += [dist.P2POp(dist.irecv, t, self.prev_peer, self.group) for t in recv if t.numel()]
         return dist.batch_isend_irecv(ops) if ops else []
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One attention call of a step: q rows × k rows along the sequence dim (slices, or index
+    tensors where packed pieces are not adjacent); ``packed`` set for a single varlen call."""
+
+    q: slice | torch.Tensor
+    k: slice | torch.Tensor
+    causal: bool
+    packed: Packed | None = None
+
+
+def _rows(ranges: list[tuple[int, int]], device: torch.device) -> slice | torch.Tensor:
+    if all(end == start for (_, end), (start, _) in zip(ranges, ranges[1:])):
+        return slice(ranges[0][0], ranges[-1][1])
+    return torch.cat([torch.arange(a, b) for a, b in ranges]).to(device)
+
+
+def _offsets(lengths: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([sum(lengths[:i]) for i in range(len(lengths) + 1)], dtype=torch.int32, device=device)
+
+
+def units(ring: Ring, step: int, q: torch.Tensor) -> list[Unit]:
+    """The step's pieces as calls: one per piece, or (varlen on the kernel path) one varlen call."""
+    device = q.device
+    key = (step, str(device))
+    if key not in ring.cache:
+        pieces = ring.plan.pieces(step)
+        if ring.plan.varlen and len(pieces) > 1 and uses_kernels(q):
+            lq, lk = [p.q1 - p.q0 for p in pieces], [p.k1 - p.k0 for p in pieces]
+            packed = Packed(_offsets(lq, device), _offsets(lk, device), max(lq), max(lk))
+            ring.cache[key] = [Unit(_rows([(p.q0, p.q1) for p in pieces], device),
+                                    _rows([(p.k0, p.k1) for p in pieces], device), pieces[0].causal, packed)]
+        else:
+            ring.cache[key] = [Unit(p.q, p.k, p.causal) for p in pieces]
+    return ring.cache[key]
+
+
+def _take(t: torch.Tensor, rows: slice | torch.Tensor, dim: int) -> torch.Tensor:
+    if isinstance(rows, slice):
+        return t.narrow(dim, rows.start, rows.stop - rows.start)
+    return t.index_select(dim, rows)
+
+
+def _add_rows(t: torch.Tensor, rows: slice | torch.Tensor, value: torch.Tensor, dim: int) -> None:
+    if isinstance(rows, slice):
+        t.narrow(dim, rows.start, rows.stop - rows.start).add_(value)
+    else:
+        t.index_add_(dim, rows, value.to(t.dtype))
 
 
 def _kv_shape(k: torch.Tensor, seqlen: int) -> tuple[int, ...]:
@@ -132,7 +190,7 @@ class DkvSink:
     def _zeros(self, n: int, *lead: int) -> torch.Tensor:
         return torch.zeros(*lead, 2, *_kv_shape(self.k, n), dtype=torch.float32, device=self.k.device)
 
-    def add(self, step: int, parts: list[tuple[slice, torch.Tensor, torch.Tensor]]) -> None:
+    def add(self, step: int, parts: list[tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
         """Add a step's ``(k rows, dk, dv)`` pieces for the K/V held at ``step``, then pass it on."""
         plan = self.ring.plan
         if self.mode == "allgather":
@@ -146,8 +204,8 @@ class DkvSink:
             for w in works:
                 w.wait()
         for rows, dk, dv in parts:
-            acc[0][:, rows] += dk
-            acc[1][:, rows] += dv
+            _add_rows(acc[0], rows, dk, 1)
+            _add_rows(acc[1], rows, dv, 1)
         if self.mode == "ring":
             # Receive the buffer of the shard held next (after step W-1: our own, home again).
             shape = (2, *_kv_shape(self.k, plan.kv_len(plan.src(step + 1))))
@@ -203,10 +261,22 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     batch, seqlen_q, heads, _ = q.shape
     out = torch.zeros(*q.shape[:3], v.shape[3], dtype=torch.float32, device=q.device)
     lse = torch.full((batch, heads, seqlen_q), float("-inf"), dtype=torch.float32, device=q.device)
+    scale = ring.softmax_scale
     for step, k_held, v_held in kv_source(ring, k, v):
-        for p in ring.plan.pieces(step):
-            o, lse_p = local_forward(q[:, p.q], k_held[:, p.k], v_held[:, p.k], ring.softmax_scale, p.causal)
-            merge_(out[:, p.q], lse[:, :, p.q], o, lse_p)
+        for u in units(ring, step, q):
+            q_u, k_u, v_u = _take(q, u.q, 1), _take(k_held, u.k, 1), _take(v_held, u.k, 1)
+            if u.packed is None:
+                o, lse_p = local_forward(q_u, k_u, v_u, scale, u.causal)
+            else:
+                o, lse_p = varlen_forward(q_u[0], k_u[0], v_u[0], u.packed, scale, u.causal)
+                o, lse_p = o.unsqueeze(0), lse_p.unsqueeze(0)
+            if isinstance(u.q, slice):
+                merge_(out[:, u.q], lse[:, :, u.q], o, lse_p)
+            else:  # gather, merge, scatter back
+                out_u, lse_u = out.index_select(1, u.q), lse.index_select(2, u.q)
+                merge_(out_u, lse_u, o, lse_p)
+                out.index_copy_(1, u.q, out_u)
+                lse.index_copy_(2, u.q, lse_u)
     return out.to(q.dtype), lse
 
 
@@ -223,15 +293,21 @@ def ring_backward(
     """(dq, dk, dv) of this rank's shards; fp32 accumulation, cast to the inputs' dtypes."""
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     sink = DkvSink(ring, k)
+    scale = ring.softmax_scale
     for step, k_held, v_held in kv_source(ring, k, v):
         parts = []
-        for p in ring.plan.pieces(step):
-            dq_p, dk_p, dv_p = local_backward(
-                dout[:, p.q], q[:, p.q], k_held[:, p.k], v_held[:, p.k], out[:, p.q], lse[:, :, p.q],
-                None if dlse is None else dlse[:, :, p.q], ring.softmax_scale, p.causal,
-            )
-            dq[:, p.q] += dq_p
-            parts.append((p.k, dk_p, dv_p))
+        for u in units(ring, step, q):
+            do_u, q_u, out_u = (_take(t, u.q, 1) for t in (dout, q, out))
+            lse_u, dlse_u = _take(lse, u.q, 2), None if dlse is None else _take(dlse, u.q, 2)
+            k_u, v_u = _take(k_held, u.k, 1), _take(v_held, u.k, 1)
+            if u.packed is None:
+                grads = local_backward(do_u, q_u, k_u, v_u, out_u, lse_u, dlse_u, scale, u.causal)
+            else:
+                grads = varlen_backward(do_u[0], q_u[0], k_u[0], v_u[0], out_u[0], lse_u[0],
+                                        None if dlse_u is None else dlse_u[0], u.packed, scale, u.causal)
+                grads = tuple(g.unsqueeze(0) for g in grads)
+            _add_rows(dq, u.q, grads[0], 1)
+            parts.append((u.k, grads[1], grads[2]))
         sink.add(step, parts)
     dk, dv = sink.finish()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
