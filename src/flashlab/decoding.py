@@ -74,8 +74,7 @@ def _index_args(cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | Non
             block_table.stride(0) if block_table is not None else 0)
 
 
-@triton_op("flashlab::kvcache_append", mutates_args={"k_cache", "v_cache"})
-def kvcache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def _append_impl(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | None,
                    block_table: torch.Tensor | None) -> None:
     """k_cache/v_cache ← k/v (batch, seqlen_new, kv_heads, head_dim) at cache_seqlens[b] + i."""
@@ -91,8 +90,7 @@ def kvcache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     )
 
 
-@triton_op("flashlab::kvcache_attn", mutates_args=())
-def kvcache_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                  cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, seqlen_new: int,
                  softmax_scale: float, causal: bool, num_splits: int, min_chunk: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +127,17 @@ def kvcache_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return out, lse
 
 
+# Under torch.compile the kernels are reached through these ops (traced, graph-safe); in eager mode
+# the implementations are called directly: the dispatcher costs ~10-20 µs per op, more than a
+# short decoding kernel runs.
+kvcache_append = triton_op("flashlab::kvcache_append", mutates_args={"k_cache", "v_cache"})(_append_impl)
+kvcache_attn = triton_op("flashlab::kvcache_attn", mutates_args=())(_attn_impl)
+
+
+def _op(name: str, impl):
+    return getattr(torch.ops.flashlab, name) if torch.compiler.is_compiling() else impl
+
+
 def _not_yet(option: str, value: object) -> NotImplementedError:
     return NotImplementedError(f"flash_attn_with_kvcache does not support {option}={value!r} yet "
                                "(planned: feature-parity issue)")
@@ -150,7 +159,7 @@ def _check_index(name: str, t: object, shape: tuple[int, ...], device: torch.dev
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, q on {device}: they must share a device")
-    return t.to(torch.int32).contiguous()
+    return t if t.dtype == torch.int32 and t.stride(-1) == 1 else t.to(torch.int32).contiguous()
 
 
 def _check_values(seqlens: torch.Tensor, seqlen_new: int, capacity: int, cache_batch_idx: torch.Tensor | None,
@@ -362,7 +371,7 @@ def flash_attn_with_kvcache(
         _append_torch(k, v, k_cache, v_cache, seqlens, cache_batch_idx, block_table)
     elif k is not None:
         k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
-        torch.ops.flashlab.kvcache_append(k, v, k_cache, v_cache, seqlens, cache_batch_idx, block_table)
+        _op("kvcache_append", _append_impl)(k, v, k_cache, v_cache, seqlens, cache_batch_idx, block_table)
     if seqlen_q == 0:
         out = q.new_zeros(q.shape)
         lse = torch.full((batch, heads, 0), float("-inf"), dtype=torch.float32, device=q.device)
@@ -378,7 +387,7 @@ def flash_attn_with_kvcache(
     if auto:
         m_blocks = triton.cdiv(_grid_rows(q, kv_heads), cfg.block_m)
         num_splits = choose_num_splits(batch, kv_heads, m_blocks, max_keys, _num_sms(q.device.index), min_split_keys)
-    out, lse = torch.ops.flashlab.kvcache_attn(
+    out, lse = _op("kvcache_attn", _attn_impl)(
         q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, seqlen_new, float(softmax_scale), bool(causal),
         min(num_splits, MAX_SPLITS), min_split_keys if auto else 1)
     return (out, lse) if return_softmax_lse else out
