@@ -145,8 +145,13 @@ def _execute(args: argparse.Namespace, argv: list[str], kind: str, name: str, ca
     try:
         runner.run(cases, providers)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted: {len(store.rows)} rows saved in {out}; continue with: "
-                      f"{config['command']} --out {shlex.quote(str(out))} --resume")
+        hint = config["command"]
+        if args.out is None:
+            hint += f" --out {shlex.quote(str(out))}"
+        if not args.resume:
+            hint += " --resume"
+        console.print(f"interrupted: {len(store.rows)} rows saved in {out}; continue with: {hint}",
+                      markup=False, style="yellow")
         code = 130
     finally:
         if device.type == "cuda":

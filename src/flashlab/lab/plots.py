@@ -41,6 +41,7 @@ def draw(path: Path, title: str, metric: str, panels: list[Panel]) -> bool:
     any_oom = False
     for ax, panel in zip(axes[0], panels):
         xs_all: set[float] = set()
+        oom_rank: dict[float, int] = {}
         trans = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
         for name in providers:
             pts = sorted(panel.series.get(name, []))
@@ -48,11 +49,13 @@ def draw(path: Path, title: str, metric: str, panels: list[Panel]) -> bool:
             xs_all.update(x for x, _, _ in pts)
             if ok:
                 ax.plot([x for x, _ in ok], [y for _, y in ok], marker="o", ms=4, color=colors[name], label=name)
-            ooms = [x for x, _, s in pts if s == "oom"]
-            if ooms:
+            for x in (x for x, _, s in pts if s == "oom"):
                 any_oom = True
-                ax.scatter(ooms, [0.96] * len(ooms), marker="x", s=60, color=colors[name], transform=trans,
-                           clip_on=False, zorder=5)
+                k = oom_rank[x] = oom_rank.get(x, -1) + 1  # stack markers of several providers
+                y = 0.95 - 0.08 * k
+                ax.scatter([x], [y], marker="x", s=50, color=colors[name], transform=trans, clip_on=False, zorder=5)
+                ax.annotate(f"{name} OOM", (x, y), xycoords=trans, xytext=(-6, 0), textcoords="offset points",
+                            ha="right", va="center", fontsize=7, color=colors[name])
         if xs_all:
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted(xs_all))

@@ -71,6 +71,15 @@ def compare_sentences(index: dict, cases: list[Case], main: str, mode: str, wher
     return out
 
 
+def busy_warning(env: dict[str, Any]) -> list[str]:
+    """A warning when the CPU was busy with other work as the run started (CPU timings suffer)."""
+    load, cpus = env.get("load_avg_1m"), env.get("cpu_count")
+    if env.get("device") == "cpu" and load and cpus and load > 0.75 * cpus:
+        return [f"**Warning**: the machine was busy when the run started (1-minute load average {load:g} on "
+                f"{cpus} CPUs): CPU timings include waiting for other processes; rerun on an idle machine."]
+    return []
+
+
 def oom_sentences(rows: list[dict[str, Any]], cap: float | None) -> list[str]:
     by_p: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:

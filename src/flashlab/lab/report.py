@@ -154,12 +154,13 @@ def _grid_figures(d: doc.Doc, out_dir: Path, index: dict, table: Table, defaults
             d.add(doc.Image(name, f"{table.title} {label}"))
 
 
-def _study(d: doc.Doc, out_dir: Path, config: dict, index: dict, rows: list, providers: list[str],
+def _study(d: doc.Doc, out_dir: Path, env: dict, config: dict, index: dict, rows: list, providers: list[str],
            modes: list[str]) -> None:
     tables = [Table.from_dict(t) for t in config.get("tables", [])]
     defaults = config.get("defaults", {})
     d.add(doc.Heading(1, "Reading"),
-          doc.Bullets(reading.study_reading(index, tables, providers, rows, modes, config.get("memory_cap_gib"))))
+          doc.Bullets(reading.busy_warning(env) +
+                      reading.study_reading(index, tables, providers, rows, modes, config.get("memory_cap_gib"))))
     n = 0
     for t in tables:
         for mode in modes:
@@ -174,11 +175,12 @@ def _study(d: doc.Doc, out_dir: Path, config: dict, index: dict, rows: list, pro
 
 
 # -------------------------------------------------------------------------------------- bench
-def _bench(d: doc.Doc, out_dir: Path, config: dict, index: dict, rows: list, providers: list[str],
+def _bench(d: doc.Doc, out_dir: Path, env: dict, config: dict, index: dict, rows: list, providers: list[str],
            modes: list[str]) -> None:
     cases = list(dict.fromkeys(Case.from_dict(r) for r in rows))
     d.add(doc.Heading(1, "Reading"),
-          doc.Bullets(reading.bench_reading(index, cases, providers, rows, modes, config.get("memory_cap_gib"))))
+          doc.Bullets(reading.busy_warning(env) +
+                      reading.bench_reading(index, cases, providers, rows, modes, config.get("memory_cap_gib"))))
     groups: dict[tuple, list[Case]] = defaultdict(list)
     for c in cases:
         groups[(c.scope, c.dtype)].append(c)
@@ -258,9 +260,9 @@ def build(results: Path | str, out_dir: Path | str | None = None) -> tuple[Path,
     if not rows:
         d.add(doc.Para("No rows were measured."))
     elif kind == "study":
-        _study(d, out, config, index, rows, providers, modes)
+        _study(d, out, env, config, index, rows, providers, modes)
     else:
-        _bench(d, out, config, index, rows, providers, modes)
+        _bench(d, out, env, config, index, rows, providers, modes)
     _footer(d, env, config)
     md, html_path = out / "report.md", out / "report.html"
     md.write_text(doc.render_markdown(d), encoding="utf-8")
