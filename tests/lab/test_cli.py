@@ -98,7 +98,7 @@ def test_resume_after_interrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert len((out / "results.csv").read_text().splitlines()) == len(second) + 1 + len(load_results(out)[0])
 
 
-def test_bench_from_suite_and_flags(tmp_path: Path) -> None:
+def test_bench_from_suite_and_flags(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "suite"
     assert main(["bench", "--suite", "fa-grid-small", "--providers", "naive,test-chunked", "--modes", "fwd",
                  "--out", str(out), "--memory", "off", "--no-accuracy", *FAST]) == 0
@@ -106,9 +106,11 @@ def test_bench_from_suite_and_flags(tmp_path: Path) -> None:
     assert len(rows) == 12 * 2 and {r["batch"] * r["seqlen_q"] for r in rows} == {1024}
     assert "Fastest provider per case" in (out / "report.md").read_text()
     flags = tmp_path / "flags"
-    assert main(["bench", "--batch", "1", "--seqlen", "16,32", "--embed", "32", "--head-dim", "16", "--causal",
-                 "both", "--modes", "fwd,fwd+bwd", "--providers", "naive,test-broken", "--scope", "layer",
-                 "--out", str(flags), "--memory", "off", *FAST]) == 0
+    assert main(["bench", "--memory-cap", "4", "--batch", "1", "--seqlen", "16,32", "--embed", "32",
+                 "--head-dim", "16", "--causal", "both", "--modes", "fwd,fwd+bwd", "--providers",
+                 "naive,test-broken", "--scope", "layer", "--out", str(flags), "--memory", "off", *FAST]) == 0
+    assert "--memory-cap 4 applies to CUDA devices only; ignored on cpu" in capsys.readouterr().err
+    assert load_results(flags)[1]["memory_cap_gib"] is None
     rows = rows_of(flags)
     assert len(rows) == 2 * 2 * 2 * 2 and all(r["scope"] == "layer" and r["heads"] == 2 for r in rows)
     assert {r["status"] for r in rows if r["provider"] == "test-broken"} == {"error"}

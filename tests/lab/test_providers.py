@@ -64,3 +64,15 @@ def test_workload_layouts_and_modes() -> None:
     assert all(t.grad is not None for t in wl.leaves)
     layer = Workload(Case(2, 8, 4, 16, dtype="fp32", scope="layer"), naive, CPU)
     assert tuple(layer.forward().shape) == (2, 8, 64)
+
+
+def test_flex_raises_dynamo_recompile_limits() -> None:
+    import torch._dynamo
+
+    from flashlab.lab.providers import _raise_recompile_limits
+
+    _raise_recompile_limits()
+    cfg = torch._dynamo.config
+    assert cfg.cache_size_limit >= 1024
+    if hasattr(cfg, "recompile_limit"):
+        assert cfg.recompile_limit >= 1024

@@ -102,6 +102,9 @@ def _out_dir(args: argparse.Namespace, kind: str) -> Path:
             raise LabError("--resume without --out: no earlier run found under results/")
     else:
         out = default_out_dir(kind)
+    if not args.resume and (out / "results.json").exists():
+        raise LabError(f"{out / 'results.json'} already exists: pass --resume to continue that run, "
+                       "or choose another --out")
     check_writable(out)
     return out
 
