@@ -191,6 +191,14 @@ def _worker(rank: int, world: int, init_file: str, cases: list, outdir: str) -> 
     try:
         for case in cases:
             os.environ["TRITON_INTERPRET"] = "1" if getattr(case, "kernels", False) else "0"
+            if case == "bench":  # the lab's measurement on this group, tiny
+                from flashlab.distributed import bench
+
+                args = bench.parse_args(["--seqlen", "24", "--heads", "2", "--head-dim", "8", "--causal",
+                                         "--reps", "2", "--warmup", "1"], cuda=False)
+                rows = bench.gather_rows(bench.measure(args, torch.device("cpu")))
+                torch.save((rows, bench.summarize(rows, world)), Path(outdir) / "bench.pt")
+                continue
             if isinstance(case, str):  # an error case
                 try:
                     _err_call(case, rank)
@@ -224,7 +232,7 @@ def _runnable(cases: list[Case]) -> list[Case]:
 
 @pytest.fixture(scope="module")
 def results2(tmp_path_factory) -> Path:
-    return _launch(2, list(ERRORS) + _runnable(CASES_2), tmp_path_factory.mktemp("ring2"))
+    return _launch(2, list(ERRORS) + _runnable(CASES_2) + ["bench"], tmp_path_factory.mktemp("ring2"))
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +276,18 @@ def test_bad_input_raises_on_every_rank(name: str, results2: Path) -> None:
     for rank, (etype, fragment) in enumerate(ERRORS[name]):
         got_type, message = torch.load(results2 / f"{name}-rank{rank}.pt")
         assert got_type == etype and fragment in message, f"rank {rank}: {got_type}: {message}"
+
+
+def test_bench_reports_per_rank_and_scaling(results2: Path) -> None:
+    rows, summary = torch.load(results2 / "bench.pt")
+    assert sorted((r["method"], r["mode"], r["rank"]) for r in rows) == sorted(
+        (m, mode, rank) for m in ("ring", "allgather") for mode in ("fwd", "fwd+bwd") for rank in (0, 1))
+    for r in rows:
+        assert r["time_ms"] > 0 and r["compute_ms"] > 0 and r["comm_ms"] > 0 and r["tflops_per_gpu"] > 0
+        assert r["exposed_ms"] == max(0.0, r["time_ms"] - r["compute_ms"]) and 0 <= r["hidden_share"] <= 1
+    for s in summary:
+        step = max(r["time_ms"] for r in rows if (r["method"], r["mode"]) == (s["method"], s["mode"]))
+        assert s["step_ms"] == step and s["efficiency"] == pytest.approx(s["baseline_ms"] / (2 * step))
 
 
 # ------------------------------------------------------------------ the schedule, no processes

@@ -200,7 +200,8 @@ class DkvSink:
         elif step == 0:
             acc = self._zeros(self.k.shape[1])
         else:
-            works, acc, _ = self.pending  # type: ignore[misc]
+            works, acc = self.pending[0], self.pending[1]  # type: ignore[index]
+            self.pending = None  # drops the buffer sent last step (its send completes in the wait)
             for w in works:
                 w.wait()
         for rows, dk, dv in parts:
@@ -252,7 +253,7 @@ def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_p: torch.Tensor, ls
     safe = lse_new.masked_fill(lse_new == float("-inf"), 0.0)
     w_old = torch.exp(lse_acc - safe).transpose(1, 2).unsqueeze(-1)
     w_new = torch.exp(lse_p - safe).transpose(1, 2).unsqueeze(-1)
-    out_acc.mul_(w_old).add_(out_p.float() * w_new)
+    out_acc.mul_(w_old).addcmul_(out_p, w_new)  # no fp32 copy of the partial output
     lse_acc.copy_(lse_new)
 
 
