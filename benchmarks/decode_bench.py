@@ -49,8 +49,10 @@ CORRECTNESS_CASES = [  # batch, seqlen_q, heads, kv_heads, head_dim, max cache l
     (5, 1, 16, 1, 64, 4097, 64, torch.bfloat16), (2, 2, 8, 2, 256, 2500, None, torch.float16),
 ]
 # Tuning: split counts per (batch, cache_len); page sizes and tile configs at the first two / all points.
-TUNE_SPLITS = {(1, 32768): [8, 16, 24, 32, 48, 64, 96, 128], (4, 32768): [2, 4, 8, 12, 16, 32], (64, 8192): [1, 2, 3]}
+TUNE_SPLITS = {(1, 32768): [8, 16, 24, 32, 48, 64, 96, 128], (4, 32768): [2, 4, 8, 12, 16, 32], (64, 8192): [1, 2, 3],
+               (1, 1024): [1, 2, 4, 8, 16], (16, 8192): [1, 2, 4, 8]}
 TUNE_PAGES = (16, 64, 256)
+TUNE_PAGED_STAGES = (3, 4, 5)
 TUNE_CONFIGS = [(32, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (64, 2, 3)]
 MATH_MAX_KEYS = 4 * 8192  # batch × cache_len above which the math backend (expands k/v 4×) is skipped
 
@@ -239,19 +241,24 @@ def tune(rows, dtype, copy_gbs, deadline: float) -> None:
             time_row(rows, "flashlab", batch, cache_len, dtype, copy_gbs=copy_gbs, tune="splits", num_splits=n,
                      fn=lambda q=q, kc=kc, vc=vc, s=s, n=n: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=s,
                                                                                      num_splits=n))
-    for page in TUNE_PAGES:
-        for batch, cache_len in points[:2]:
-            q, kc, vc, s = data[batch, cache_len]
-            kp, table = paged_view(kc, page)
-            vp, _ = paged_view(vc, page, table)
-            time_row(rows, "flashlab", batch, cache_len, dtype, copy_gbs=copy_gbs, tune="page", page=page,
-                     fn=lambda q=q, kp=kp, vp=vp, s=s, t=table: flash_attn_with_kvcache(q, kp, vp, cache_seqlens=s,
-                                                                                         block_table=t))
     original = decoding.decode_config
     try:
+        for page in TUNE_PAGES:
+            for stages in TUNE_PAGED_STAGES:
+                decoding.decode_config = lambda *a, st=stages: TileConfig(16, 64, 4, st)
+                for batch, cache_len in points[:2]:
+                    if time.time() > deadline:
+                        return
+                    q, kc, vc, s = data[batch, cache_len]
+                    kp, table = paged_view(kc, page)
+                    vp, _ = paged_view(vc, page, table)
+                    time_row(rows, "flashlab", batch, cache_len, dtype, copy_gbs=copy_gbs, tune="page", page=page,
+                             config=f"BN64 w4 s{stages}",
+                             fn=lambda q=q, kp=kp, vp=vp, s=s, t=table: flash_attn_with_kvcache(
+                                 q, kp, vp, cache_seqlens=s, block_table=t))
         for bn, warps, stages in TUNE_CONFIGS:
-            decoding.decode_config = lambda rows_, bd, dev, c=(bn, warps, stages): TileConfig(16, *c)
-            for batch, cache_len in points:
+            decoding.decode_config = lambda *a, c=(bn, warps, stages): TileConfig(16, *c)
+            for batch, cache_len in points[:3]:
                 if time.time() > deadline:
                     return
                 q, kc, vc, s = data[batch, cache_len]

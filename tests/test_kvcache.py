@@ -156,6 +156,18 @@ def test_torch_path_without_interpreter(monkeypatch):
     assert (paged - out).abs().max() < 1e-5
 
 
+def test_registered_ops_match_the_public_function(device):
+    """flashlab::kvcache_append / flashlab::kvcache_attn (what torch.compile sees) give the same result."""
+    torch.manual_seed(3)
+    q, k_cache, v_cache, k, v, seqlens = make_case(2, 2, 4, 2, 16, [3, 30], 2, 40, torch.float16, device)
+    caches = k_cache.clone(), v_cache.clone()
+    want = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=True, num_splits=3)
+    torch.ops.flashlab.kvcache_append(k, v, *caches, seqlens, None, None)
+    assert torch.equal(caches[0], k_cache) and torch.equal(caches[1], v_cache)
+    out, lse = torch.ops.flashlab.kvcache_attn(q, *caches, seqlens, None, None, 2, 0.25, True, 3, 1)
+    assert torch.equal(out, want) and lse.shape == (2, 4, 2)
+
+
 def _args(**over):
     q = torch.randn(2, 1, 4, 16, dtype=torch.float16)
     kc, vc = torch.randn(2, 20, 2, 16, dtype=torch.float16), torch.randn(2, 20, 2, 16, dtype=torch.float16)
@@ -222,6 +234,7 @@ GPU_CASES = [  # batch, seqlen_q, heads, kv_heads, head_dim, max cache length, p
     (3, 1, 32, 8, 128, 20000, 256),
     (2, 4, 32, 8, 128, 4099, 48),
     (2, 128, 32, 8, 128, 3000, None),  # speculative decoding: 128 new tokens
+    (1, 300, 32, 8, 128, 5000, 32),
     (8, 1, 16, 1, 64, 5000, 64),  # MQA
     (2, 3, 8, 2, 256, 2500, None),
     (2, 1, 12, 4, 80, 1777, 32),
@@ -287,3 +300,25 @@ def test_gpu_cuda_graph_capture_and_compile():
     got = step(q, k_cache, v_cache, seqlens + 1)
     ref = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens + 1, num_splits=4)
     assert torch.equal(got, ref)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck():
+    q, k_cache, v_cache, k, v, seqlens = make_case(2, 3, 8, 2, 64, [5, 300], 3, 512, torch.bfloat16, "cuda")
+    torch.library.opcheck(torch.ops.flashlab.kvcache_attn.default,
+                          (q, k_cache, v_cache, seqlens, None, None, 0, 0.125, True, 2, 1))
+    torch.library.opcheck(torch.ops.flashlab.kvcache_append.default, (k, v, k_cache, v_cache, seqlens, None, None))
+
+
+@pytest.mark.gpu
+def test_gpu_value_checks_on_request():
+    """GPU index tensors are range-checked only with check_inputs=True (one device sync)."""
+    q, k_cache, v_cache, k, v, _ = make_case(2, 1, 8, 2, 64, [0, 0], 1, 64, torch.float16, "cuda")
+    full = torch.tensor([10, 64], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="cache too small: sequence 1 holds 64 tokens"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=full, check_inputs=True)
+    pages = torch.randn(4, 16, 2, 64, dtype=torch.float16, device="cuda")
+    table = torch.tensor([[0, 9], [1, 2]], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\] = 9"):
+        flash_attn_with_kvcache(q, pages, pages, cache_seqlens=torch.tensor([20, 3], dtype=torch.int32,
+                                device="cuda"), block_table=table, check_inputs=True)

@@ -31,14 +31,17 @@ MIN_SPLIT_KEYS = 256  # the heuristic never gives a split fewer keys than this (
 CTAS_PER_SM = 2  # split until batch × kv_heads × splits programs fill this many per SM
 
 
-def decode_config(rows: int, block_d: int, device: torch.device) -> TileConfig:
-    """Tile for ``rows = seqlen_q × group`` query rows per kv head (BLOCK_M ≥ 16 for tl.dot)."""
+def decode_config(rows: int, block_d: int, paged: bool, device: torch.device) -> TileConfig:
+    """Tile for ``rows = seqlen_q × group`` query rows per kv head (BLOCK_M ≥ 16 for tl.dot).
+
+    A 64 × 128 K tile and its V tile are 32 KB; 3 stages keep two of them in flight. Paged loads
+    are indirect (the page index is loaded first), so Triton's pipeliner needs 2 more stages for
+    the same depth (checked on the sm_90 TTGIR: 5 stages paged = 3 contiguous = 72 KB of shared)."""
     if interpreting():
         return TileConfig(16 if rows <= 16 else 32, 32, 4, 1)
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
     block_n = 32 if block_d > 128 else 64
-    ampere = torch.cuda.get_device_capability(device)[0] < 9
-    return TileConfig(block_m, block_n, 4, 2 if ampere or block_d > 128 else 3)
+    return TileConfig(block_m, block_n, 4, 5 if paged else 3)
 
 
 @functools.cache
@@ -98,7 +101,7 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     batch, seqlen_q, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     block_d = padded_head_dim(head_dim)
-    cfg = decode_config(_grid_rows(q, kv_heads), block_d, q.device)
+    cfg = decode_config(_grid_rows(q, kv_heads), block_d, block_table is not None, q.device)
     m_blocks = triton.cdiv(_grid_rows(q, kv_heads), cfg.block_m)
     min_chunk = triton.cdiv(max(min_chunk, 1), cfg.block_n) * cfg.block_n
     out = torch.empty((batch, seqlen_q, heads, head_dim), dtype=q.dtype, device=q.device)
@@ -381,7 +384,7 @@ def flash_attn_with_kvcache(
                                  float(softmax_scale), bool(causal))
         return (out, lse) if return_softmax_lse else out
     q = q if q.stride(-1) == 1 else q.contiguous()
-    cfg = decode_config(_grid_rows(q, kv_heads), padded_head_dim(head_dim), q.device)
+    cfg = decode_config(_grid_rows(q, kv_heads), padded_head_dim(head_dim), block_table is not None, q.device)
     auto = num_splits == 0
     min_split_keys = cfg.block_n if interpreting() else MIN_SPLIT_KEYS
     if auto:
