@@ -12,7 +12,7 @@ import pytest
 import torch
 from attn_checks import check_against_reference
 
-from flashlab.decoding import flash_attn_with_kvcache
+from flashlab import flash_attn_with_kvcache
 from flashlab.reference import reference_attention
 
 

@@ -1,7 +1,9 @@
 """flashlab: FlashAttention-2 in Triton, and a lab that benchmarks attention implementations."""
 
+from flashlab.decoding import flash_attn_with_kvcache
 from flashlab.interface import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func", "scaled_dot_product_attention"]
+__all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
+           "scaled_dot_product_attention"]
