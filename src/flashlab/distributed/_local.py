@@ -4,7 +4,8 @@ otherwise, the blockwise PyTorch path. Both compute the same thing with the same
 A piece is ``q`` (batch, seqlen_q, heads, head_dim) against ``k``/``v`` (batch, seqlen_k, kv_heads,
 head_dim), any strides with a unit-stride head dim, either with no mask or with the causal mask of
 a square diagonal block (``seqlen_q == seqlen_k``: query i sees key j iff j <= i; top-left and
-bottom-right alignment coincide there).
+bottom-right alignment coincide there, and the kernels are called with flash_attn_func's
+bottom-right flag so that one rank runs exactly flash_attn_func's kernels).
 
 Varlen units (kernel path only): packed q (total_q, heads, head_dim) and k/v (total_k, ...) with
 int32 offsets, one kernel launch for all of a step's sequences; lse (heads, total_q).
@@ -41,7 +42,7 @@ def local_forward(
         if uses_kernels(q):
             from flashlab.ops import attention_forward
 
-            return attention_forward(q, k, v, scale, causal, False)
+            return attention_forward(q, k, v, scale, causal, True)
         from flashlab.blockwise import blockwise_attention
 
         return blockwise_attention(
@@ -69,7 +70,7 @@ def local_backward(
     if uses_kernels(q):
         from flashlab.ops import attention_backward
 
-        return attention_backward(dout, q, k, v, out, lse, scale, causal, False, dlse=dlse)
+        return attention_backward(dout, q, k, v, out, lse, scale, causal, True, dlse=dlse)
     from flashlab.blockwise import blockwise_attention_backward
 
     return blockwise_attention_backward(
@@ -102,7 +103,7 @@ def varlen_forward(
 
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     with torch.no_grad():
-        return attention_forward(q, k, v, scale, causal, False, packed.options())
+        return attention_forward(q, k, v, scale, causal, True, packed.options())
 
 
 def varlen_backward(
@@ -114,5 +115,5 @@ def varlen_backward(
 
     dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
     dlse = dlse.contiguous() if dlse is not None else None
-    return attention_backward(dout, q, k, v, out, lse.contiguous(), scale, causal, False, dlse=dlse,
+    return attention_backward(dout, q, k, v, out, lse.contiguous(), scale, causal, True, dlse=dlse,
                               options=packed.options())
