@@ -40,8 +40,9 @@ def decode_config(rows: int, block_d: int, paged: bool, device: torch.device) ->
     if interpreting():
         return TileConfig(16 if rows <= 16 else 32, 32, 4, 1)
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    block_n = 32 if block_d > 128 else 64
-    return TileConfig(block_m, block_n, 4, 5 if paged else 3)
+    if block_d > 128:  # 256-wide rows: half the keys per tile, 8 warps for the accumulator (no spills)
+        return TileConfig(block_m, 32, 8, 5 if paged else 3)
+    return TileConfig(block_m, 64, 4, 5 if paged else 3)
 
 
 @functools.cache
@@ -81,27 +82,29 @@ def _append_impl(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
                    cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | None,
                    block_table: torch.Tensor | None) -> None:
     """k_cache/v_cache ← k/v (batch, seqlen_new, kv_heads, head_dim) at cache_seqlens[b] + i."""
-    batch, seqlen_new, kv_heads, head_dim = k.shape
+    batch, seqlen_new, kv_heads, _ = k.shape
+    head_dim, page_size = int(k.shape[3]), int(k_cache.shape[1])  # constexprs: specialized under dynamic shapes
     batch_idx, bt, stride_btb = _index_args(cache_seqlens, cache_batch_idx, block_table)
     block_s = 16
     wrap_triton(kernels.kvcache_append_kernel)[(triton.cdiv(seqlen_new, block_s), kv_heads, batch)](
         k, v, k_cache, v_cache, cache_seqlens, batch_idx, bt,
         *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
         stride_btb, seqlen_new, _capacity(k_cache, block_table),
-        HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_S=block_s, PAGE_SIZE=k_cache.shape[1],
+        HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_S=block_s, PAGE_SIZE=page_size,
         PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
     )
 
 
 def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                 cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, seqlen_new: int,
-                 softmax_scale: float, causal: bool, num_splits: int, min_chunk: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+               cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, seqlen_new: int,
+               softmax_scale: float, causal: bool, num_splits: int, min_chunk: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (batch, seqlen_q, heads, head_dim) in q's dtype, lse fp32 (batch, heads, seqlen_q))."""
-    batch, seqlen_q, heads, head_dim = q.shape
+    batch, seqlen_q, heads, _ = q.shape
     kv_heads = k_cache.shape[2]
+    head_dim, page_size = int(q.shape[3]), int(k_cache.shape[1])  # constexprs: specialized under dynamic shapes
     block_d = padded_head_dim(head_dim)
-    cfg = decode_config(_grid_rows(q, kv_heads), block_d, block_table is not None, q.device)
+    cfg = decode_config(int(_grid_rows(q, kv_heads)), block_d, block_table is not None, q.device)
     m_blocks = triton.cdiv(_grid_rows(q, kv_heads), cfg.block_m)
     min_chunk = triton.cdiv(max(min_chunk, 1), cfg.block_n) * cfg.block_n
     out = torch.empty((batch, seqlen_q, heads, head_dim), dtype=q.dtype, device=q.device)
@@ -117,7 +120,7 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
         q, k_cache, v_cache, out, lse, o_part, lse_part, cache_seqlens, batch_idx, bt,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3], stride_btb,
         batch, seqlen_q, seqlen_new, capacity, heads, heads // kv_heads, num_splits, min_chunk, softmax_scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=k_cache.shape[1], PAGED=block_table is not None,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size, PAGED=block_table is not None,
         HAS_BATCH_IDX=cache_batch_idx is not None, IS_CAUSAL=causal, SPLIT=split, **cfg.launch_kwargs(),
     )
     if split:
@@ -125,7 +128,7 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
             out, lse, o_part, lse_part, cache_seqlens, *out.stride()[:3],
             batch, seqlen_q, seqlen_new, capacity, heads, num_splits, min_chunk,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n, SPLITS_P2=triton.next_power_of_2(num_splits),
-            num_warps=4,
+            num_warps=8 if triton.next_power_of_2(num_splits) * block_d > 8192 else 4,  # the [splits, dim] tile
         )
     return out, lse
 
