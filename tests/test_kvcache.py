@@ -183,6 +183,7 @@ def _new(n=2, dtype=torch.float16):
 PAGES = torch.randn(6, 16, 2, 16, dtype=torch.float16)
 ERRORS = [
     ("cache-too-small", _args(**_new(2)), ValueError, r"cache too small: sequence 1 holds 19 tokens \+ 2 new"),
+    ("cache-too-small-int", _args(cache_seqlens=19, **_new(2)), ValueError, "sequence 0 holds 19 tokens"),
     ("new-exceeds-capacity", _args(**_new(21)), ValueError, "21 new tokens > capacity 20"),
     ("negative-seqlens", _args(cache_seqlens=torch.tensor([-1, 0], dtype=torch.int32)), ValueError, ">= 0"),
     ("block-table-range", _args(k_cache=PAGES, v_cache=PAGES, block_table=torch.tensor([[0, 6], [1, 2]],

@@ -275,9 +275,9 @@ def flash_attn_with_kvcache(
         window_size, softcap, alibi_slopes: only their defaults (``NotImplementedError``).
         check_inputs: range checks on the *values* of cache_seqlens / cache_batch_idx / block_table
             (cache too small for the new tokens, indices out of range). They need those values on the
-            host: None (default) checks them when they are CPU tensors or ints and skips them for
-            GPU tensors (no device sync in the decoding step; the kernels still clamp lengths to the
-            capacity); True always checks (one sync) and then sizes splits from the real lengths
+            host: None (default) checks them when all are on the host (CPU tensors, an int length)
+            and skips them otherwise (no device sync in the decoding step; the kernels still clamp
+            lengths to the capacity); True always checks (one sync) and then sizes splits from the real lengths
             instead of the capacity; False never checks.
 
     Returns:
@@ -354,11 +354,14 @@ def flash_attn_with_kvcache(
         cache_seqlens = capacity
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
         raise TypeError(f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}")
-    host_known = isinstance(cache_seqlens, int) or cache_seqlens.device.type == "cpu"
+    # Values can be checked for free when every index tensor is on the host (an int length is).
+    host_known = all(t is None or t.device.type == "cpu" for t in (
+        cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None, cache_batch_idx, block_table))
     if isinstance(cache_seqlens, int):
         seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+        lens_host = torch.full((batch,), cache_seqlens, dtype=torch.int32)
     else:
-        seqlens = _check_index("cache_seqlens", cache_seqlens, (batch,), q.device)
+        seqlens = lens_host = _check_index("cache_seqlens", cache_seqlens, (batch,), q.device)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
     if softmax_scale is None:
@@ -370,7 +373,7 @@ def flash_attn_with_kvcache(
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     max_keys = capacity
     if (check_inputs or (check_inputs is None and host_known)) and not capturing:
-        max_keys = _check_values(seqlens, seqlen_new, capacity, cache_batch_idx, k_cache.shape[0], block_table,
+        max_keys = _check_values(lens_host, seqlen_new, capacity, cache_batch_idx, k_cache.shape[0], block_table,
                                  cache_len, k_cache.shape[0])
 
     if k is not None and on_torch_path:
