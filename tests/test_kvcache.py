@@ -168,6 +168,17 @@ def test_registered_ops_match_the_public_function(device):
     assert torch.equal(out, want) and lse.shape == (2, 4, 2)
 
 
+def test_empty_batch_and_no_queries(device):
+    kc = torch.randn(0, 20, 2, 16, dtype=torch.float16, device=device)
+    out = flash_attn_with_kvcache(torch.randn(0, 1, 4, 16, dtype=torch.float16, device=device), kc, kc,
+                                  cache_seqlens=torch.zeros(0, dtype=torch.int32, device=device))
+    assert out.shape == (0, 1, 4, 16)
+    q, k_cache, v_cache, k, v, seqlens = make_case(2, 0, 4, 2, 16, [3, 7], 2, 20, torch.float16, device)
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, return_softmax_lse=True)
+    assert out.shape == (2, 0, 4, 16) and lse.shape == (2, 4, 0)
+    assert torch.equal(k_cache[1, 7:9], k[1])  # the new tokens are appended even without queries
+
+
 def _args(**over):
     q = torch.randn(2, 1, 4, 16, dtype=torch.float16)
     kc, vc = torch.randn(2, 20, 2, 16, dtype=torch.float16), torch.randn(2, 20, 2, 16, dtype=torch.float16)

@@ -381,7 +381,7 @@ def flash_attn_with_kvcache(
     elif k is not None:
         k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
         _op("kvcache_append", _append_impl)(k, v, k_cache, v_cache, seqlens, cache_batch_idx, block_table)
-    if seqlen_q == 0:
+    if seqlen_q == 0 or batch == 0:
         out = q.new_zeros(q.shape)
         lse = torch.full((batch, heads, 0), float("-inf"), dtype=torch.float32, device=q.device)
         return (out, lse) if return_softmax_lse else out
