@@ -37,8 +37,6 @@ from flashlab.distributed.plan import Plan, all_gather_single
 
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-KV = tuple[torch.Tensor, torch.Tensor]
-
 
 @dataclass(frozen=True)
 class Ring:
