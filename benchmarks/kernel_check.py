@@ -109,37 +109,53 @@ def time_grid(rows: list[dict], seqlens: list[int], head_dims: list[int], modes:
                              "error": f"{type(e).__name__}: {str(e)[:200]}"})
 
 
-def tune(rows: list[dict], seqlen: int, dtype) -> None:
-    fwd_variants = [TileConfig(*c) for c in [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 4, 3),
-                                             (64, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 4), (128, 128, 8, 2)]]
-    bwd_variants = [tuple(TileConfig(*c) for c in pair) for pair in [
-        ((32, 128, 4, 2), (128, 32, 4, 2)), ((32, 128, 4, 3), (128, 32, 4, 3)), ((64, 128, 8, 2), (128, 64, 8, 2)),
-        ((32, 128, 8, 3), (128, 32, 8, 3)), ((64, 64, 4, 3), (64, 64, 4, 3)), ((32, 64, 4, 3), (64, 32, 4, 3))]]
+FWD_VARIANTS = {
+    64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 4)],
+    128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
+          (64, 128, 4, 3)],
+    256: [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+}
+BWD_VARIANTS = {  # (dK/dV kernel: streamed BLOCK_M, owned BLOCK_N), (dQ kernel: owned BLOCK_M, streamed BLOCK_N)
+    64: [((32, 128, 4, 3), (128, 32, 4, 3)), ((32, 128, 4, 2), (128, 32, 4, 2)), ((64, 128, 8, 2), (128, 64, 8, 2)),
+         ((32, 128, 8, 3), (128, 32, 8, 3)), ((64, 64, 4, 3), (64, 64, 4, 3))],
+    128: [((64, 128, 8, 2), (128, 64, 8, 2)), ((32, 128, 8, 3), (128, 32, 8, 3)), ((64, 64, 4, 3), (64, 64, 4, 3)),
+          ((32, 64, 4, 3), (64, 32, 4, 3))],
+    256: [((32, 32, 8, 1), (32, 32, 8, 1)), ((32, 64, 8, 2), (64, 32, 8, 2)), ((64, 64, 8, 1), (64, 64, 8, 1)),
+          ((32, 64, 4, 2), (64, 32, 4, 2)), ((16, 64, 4, 2), (64, 16, 4, 2)), ((32, 128, 8, 1), (128, 32, 8, 1)),
+          ((64, 64, 8, 2), (64, 64, 8, 2))],
+}
+
+
+def _time_config(rows: list[dict], kind: str, cfg, case: dict, fn, mode: str, g, inputs, base_ms: float) -> None:
+    """Times one monkeypatched tile config; a config that fails to compile is recorded, not raised."""
+    try:
+        ms = bench(fn, mode, g, inputs) - base_ms
+        work = "fwd" if kind == "tune-fwd" else "bwd"
+        rows.append({"kind": kind, "cfg": str(cfg), **case, "ms": ms,
+                     "tflops": tflops(case["b"], case["h"], case["seqlen"], case["d"], case["causal"], work, ms)})
+    except Exception as e:
+        rows.append({"kind": kind, "cfg": str(cfg), **case, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+
+
+def tune(rows: list[dict], seqlens: list[int], head_dims: list[int], dtype) -> None:
     orig_f, orig_b = ops.forward_config, ops.backward_config
     try:
-        for d, causal in itertools.product((64, 128), (False, True)):
-            b, h = 16384 // seqlen, 2048 // d
-            q, k, v = (torch.randn(b, seqlen, h, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        for d, causal, seqlen in itertools.product(head_dims, (False, True), seqlens):
+            case = {"d": d, "causal": causal, "seqlen": seqlen, "b": 16384 // seqlen, "h": 2048 // d}
+            q, k, v = (torch.randn(case["b"], seqlen, case["h"], d, device="cuda", dtype=dtype, requires_grad=True)
+                       for _ in range(3))
             g = torch.randn_like(q)
-            fn = lambda: flashlab.flash_attn_func(q, k, v, causal=causal)  # noqa: E731
-            for cfg in fwd_variants:
+            fn = providers(q, k, v, causal)["flashlab"]
+            key = min(x for x in FWD_VARIANTS if x >= d)
+            for cfg in map(lambda c: TileConfig(*c), FWD_VARIANTS[key]):
                 ops.forward_config = lambda *a, cfg=cfg: cfg
-                try:
-                    ms = bench(fn, "fwd", None, None)
-                    rows.append({"kind": "tune-fwd", "cfg": str(cfg), "d": d, "causal": causal, "ms": ms,
-                                 "tflops": tflops(b, h, seqlen, d, causal, "fwd", ms)})
-                except Exception as e:
-                    rows.append({"kind": "tune-fwd", "cfg": str(cfg), "d": d, "causal": causal, "error": str(e)[:200]})
+                _time_config(rows, "tune-fwd", cfg, case, fn, "fwd", None, None, 0.0)
             ops.forward_config = orig_f
             fwd_ms = bench(fn, "fwd", None, None)
-            for pair in bwd_variants:
-                ops.backward_config = lambda *a, pair=pair: pair
-                try:
-                    ms = bench(fn, "fwd+bwd", g, (q, k, v)) - fwd_ms
-                    rows.append({"kind": "tune-bwd", "cfg": str(pair), "d": d, "causal": causal, "ms": ms,
-                                 "tflops": tflops(b, h, seqlen, d, causal, "bwd", ms)})
-                except Exception as e:
-                    rows.append({"kind": "tune-bwd", "cfg": str(pair), "d": d, "causal": causal, "error": str(e)[:200]})
+            for pair in BWD_VARIANTS[key]:
+                cfgs = tuple(TileConfig(*c) for c in pair)
+                ops.backward_config = lambda *a, cfgs=cfgs: cfgs
+                _time_config(rows, "tune-bwd", cfgs, case, fn, "fwd+bwd", g, (q, k, v), fwd_ms)
             ops.backward_config = orig_b
     finally:
         ops.forward_config, ops.backward_config = orig_f, orig_b
@@ -149,6 +165,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tune-seqlens", type=int, nargs="+", default=[8192])
+    ap.add_argument("--tune-head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--seqlens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
@@ -164,11 +182,11 @@ def main() -> None:
         print("correctness:", "PASS" if ok else "FAIL", f"({time.time() - t0:.0f}s)")
     dump()
     if args.tune:
-        tune(rows, 8192, torch.float16)
+        tune(rows, args.tune_seqlens, args.tune_head_dims, torch.float16)
         dump()
         for r in rows:
             if r["kind"].startswith("tune"):
-                print(r["kind"], r["d"], "causal" if r["causal"] else "full", r["cfg"],
+                print(r["kind"], r["d"], r["seqlen"], "causal" if r["causal"] else "full", r["cfg"],
                       f"{r['tflops']:.0f}" if "tflops" in r else r["error"])
         print(f"tune done ({time.time() - t0:.0f}s)")
     time_grid(rows, args.seqlens, args.head_dims, args.modes, torch.float16)
@@ -178,7 +196,8 @@ def main() -> None:
     table: dict[tuple, dict[str, float]] = {}
     for r in rows:
         if r["kind"] == "time":
-            table.setdefault((r["d"], r["causal"], r["seqlen"], r["mode"]), {})[r["provider"]] = r.get("tflops", math.nan)
+            cell = table.setdefault((r["d"], r["causal"], r["seqlen"], r["mode"]), {})
+            cell[r["provider"]] = r.get("tflops", math.nan)
     for (d, causal, s, mode), vals in table.items():
         ratio = vals.get("flashlab", math.nan) / vals.get("sdpa-flash", math.nan)
         print(f"{d:>4} {'causal' if causal else 'full':>6} {s:>6} {mode:>8} | "

@@ -125,8 +125,14 @@ def naive_attention(
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    # softmax over an all -inf row is NaN; such a row attends to nothing and gives zeros.
-    probs = probs.masked_fill((scores == float("-inf")).all(dim=-1, keepdim=True), 0.0)
+    # softmax over an all -inf row is NaN; such a row attends to nothing and gives zeros. Only a
+    # mask can empty a row, so unmasked attention skips this pass (the lab times this baseline).
+    empty = None if keep is None else ~keep.any(dim=-1, keepdim=True)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        float_empty = (scores == float("-inf")).all(dim=-1, keepdim=True)
+        empty = float_empty if empty is None else empty | float_empty
+    if empty is not None:
+        probs = probs.masked_fill(empty, 0.0)
     if dropout_keep is not None:
         probs = probs.masked_fill(~dropout_keep, 0.0) / (1.0 - dropout_p)
     out = torch.matmul(probs, v)
