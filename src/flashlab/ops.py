@@ -23,7 +23,13 @@ from torch.library import triton_op, wrap_triton
 
 from flashlab.kernels import backward as bwd_kernels
 from flashlab.kernels import forward as fwd_kernels
-from flashlab.kernels.configs import backward_config, forward_config, padded_head_dim, preprocess_block_m
+from flashlab.kernels.configs import (
+    backward_config,
+    forward_config,
+    padded_head_dim,
+    preprocess_block_m,
+    tile_aligned,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -111,7 +117,8 @@ def attn_fwd(
     lse_shape = (run.heads, q.shape[0]) if varlen else (run.batch, run.heads, run.seqlen_q)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     block_d = padded_head_dim(run.head_dim)
-    cfg = forward_config(block_d, run.flags["HAS_UPPER"], q.device)
+    aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
+    cfg = forward_config(block_d, run.flags["HAS_UPPER"], q.device, aligned)
     grid = (triton.cdiv(run.seqlen_q, cfg.block_m), run.heads, run.batch)
     wrap_triton(fwd_kernels.attn_fwd_kernel)[grid](
         run.q4, run.k4, run.v4, _as4d(out), lse, run.cu_q, run.cu_k, run.slopes, run.mask,
@@ -151,7 +158,8 @@ def attn_bwd(
         *_strides3(o4, varlen), *_strides3(do4, varlen), *run.lse_strides, run.seqlen_q,
         HEAD_DIM=run.head_dim, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=dlse is not None, IS_VARLEN=varlen,
     )
-    cfg_kv, cfg_q = backward_config(block_d, run.flags["HAS_UPPER"], q.device)
+    aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
+    cfg_kv, cfg_q = backward_config(block_d, run.flags["HAS_UPPER"], q.device, aligned)
     wrap_triton(bwd_kernels.attn_bwd_dkdv_kernel)[(triton.cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads,
                                                    run.batch)](
         run.q4, run.k4, run.v4, do4, lse, delta, dk4, dv4, run.cu_q, run.cu_k, run.slopes, run.mask,

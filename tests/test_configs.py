@@ -1,0 +1,39 @@
+"""Tile-config selection (host logic only; the configs' speed is measured in benchmarks/)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashlab.kernels import configs
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "_capability", lambda device: (9, 0))
+    return torch.device("cuda")
+
+
+def test_tile_aligned():
+    assert configs.tile_aligned(2048, 4096, varlen=False)
+    assert not configs.tile_aligned(777, 777, varlen=False)
+    assert not configs.tile_aligned(2048, 2049, varlen=False)
+    assert not configs.tile_aligned(2048, 2048, varlen=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_wide_heads_use_fast_tiles_only_on_aligned_shapes(hopper, causal):
+    """Round 2 saw the fast 256-wide tiles fault on a ragged shape: ragged shapes keep the verified ones."""
+    fast_f, safe_f = configs.forward_config(256, causal, hopper, True), configs.forward_config(256, causal, hopper)
+    fast_b, safe_b = configs.backward_config(256, causal, hopper, True), configs.backward_config(256, causal, hopper)
+    assert (fast_f.block_m, fast_f.block_n) == (128, 64) and (safe_f.block_m, safe_f.block_n) == (64, 32)
+    assert fast_b[0].block_n == 64 and safe_b[0].block_n == 32
+    # Narrower heads do not depend on alignment.
+    assert configs.forward_config(128, causal, hopper, True) == configs.forward_config(128, causal, hopper, False)
+
+
+def test_interpreter_tiles_are_small():
+    if not configs.interpreting():
+        pytest.skip("runs where the kernels run in Triton's interpreter")
+    assert configs.forward_config(256, False, torch.device("cpu"), True).block_m == 32
