@@ -155,3 +155,16 @@ def test_malformed_suite_file_through_the_console_script(tmp_path: Path) -> None
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith(f"flashlab: error: {bad}: malformed suite file")
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
+
+
+def test_bench_distributed_hands_over_to_the_ring_benchmark(tmp_path: Path) -> None:
+    """`flashlab bench --distributed` runs flashlab.distributed.bench (world size 1 without torchrun)."""
+    out = tmp_path / "ring.json"
+    subprocess.run([sys.executable, "-m", "flashlab.lab.cli", "bench", "--distributed", "--device", "cpu",
+                    "--seqlen", "64", "--heads", "2", "--head-dim", "16", "--reps", "1", "--warmup", "0",
+                    "--no-baseline", "--modes", "fwd", "--json", str(out)], check=True, capture_output=True,
+                   timeout=300)
+    data = json.loads(out.read_text())
+    assert data["env"]["world_size"] == 1
+    assert {r["method"] for r in data["rows"]} == {"ring", "allgather"}
+    assert all(r["mode"] == "fwd" and r["time_ms"] > 0 for r in data["rows"])

@@ -297,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_study)
     p = sub.add_parser("bench", help="run any sweep from flags or a suite file")
     p.add_argument("--suite", help="a shipped suite name (fa-grid, fa-grid-small) or a .toml/.yaml path")
+    p.add_argument("--distributed", action="store_true",
+                   help="ring attention across torchrun processes (`torchrun ... -m flashlab.lab.cli bench "
+                        "--distributed ...`); every other flag then goes to flashlab.distributed.bench "
+                        "(see `python -m flashlab.distributed.bench --help` and docs/distributed.md)")
     for flag, what in (("batch", "batch sizes"), ("tokens", "tokens per batch (batch = tokens / seqlen)"),
                        ("seqlen", "sequence lengths"), ("seqlen-k", "key lengths (default: seqlen)"),
                        ("heads", "query heads"), ("kv-heads", "key/value heads (GQA)"), ("head-dim", "head dims"),
@@ -330,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         # `timeout` and job schedulers send SIGTERM: stop like Ctrl-C (results kept, report written)
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
+        if argv[:1] == ["bench"] and "--distributed" in argv:
+            # Its own flags (world size, sharding, methods): a different sweep, run by every rank.
+            from flashlab.distributed.bench import main as distributed_main
+
+            return distributed_main([a for a in argv[1:] if a != "--distributed"])
         args = build_parser().parse_args(argv)
         return args.func(args, argv)
     except LabError as exc:
