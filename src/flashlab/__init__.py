@@ -1,9 +1,10 @@
 """flashlab: FlashAttention-2 in Triton, and a lab that benchmarks attention implementations."""
 
+from flashlab.block_mask import BlockMask, block_mask
 from flashlab.decoding import flash_attn_with_kvcache
 from flashlab.interface import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
-           "scaled_dot_product_attention"]
+__all__ = ["BlockMask", "__version__", "block_mask", "flash_attn_func", "flash_attn_varlen_func",
+           "flash_attn_with_kvcache", "scaled_dot_product_attention"]

@@ -7,9 +7,12 @@ algorithm in PyTorch ops (causal, GQA and variable length; the other options nee
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from flashlab import checks
+from flashlab.block_mask import BlockMask, check_block_mask
 from flashlab.kernels.configs import interpreting
 from flashlab.ops import AttentionOptions, attention_forward, dropout_pattern
 
@@ -39,7 +42,7 @@ def _uses_kernels(t: torch.Tensor) -> bool:
 def _cpu_path_unsupported(options: AttentionOptions) -> str | None:
     named = {"window_size": (options.window_left, options.window_right) != (-1, -1), "softcap": options.softcap > 0,
              "alibi_slopes": options.alibi_slopes is not None, "attn_mask": options.attn_mask is not None,
-             "dropout_p": options.dropout_p > 0}
+             "dropout_p": options.dropout_p > 0, "block_mask": options.block_mask is not None}
     return next((name for name, used in named.items() if used), None)
 
 
@@ -100,6 +103,7 @@ def flash_attn_func(
     alibi_slopes: torch.Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    block_mask: BlockMask | None = None,
 ):
     """Exact attention, flash-attn's ``flash_attn_func`` signature and semantics.
 
@@ -124,6 +128,9 @@ def flash_attn_func(
             fp32, natural log, (batch, heads, seqlen_q), -inf for rows that see no key;
             ``dropout_keep`` is the bool (batch, heads, seqlen_q, seqlen_k) pattern of kept weights
             when ``dropout_p > 0`` (for testing; it is seqlen²) and None otherwise.
+        block_mask: a :class:`flashlab.BlockMask` from :func:`flashlab.block_mask` (flashlab's
+            extension): fully masked blocks are skipped, fully visible ones run mask-free. Not
+            combinable with causal / window_size (put them in the predicate).
 
     Returns:
         out: (batch, seqlen_q, heads, head_dim), dtype of q. Differentiable w.r.t. q, k, v.
@@ -134,6 +141,10 @@ def flash_attn_func(
     checks.check_qkv(q, k, v, ("q", "k", "v"), rank=4, head_axis=2, allowed_dtypes=checks.KERNEL_DTYPES)
     scale = checks.resolve_scale(softmax_scale, q.shape[-1], "softmax_scale")
     options = _feature_options(q, q.shape[0], window_size, softcap, alibi_slopes, dropout_p)
+    if block_mask is not None:
+        conflicts = {"causal": bool(causal), "window_size": (options.window_left, options.window_right) != (-1, -1)}
+        bm = check_block_mask(block_mask, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device, conflicts)
+        options = replace(options, block_mask=bm)
     out, lse = attention(q, k, v, scale, bool(causal), True, options)
     if return_attn_probs:
         keep = None
@@ -200,6 +211,7 @@ def scaled_dot_product_attention(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    block_mask: BlockMask | None = None,
 ) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
@@ -215,6 +227,8 @@ def scaled_dot_product_attention(
         is_causal: causal mask aligned to the top-left corner, as PyTorch defines it: query ``i``
             sees key ``j`` iff ``j <= i``. Cannot be combined with attn_mask (as in PyTorch).
         scale: default ``1 / sqrt(head_dim)``.
+        block_mask: a :class:`flashlab.BlockMask` (flashlab's extension, like FlexAttention's
+            ``block_mask``); not combinable with attn_mask or is_causal.
 
     dtypes: fp16 and bf16 everywhere. fp32/fp64 run only on the CPU path (no GPU kernel for them:
     ``TypeError`` on CUDA tensors — cast to bf16/fp16 or use PyTorch's SDPA).
@@ -255,7 +269,9 @@ def scaled_dot_product_attention(
                 pass  # check_attn_mask reports the shape
         mask = checks.check_attn_mask(attn_mask, batch, heads, seqlen_q, k.shape[2], q.device)
     p = checks.check_dropout(dropout_p)
-    options = AttentionOptions(attn_mask=mask, dropout_p=p, seed=_dropout_seed(p))
+    conflicts = {"attn_mask": attn_mask is not None, "is_causal": bool(is_causal)}
+    bm = check_block_mask(block_mask, batch, heads, seqlen_q, k.shape[2], q.device, conflicts)
+    options = AttentionOptions(attn_mask=mask, dropout_p=p, seed=_dropout_seed(p), block_mask=bm)
     softmax_scale = checks.resolve_scale(scale, q.shape[-1], "scale")
     out, _ = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale, bool(is_causal),
                        False, options)

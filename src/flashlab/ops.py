@@ -15,15 +15,19 @@ Stable entry points (ring attention and split-KV decoding build on them):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
+from flashlab import library
+from flashlab.block_mask import BlockMask
+from flashlab.library import kernel_op
 from flashlab.kernels import backward as bwd_kernels
 from flashlab.kernels import forward as fwd_kernels
 from flashlab.kernels.configs import (
+    TileConfig,
     backward_config,
     forward_config,
     padded_head_dim,
@@ -54,6 +58,10 @@ class _Launch:
     slope_strides: tuple[int, int]
     mask: torch.Tensor
     mask_strides: tuple[int, int, int, int]
+    sparse_kv: torch.Tensor  # block-sparse tables (block_mask.py): per query block / per key block
+    sparse_q: torch.Tensor
+    sparse_kv_strides: tuple[int, int, int]
+    sparse_q_strides: tuple[int, int, int]
     scalars: tuple  # runtime scalars after the shape arguments
     flags: dict
 
@@ -66,8 +74,22 @@ def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return (0 if varlen else t.stride(0)), t.stride(1), t.stride(2)
 
 
+def _table_strides(table: torch.Tensor) -> tuple[int, int, int]:
+    # A table of batch or heads 1 is the same for every batch element / head: stride 0.
+    return tuple(0 if table.shape[i] == 1 else table.stride(i) for i in (0, 1)) + (table.stride(2),)
+
+
+def _clamp_tiles(cfg: TileConfig, run: _Launch) -> TileConfig:
+    """Kernel tiles must divide a block-sparse mask's blocks (both are powers of two)."""
+    if run.flags["MASK_KIND"] != 3:
+        return cfg
+    return replace(cfg, block_m=min(cfg.block_m, run.flags["SPARSE_M"]),
+                   block_n=min(cfg.block_n, run.flags["SPARSE_N"]))
+
+
 def _prepare(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, window_left, window_right,
-             softcap, alibi_slopes, attn_mask, dropout_p, seed) -> _Launch:
+             softcap, alibi_slopes, attn_mask, dropout_p, seed, block_tiles=None, block_kv=None,
+             block_q=None) -> _Launch:
     varlen = cu_q is not None
     q4, k4, v4 = _as4d(q), _as4d(k), _as4d(v)
     heads, head_dim, kv_heads = q4.shape[2], q4.shape[3], k4.shape[2]
@@ -88,6 +110,15 @@ def _prepare(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, win
         mask = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
         mask_kind = 1 if attn_mask.dtype == torch.bool else 2
         mask_strides = tuple(mask.stride())
+    sparse_kv = sparse_q = dummy
+    sparse_kv_strides = sparse_q_strides = (0, 0, 0)
+    sparse_m = sparse_n = 1
+    if block_tiles is not None:
+        mask, mask_kind = block_tiles, 3
+        sparse_m, sparse_n = block_tiles.shape[1], block_tiles.shape[2]
+        mask_strides = (0, 0, sparse_n, 1)
+        sparse_kv, sparse_q = block_kv, block_q
+        sparse_kv_strides, sparse_q_strides = _table_strides(block_kv), _table_strides(block_q)
     upper = causal or window_right >= 0
     scalars = (
         window_left, 0 if causal else window_right, scale,
@@ -96,51 +127,55 @@ def _prepare(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, win
     )
     flags = dict(BOTTOM_RIGHT=bottom_right, HAS_UPPER=upper, HAS_LOWER=window_left >= 0, IS_VARLEN=varlen,
                  HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
-                 HAS_DROPOUT=dropout_p > 0)
+                 HAS_DROPOUT=dropout_p > 0, SPARSE_M=sparse_m, SPARSE_N=sparse_n)
     return _Launch(q4, k4, v4, batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, lse_strides,
                    cu_q if varlen else dummy, cu_k if varlen else dummy, slopes, slope_strides, mask, mask_strides,
-                   scalars, flags)
+                   sparse_kv, sparse_q, sparse_kv_strides, sparse_q_strides, scalars, flags)
 
 
-@triton_op("flashlab::attn_fwd", mutates_args=())
+@kernel_op("flashlab::attn_fwd", mutates_args=(), fake=library.attn_fwd_fake)
 def attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
     softmax_scale: float, causal: bool, bottom_right: bool, window_left: int, window_right: int,
     softcap: float, alibi_slopes: torch.Tensor | None, attn_mask: torch.Tensor | None,
-    dropout_p: float, seed: int,
+    dropout_p: float, seed: int, block_tiles: torch.Tensor | None = None, block_kv: torch.Tensor | None = None,
+    block_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     run = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                   bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p, seed)
+                   bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p, seed,
+                   block_tiles, block_kv, block_q)
     varlen = cu_seqlens_q is not None
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse_shape = (run.heads, q.shape[0]) if varlen else (run.batch, run.heads, run.seqlen_q)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     block_d = padded_head_dim(run.head_dim)
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
-    cfg = forward_config(block_d, run.flags["HAS_UPPER"], q.device, aligned)
+    cfg = _clamp_tiles(forward_config(block_d, run.flags["HAS_UPPER"], q.device, aligned), run)
     grid = (triton.cdiv(run.seqlen_q, cfg.block_m), run.heads, run.batch)
     wrap_triton(fwd_kernels.attn_fwd_kernel)[grid](
-        run.q4, run.k4, run.v4, _as4d(out), lse, run.cu_q, run.cu_k, run.slopes, run.mask,
+        run.q4, run.k4, run.v4, _as4d(out), lse, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
         *_strides3(_as4d(out), varlen), *run.lse_strides, *run.slope_strides, *run.mask_strides,
-        run.seqlen_q, run.seqlen_k, run.heads // run.kv_heads, *run.scalars,
+        *run.sparse_kv_strides, run.seqlen_q, run.seqlen_k, run.heads // run.kv_heads, *run.scalars,
         HEAD_DIM=run.head_dim, BLOCK_D=block_d, **run.flags, **cfg.launch_kwargs(),
     )
     return out, lse
 
 
-@triton_op("flashlab::attn_bwd", mutates_args=())
+@kernel_op("flashlab::attn_bwd", mutates_args=(), fake=library.attn_bwd_fake)
 def attn_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     dlse: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
     softmax_scale: float, causal: bool, bottom_right: bool, window_left: int, window_right: int,
     softcap: float, alibi_slopes: torch.Tensor | None, attn_mask: torch.Tensor | None,
-    dropout_p: float, seed: int,
+    dropout_p: float, seed: int, block_tiles: torch.Tensor | None = None, block_kv: torch.Tensor | None = None,
+    block_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     run = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                   bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p, seed)
+                   bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p, seed,
+                   block_tiles, block_kv, block_q)
     varlen = cu_seqlens_q is not None
     block_d = padded_head_dim(run.head_dim)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -148,8 +183,8 @@ def attn_bwd(
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
     dq4, dk4, dv4, do4, o4 = (_as4d(t) for t in (dq, dk, dv, dout, out))
-    common = (*run.lse_strides, *run.slope_strides, *run.mask_strides,
-              run.seqlen_q, run.seqlen_k, run.heads // run.kv_heads, *run.scalars)
+    common = (run.seqlen_q, run.seqlen_k, run.heads // run.kv_heads, *run.scalars)
+    head = (*run.lse_strides, *run.slope_strides, *run.mask_strides)
     consts = dict(HEAD_DIM=run.head_dim, BLOCK_D=block_d, **run.flags)
 
     pre_m = preprocess_block_m(block_d)
@@ -159,18 +194,20 @@ def attn_bwd(
         HEAD_DIM=run.head_dim, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=dlse is not None, IS_VARLEN=varlen,
     )
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
-    cfg_kv, cfg_q = backward_config(block_d, run.flags["HAS_UPPER"], q.device, aligned)
+    cfg_kv, cfg_q = (_clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,
+                                                                    aligned))
     wrap_triton(bwd_kernels.attn_bwd_dkdv_kernel)[(triton.cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads,
                                                    run.batch)](
-        run.q4, run.k4, run.v4, do4, lse, delta, dk4, dv4, run.cu_q, run.cu_k, run.slopes, run.mask,
+        run.q4, run.k4, run.v4, do4, lse, delta, dk4, dv4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_q,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
-        *_strides3(do4, varlen), *_strides3(dk4, varlen), *_strides3(dv4, varlen), *common,
+        *_strides3(do4, varlen), *_strides3(dk4, varlen), *_strides3(dv4, varlen), *head, *run.sparse_q_strides,
+        *common,
         **consts, **cfg_kv.launch_kwargs(),
     )
     wrap_triton(bwd_kernels.attn_bwd_dq_kernel)[(triton.cdiv(run.seqlen_q, cfg_q.block_m), run.heads, run.batch)](
-        run.q4, run.k4, run.v4, do4, lse, delta, dq4, run.cu_q, run.cu_k, run.slopes, run.mask,
+        run.q4, run.k4, run.v4, do4, lse, delta, dq4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
-        *_strides3(do4, varlen), *_strides3(dq4, varlen), *common,
+        *_strides3(do4, varlen), *_strides3(dq4, varlen), *head, *run.sparse_kv_strides, *common,
         **consts, **cfg_q.launch_kwargs(),
     )
     return dq, dk, dv
@@ -178,19 +215,23 @@ def attn_bwd(
 
 _FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale",
              "causal", "bottom_right", "window_left", "window_right", "softcap", "alibi_slopes", "attn_mask",
-             "dropout_p", "seed")
+             "dropout_p", "seed", "block_tiles", "block_kv", "block_q")
+
+
+_SAVED = ("alibi_slopes", "attn_mask", "block_tiles", "block_kv", "block_q")
 
 
 def _setup_context(ctx, inputs, output) -> None:
     args = dict(zip(_FWD_ARGS, inputs))
     out, lse = output
     ctx.save_for_backward(args["q"], args["k"], args["v"], out, lse, args["cu_seqlens_q"], args["cu_seqlens_k"],
-                          args["alibi_slopes"], args["attn_mask"])
-    ctx.scalars = {name: args[name] for name in _FWD_ARGS[5:] if name not in ("alibi_slopes", "attn_mask")}
+                          args["alibi_slopes"], args["attn_mask"], args.get("block_tiles"), args.get("block_kv"),
+                          args.get("block_q"))
+    ctx.scalars = {name: args[name] for name in _FWD_ARGS[5:] if name in args and name not in _SAVED}
 
 
 def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
-    q, k, v, out, lse, cu_q, cu_k, slopes, mask = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, slopes, mask, block_tiles, block_kv, block_q = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     elif dout.stride(-1) != 1:
@@ -198,7 +239,7 @@ def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
     s = ctx.scalars
     dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, s["max_seqlen_q"], s["max_seqlen_k"],
                           s["softmax_scale"], s["causal"], s["bottom_right"], s["window_left"], s["window_right"],
-                          s["softcap"], slopes, mask, s["dropout_p"], s["seed"])
+                          s["softcap"], slopes, mask, s["dropout_p"], s["seed"], block_tiles, block_kv, block_q)
     return (dq, dk, dv) + (None,) * (len(_FWD_ARGS) - 3)
 
 
@@ -220,13 +261,17 @@ class AttentionOptions:
     attn_mask: torch.Tensor | None = None
     dropout_p: float = 0.0
     seed: int = 0
+    block_mask: BlockMask | None = None
 
     def args(self) -> tuple:
         return (self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k)
 
     def tail(self) -> tuple:
+        sparse = (None, None, None)
+        if self.block_mask is not None:
+            sparse = (self.block_mask.tiles, self.block_mask.kv_table, self.block_mask.q_table)
         return (self.window_left, self.window_right, self.softcap, self.alibi_slopes, self.attn_mask,
-                self.dropout_p, self.seed)
+                self.dropout_p, self.seed, *sparse)
 
 
 def attention_forward(

@@ -12,6 +12,7 @@ LSE = -inf (they saw no key) are read as +inf, which makes their P exactly 0.
 import triton
 import triton.language as tl
 
+from flashlab.kernels.blocksparse import sparse_block, sparse_row
 from flashlab.kernels.forward import LOG2E, _load_tile, sequence_bounds
 from flashlab.kernels.masking import key_block_ranges, query_block_ranges, visible
 from flashlab.kernels.scores import dropout_keep, modified_scores
@@ -82,13 +83,20 @@ def _probs_and_dscores(qk, dp, lse, delta, qi, kj, seqlen_q, seqlen_k, diag, lef
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA, row_base,
                 offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope,
-                mask_base, stride_mq, stride_mk, seed, drop_stride, dropout_p,
+                mask_base, stride_mq, stride_mk, seed, drop_stride, dropout_p, sp_row,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
                 HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+                HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                SPARSE: tl.constexpr = False, SPARSE_M: tl.constexpr = 1, SPARSE_N: tl.constexpr = 1):
     """Accumulate query blocks [lo, hi) into one key block's dK, dV (tiles are kᵀ-oriented:
-    [BLOCK_N, BLOCK_M])."""
-    for start_m in range(lo, hi, BLOCK_M):
+    [BLOCK_N, BLOCK_M]). With SPARSE, [lo, hi) counts rows of the query blocks listed at
+    ``sp_row`` (the transposed block table, see blocksparse.py)."""
+    for it in range(lo, hi, BLOCK_M):
+        if SPARSE:
+            start_m, tile_base = sparse_block(it, sp_row, mask_base, SPARSE_M, SPARSE_M * SPARSE_N,
+                                              SPARSE_M * SPARSE_N, MASK_KIND)
+        else:
+            start_m, tile_base = it, mask_base
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
                        HEAD_DIM, BLOCK_D, True)
@@ -97,7 +105,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA
         lse, delta = _load_row_stats(LSE, DELTA, row_base, offs_m, seqlen_q)
         p_t, ds_t = _probs_and_dscores(
             tl.dot(k, tl.trans(q)), tl.dot(v, tl.trans(do)), lse[None, :], delta[None, :], offs_m[None, :],
-            offs_n[:, None], seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope, mask_base,
+            offs_n[:, None], seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope, tile_base,
             stride_mq, stride_mk, seed, row_base * drop_stride, drop_stride, dropout_p,
             MASKED, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
@@ -107,7 +115,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, SLOPES, MASK,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, SLOPES, MASK, SPARSE_TABLE,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -115,12 +123,13 @@ def attn_bwd_dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh, stride_sb, stride_sh,
-    stride_mb, stride_mh, stride_mq, stride_mk,
+    stride_mb, stride_mh, stride_mq, stride_mk, stride_tb, stride_th, stride_tr,
     seqlen_q, seqlen_k, group_size, window_left, window_right, softmax_scale, cap_in, cap_out,
     seed, dropout_p, drop_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
 ):
     """dK, dV for one key block of one kv head, summed over the query heads of its GQA group.
     Grid: (cdiv(max seqlen_k, BLOCK_N), kv_heads, batch)."""
@@ -153,18 +162,35 @@ def attn_bwd_dkdv_kernel(
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(SLOPES + off_b * stride_sb + off_h * stride_sh)
-        for phase in tl.static_range(3):
-            if phase == 0:
-                a, b = lo, full_lo
-            elif phase == 1:
-                a, b = full_lo, full_hi
-            else:
-                a, b = full_hi, hi
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, LSE, DELTA, row_base,
-                                 offs_n, offs_d, a, b, seqlen_q, seqlen_k, diag, window_left, window_right,
-                                 qk_scale, cap_in, cap_out, slope, mask_base, stride_mq, stride_mk, seed,
-                                 drop_stride, dropout_p, BLOCK_M, HEAD_DIM, BLOCK_D, phase != 1, HAS_UPPER,
-                                 HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
+        if MASK_KIND == 3:
+            # Block-sparse: SPARSE_TABLE is the transposed table, one row per (batch, head, key block).
+            blk_n = start_n // SPARSE_N
+            sp_row, n_full, n_part = sparse_row(SPARSE_TABLE, off_b, off_h, blk_n, stride_tb, stride_th, stride_tr)
+            tiles = MASK - blk_n.to(tl.int64) * SPARSE_N
+            for phase in tl.static_range(2):
+                if phase == 0:
+                    row, n = sp_row, n_full
+                else:
+                    row, n = sp_row + 2 * n_full, n_part
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, LSE, DELTA, row_base,
+                                     offs_n, offs_d, 0, n * SPARSE_M, seqlen_q, seqlen_k, diag, window_left,
+                                     window_right, qk_scale, cap_in, cap_out, slope, tiles, stride_mq, stride_mk,
+                                     seed, drop_stride, dropout_p, row, BLOCK_M, HEAD_DIM, BLOCK_D, phase == 1,
+                                     HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, 3 if phase == 1 else 0,
+                                     HAS_DROPOUT, True, SPARSE_M, SPARSE_N)
+        else:
+            for phase in tl.static_range(3):
+                if phase == 0:
+                    a, b = lo, full_lo
+                elif phase == 1:
+                    a, b = full_lo, full_hi
+                else:
+                    a, b = full_hi, hi
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, LSE, DELTA, row_base,
+                                     offs_n, offs_d, a, b, seqlen_q, seqlen_k, diag, window_left, window_right,
+                                     qk_scale, cap_in, cap_out, slope, mask_base, stride_mq, stride_mk, seed,
+                                     drop_stride, dropout_p, SPARSE_TABLE, BLOCK_M, HEAD_DIM, BLOCK_D, phase != 1,
+                                     HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
 
     dk *= softmax_scale
     row_ok = offs_n[:, None] < seqlen_k
@@ -179,13 +205,19 @@ def attn_bwd_dkdv_kernel(
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
               seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope,
-              mask_base, stride_mq, stride_mk, seed, drop_base, drop_stride, dropout_p,
+              mask_base, stride_mq, stride_mk, seed, drop_base, drop_stride, dropout_p, sp_row,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
               HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """Accumulate key blocks [lo, hi) into one query block's dQ."""
+              HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              SPARSE: tl.constexpr = False, SPARSE_M: tl.constexpr = 1, SPARSE_N: tl.constexpr = 1):
+    """Accumulate key blocks [lo, hi) into one query block's dQ (SPARSE: as in forward._fwd_inner)."""
     offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    for it in range(lo, hi, BLOCK_N):
+        if SPARSE:
+            start_n, tile_base = sparse_block(it, sp_row, mask_base, SPARSE_N, SPARSE_N, SPARSE_M * SPARSE_N,
+                                              MASK_KIND)
+        else:
+            start_n, tile_base = it, mask_base
         cols = start_n + offs_n
         k = _load_tile(k_base + cols[:, None] * stride_kn + offs_d[None, :], cols, seqlen_k, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)
@@ -193,7 +225,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_
                        HEAD_DIM, BLOCK_D, MASKED)
         _, ds = _probs_and_dscores(
             tl.dot(q, tl.trans(k)), tl.dot(do, tl.trans(v)), lse[:, None], delta[:, None], offs_m[:, None],
-            cols[None, :], seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope, mask_base,
+            cols[None, :], seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope, tile_base,
             stride_mq, stride_mk, seed, drop_base, drop_stride, dropout_p,
             MASKED, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -202,19 +234,20 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, SLOPES, MASK,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, SLOPES, MASK, SPARSE_TABLE,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh, stride_sb, stride_sh,
-    stride_mb, stride_mh, stride_mq, stride_mk,
+    stride_mb, stride_mh, stride_mq, stride_mk, stride_tb, stride_th, stride_tr,
     seqlen_q, seqlen_k, group_size, window_left, window_right, softmax_scale, cap_in, cap_out,
     seed, dropout_p, drop_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
 ):
     """dQ for one query block. Grid: (cdiv(max seqlen_q, BLOCK_M), heads, batch)."""
     pid_m = tl.program_id(0)
@@ -246,20 +279,35 @@ def attn_bwd_dq_kernel(
     qk_scale = softmax_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = key_block_ranges(start_m, seqlen_k, diag, window_left, window_right,
-                                                BLOCK_M, BLOCK_N, HAS_UPPER, HAS_LOWER)
-    for phase in tl.static_range(3):
-        if phase == 0:
-            a, b = lo, full_lo
-        elif phase == 1:
-            a, b = full_lo, full_hi
-        else:
-            a, b = full_hi, hi
-        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, a, b,
-                       seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, cap_in, cap_out, slope,
-                       mask_base, stride_mq, stride_mk, seed, row_base * drop_stride, drop_stride, dropout_p,
-                       BLOCK_N, HEAD_DIM, BLOCK_D, phase != 1, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI,
-                       MASK_KIND, HAS_DROPOUT)
+    if MASK_KIND == 3:
+        blk_m = start_m // SPARSE_M
+        sp_row, n_full, n_part = sparse_row(SPARSE_TABLE, off_b, off_h, blk_m, stride_tb, stride_th, stride_tr)
+        tiles = MASK - blk_m.to(tl.int64) * (SPARSE_M * SPARSE_N)
+        for phase in tl.static_range(2):
+            if phase == 0:
+                row, n = sp_row, n_full
+            else:
+                row, n = sp_row + 2 * n_full, n_part
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, 0,
+                           n * SPARSE_N, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, cap_in,
+                           cap_out, slope, tiles, stride_mq, stride_mk, seed, row_base * drop_stride, drop_stride,
+                           dropout_p, row, BLOCK_N, HEAD_DIM, BLOCK_D, phase == 1, HAS_UPPER, HAS_LOWER,
+                           HAS_SOFTCAP, HAS_ALIBI, 3 if phase == 1 else 0, HAS_DROPOUT, True, SPARSE_M, SPARSE_N)
+    else:
+        lo, full_lo, full_hi, hi = key_block_ranges(start_m, seqlen_k, diag, window_left, window_right,
+                                                    BLOCK_M, BLOCK_N, HAS_UPPER, HAS_LOWER)
+        for phase in tl.static_range(3):
+            if phase == 0:
+                a, b = lo, full_lo
+            elif phase == 1:
+                a, b = full_lo, full_hi
+            else:
+                a, b = full_hi, hi
+            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, a, b,
+                           seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, cap_in, cap_out, slope,
+                           mask_base, stride_mq, stride_mk, seed, row_base * drop_stride, drop_stride, dropout_p,
+                           SPARSE_TABLE, BLOCK_N, HEAD_DIM, BLOCK_D, phase != 1, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP,
+                           HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
 
     dq *= softmax_scale
     row_ok = offs_m[:, None] < seqlen_q

@@ -3,7 +3,8 @@
 Features are constexpr switches, so the plain kernel pays nothing for them: causal / sliding
 window (``HAS_UPPER`` / ``HAS_LOWER``, see masking.py), packed variable-length batches
 (``IS_VARLEN``: rows of sequence b are ``cu_seqlens[b] .. cu_seqlens[b + 1]``), softcap, ALiBi,
-a user mask (``MASK_KIND``) and dropout (see scores.py).
+a user mask (``MASK_KIND`` 1/2, see scores.py), a block-sparse mask (``MASK_KIND`` 3, see
+blocksparse.py) and dropout (see scores.py).
 
 Scores live in the log2 domain (``qk_scale = softmax_scale · log2 e``) so the exponentials are
 ``exp2``; the log-sum-exp is written back in natural log. Tensors are addressed through their
@@ -14,6 +15,7 @@ only the head dimension must be unit-stride.
 import triton
 import triton.language as tl
 
+from flashlab.kernels.blocksparse import sparse_block, sparse_row
 from flashlab.kernels.masking import key_block_ranges, visible
 from flashlab.kernels.scores import dropout_keep, modified_scores
 
@@ -40,13 +42,23 @@ def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
                seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope,
-               mask_base, stride_mq, stride_mk, seed, drop_base, drop_stride, dropout_p,
+               mask_base, stride_mq, stride_mk, seed, drop_base, drop_stride, dropout_p, sp_row,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
                HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-               HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """Fold key blocks [lo, hi) into the running (acc, l_i, m_i) of one query block."""
+               HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               SPARSE: tl.constexpr = False, SPARSE_M: tl.constexpr = 1, SPARSE_N: tl.constexpr = 1):
+    """Fold key blocks [lo, hi) into the running (acc, l_i, m_i) of one query block.
+
+    With SPARSE, [lo, hi) counts keys of the listed block-mask blocks: the i-th listed block is
+    ``tl.load(sp_row + i)`` (see blocksparse.py), and with MASK_KIND 3 its element mask is tile
+    ``tl.load(sp_row + i + tile_offset)`` of the pool at ``mask_base``."""
     offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    for it in range(lo, hi, BLOCK_N):
+        if SPARSE:
+            start_n, tile_base = sparse_block(it, sp_row, mask_base, SPARSE_N, SPARSE_N, SPARSE_M * SPARSE_N,
+                                              MASK_KIND)
+        else:
+            start_n, tile_base = it, mask_base
         cols = start_n + offs_n
         k = _load_tile(k_base + cols[:, None] * stride_kn + offs_d[None, :], cols, seqlen_k, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)
@@ -54,7 +66,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         if HAS_SOFTCAP or HAS_ALIBI or MASK_KIND != 0 or MASKED:
             qi, kj = offs_m[:, None], cols[None, :]
             s, _ = modified_scores(qk, qi, kj, seqlen_q, seqlen_k, diag, qk_scale, cap_in, cap_out, slope,
-                                   mask_base, stride_mq, stride_mk, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND)
+                                   tile_base, stride_mq, stride_mk, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND)
             if MASKED:
                 s = tl.where(visible(qi, kj, seqlen_k, diag, left, right, HAS_UPPER, HAS_LOWER), s, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(s, 1))
@@ -91,24 +103,27 @@ def sequence_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN: tl.constex
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, SLOPES, MASK,
+    Q, K, V, O, LSE, CU_Q, CU_K, SLOPES, MASK, SPARSE_TABLE,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh, stride_sb, stride_sh,
-    stride_mb, stride_mh, stride_mq, stride_mk,
+    stride_mb, stride_mh, stride_mq, stride_mk, stride_tb, stride_th, stride_tr,
     seqlen_q, seqlen_k, group_size, window_left, window_right, softmax_scale, cap_in, cap_out,
     seed, dropout_p, drop_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
 ):
     """O[b, i, h] = softmax(scores(Q[b, i, h], K[b, :, h // group])) · V[b, :, h // group];
     LSE[b, h, i] (fp32, natural log; -inf where row i sees no key).
 
     Grid: (cdiv(max seqlen_q, BLOCK_M), heads, batch). With IS_VARLEN, ``seqlen_q/k`` are the
-    maxima and the batch strides are unused (rows are offset by cu_seqlens)."""
+    maxima and the batch strides are unused (rows are offset by cu_seqlens). MASK_KIND 3 is a
+    block-sparse mask: SPARSE_TABLE rows per (batch, head, SPARSE_M query block), MASK the pool
+    of (SPARSE_M, SPARSE_N) element-mask tiles (blocksparse.py)."""
     pid_m = tl.program_id(0)
     if HAS_UPPER:
         # Later query blocks have the most keys: launch them first so the tail is short.
@@ -141,21 +156,38 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = key_block_ranges(start_m, seqlen_k, diag, window_left, window_right,
-                                                BLOCK_M, BLOCK_N, HAS_UPPER, HAS_LOWER)
-    for phase in tl.static_range(3):
-        # Phase 1 is the mask-free middle; 0 and 2 are the masked edges of the band.
-        if phase == 0:
-            a, b = lo, full_lo
-        elif phase == 1:
-            a, b = full_lo, full_hi
-        else:
-            a, b = full_hi, hi
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, a, b,
-                                   seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, cap_in, cap_out,
-                                   slope, mask_base, stride_mq, stride_mk, seed, drop_base, drop_stride,
-                                   dropout_p, BLOCK_N, HEAD_DIM, BLOCK_D, phase != 1, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP,
-                                   HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
+    if MASK_KIND == 3:
+        # Block-sparse: the fully visible blocks of the table run mask-free, then the partial ones.
+        blk_m = start_m // SPARSE_M
+        sp_row, n_full, n_part = sparse_row(SPARSE_TABLE, off_b, off_h, blk_m, stride_tb, stride_th, stride_tr)
+        tiles = MASK - blk_m.to(tl.int64) * (SPARSE_M * SPARSE_N)
+        for phase in tl.static_range(2):
+            if phase == 0:
+                row, n = sp_row, n_full
+            else:
+                row, n = sp_row + 2 * n_full, n_part
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, 0,
+                                       n * SPARSE_N, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale,
+                                       cap_in, cap_out, slope, tiles, stride_mq, stride_mk, seed, drop_base,
+                                       drop_stride, dropout_p, row, BLOCK_N, HEAD_DIM, BLOCK_D, phase == 1,
+                                       HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, 3 if phase == 1 else 0,
+                                       HAS_DROPOUT, True, SPARSE_M, SPARSE_N)
+    else:
+        lo, full_lo, full_hi, hi = key_block_ranges(start_m, seqlen_k, diag, window_left, window_right,
+                                                    BLOCK_M, BLOCK_N, HAS_UPPER, HAS_LOWER)
+        for phase in tl.static_range(3):
+            # Phase 1 is the mask-free middle; 0 and 2 are the masked edges of the band.
+            if phase == 0:
+                a, b = lo, full_lo
+            elif phase == 1:
+                a, b = full_lo, full_hi
+            else:
+                a, b = full_hi, hi
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, a, b,
+                                       seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, cap_in,
+                                       cap_out, slope, mask_base, stride_mq, stride_mk, seed, drop_base,
+                                       drop_stride, dropout_p, SPARSE_TABLE, BLOCK_N, HEAD_DIM, BLOCK_D, phase != 1,
+                                       HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
 
     # A row that saw no key has l = 0: output zeros and LSE = -inf rather than 0/0.
     empty = l_i == 0.0

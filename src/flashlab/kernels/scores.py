@@ -29,7 +29,8 @@ def modified_scores(qk, qi, kj, seqlen_q, seqlen_k, diag, qk_scale, cap_in, cap_
     ``qi`` / ``kj`` are the query and key indices shaped to broadcast against the tile
     ([M, 1] and [1, N], or transposed for the dK/dV kernel's kᵀq tiles).
     ``cap_in = scale / softcap`` and ``cap_out = softcap · log2 e`` (host-computed); MASK_KIND is
-    0 (none), 1 (boolean, stored as uint8) or 2 (additive float)."""
+    0 (none), 1 (boolean, stored as uint8), 2 (additive float) or 3 (a block-sparse mask's
+    uint8 tile, ``mask_base`` already offset to it)."""
     if HAS_SOFTCAP:
         t = tanh(qk * cap_in)
         s = t * cap_out
@@ -39,7 +40,11 @@ def modified_scores(qk, qi, kj, seqlen_q, seqlen_k, diag, qk_scale, cap_in, cap_
     if HAS_ALIBI:
         dist = tl.abs(qi + diag - kj).to(tl.float32)
         s = s - (slope * LOG2E) * dist
-    if MASK_KIND != 0:
+    if MASK_KIND == 3:
+        # A block-sparse mask's tile (blocksparse.py): always in bounds, so an unmasked load.
+        keep = tl.load(mask_base + qi * stride_mq + kj * stride_mk)
+        s = tl.where(keep != 0, s, float("-inf"))
+    elif MASK_KIND != 0:
         in_bounds = (qi < seqlen_q) & (kj < seqlen_k)
         ptrs = mask_base + qi * stride_mq + kj * stride_mk
         if MASK_KIND == 1:
