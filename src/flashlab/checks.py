@@ -92,9 +92,10 @@ def check_alibi(slopes: object, batch: int, heads: int, device: torch.device) ->
 
 
 def check_cu_seqlens(cu: object, name: str, total: int, max_seqlen: object, max_name: str,
-                     device: torch.device) -> tuple[torch.Tensor, list[int]]:
+                     device: torch.device) -> tuple[torch.Tensor, list[int] | None]:
     """int32 (batch + 1,) prefix sums starting at 0, non-decreasing, ending at ``total``;
-    ``max_seqlen`` at least the longest sequence. Returns (cu, lengths)."""
+    ``max_seqlen`` at least the longest sequence. Returns (cu, lengths); under ``torch.compile``
+    the values are not read (lengths None), only dtype, shape and device are checked."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -103,6 +104,10 @@ def check_cu_seqlens(cu: object, name: str, total: int, max_seqlen: object, max_
         raise ValueError(f"{name} must be 1-D of length batch + 1 ≥ 2, got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device}, q on {device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"{max_name} must be an int ≥ the longest sequence, got {max_seqlen!r}")
+    if torch.compiler.is_compiling():
+        return cu, None  # values stay on the device while tracing (no host sync, no graph break)
     values = cu.tolist()  # one small host sync: a wrong cu_seqlens would otherwise read out of bounds
     lengths = [b - a for a, b in zip(values, values[1:])]
     if values[0] != 0 or min(lengths) < 0:

@@ -18,10 +18,11 @@ import math
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from flashlab.kernels import decode as kernels
 from flashlab.kernels.configs import TileConfig, interpreting, padded_head_dim
+from flashlab.library import kernel_op, kvcache_append_fake, kvcache_attn_fake
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -136,8 +137,9 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
 # Under torch.compile the kernels are reached through these ops (traced, graph-safe); in eager mode
 # the implementations are called directly: the dispatcher costs ~10-20 µs per op, more than a
 # short decoding kernel runs.
-kvcache_append = triton_op("flashlab::kvcache_append", mutates_args={"k_cache", "v_cache"})(_append_impl)
-kvcache_attn = triton_op("flashlab::kvcache_attn", mutates_args=())(_attn_impl)
+kvcache_append = kernel_op("flashlab::kvcache_append", mutates_args={"k_cache", "v_cache"},
+                           fake=kvcache_append_fake)(_append_impl)
+kvcache_attn = kernel_op("flashlab::kvcache_attn", mutates_args=(), fake=kvcache_attn_fake)(_attn_impl)
 
 
 def _op(name: str, impl):
@@ -370,7 +372,8 @@ def flash_attn_with_kvcache(
             softmax_scale):
         raise TypeError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
 
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    # Value checks read the index tensors on the host: never while capturing a CUDA graph or tracing.
+    capturing = torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
     max_keys = capacity
     if (check_inputs or (check_inputs is None and host_known)) and not capturing:
         max_keys = _check_values(lens_host, seqlen_new, capacity, cache_batch_idx, k_cache.shape[0], block_table,

@@ -47,8 +47,11 @@ def _cpu_path_unsupported(options: AttentionOptions) -> str | None:
 
 
 def _dropout_seed(dropout_p: float) -> int:
-    # Drawn from torch's default generator, so torch.manual_seed reproduces a run.
-    return int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
+    # Drawn from torch's default generator, so torch.manual_seed reproduces a run. While tracing
+    # (torch.compile), seeded.py's op draws it at run time instead: .item() would break the graph.
+    if dropout_p <= 0 or torch.compiler.is_compiling():
+        return 0
+    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
@@ -64,6 +67,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
         return _NothingToAttend.apply(q, k, v), lse
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     if _uses_kernels(q):
+        if options.dropout_p > 0 and torch.compiler.is_compiling():
+            from flashlab.seeded import seeded_attention_forward
+
+            return seeded_attention_forward(q, k, v, softmax_scale, causal, bottom_right, options)
         return attention_forward(q, k, v, softmax_scale, causal, bottom_right, options)
     unsupported = _cpu_path_unsupported(options)
     if unsupported:
@@ -148,6 +155,9 @@ def flash_attn_func(
     out, lse = attention(q, k, v, scale, bool(causal), True, options)
     if return_attn_probs:
         keep = None
+        if options.dropout_p and torch.compiler.is_compiling():
+            raise NotImplementedError("return_attn_probs=True with dropout_p > 0 (the dropout pattern) is not "
+                                      "available under torch.compile; call it eagerly")
         if options.dropout_p:
             keep = dropout_pattern(q.shape[0], q.shape[2], q.shape[1], k.shape[1], options, q.device)
         return out, lse, keep
@@ -187,15 +197,15 @@ def flash_attn_varlen_func(
     """
     checks.check_qkv(q, k, v, ("q", "k", "v"), rank=3, head_axis=1, allowed_dtypes=checks.KERNEL_DTYPES,
                      batch_axis=None)
-    cu_q, lengths_q = checks.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q,
-                                              "max_seqlen_q", q.device)
+    cu_q, _ = checks.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q",
+                                      q.device)
     cu_k, _ = checks.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k",
                                       q.device)
     if cu_k.numel() != cu_q.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
                          f"{cu_q.numel()} and {cu_k.numel()}")
     scale = checks.resolve_scale(softmax_scale, q.shape[-1], "softmax_scale")
-    options = _feature_options(q, len(lengths_q), window_size, softcap, alibi_slopes, dropout_p,
+    options = _feature_options(q, cu_q.numel() - 1, window_size, softcap, alibi_slopes, dropout_p,
                                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(max_seqlen_q, 1),
                                max_seqlen_k=max(max_seqlen_k, 1))
     out, lse = attention(q, k, v, scale, bool(causal), True, options)

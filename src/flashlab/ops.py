@@ -21,9 +21,7 @@ import torch
 import triton
 from torch.library import wrap_triton
 
-from flashlab import library
 from flashlab.block_mask import BlockMask
-from flashlab.library import kernel_op
 from flashlab.kernels import backward as bwd_kernels
 from flashlab.kernels import forward as fwd_kernels
 from flashlab.kernels.configs import (
@@ -34,6 +32,7 @@ from flashlab.kernels.configs import (
     preprocess_block_m,
     tile_aligned,
 )
+from flashlab.library import attn_bwd_fake, attn_fwd_fake, kernel_op
 
 LOG2E = 1.4426950408889634
 
@@ -133,7 +132,7 @@ def _prepare(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, win
                    sparse_kv, sparse_q, sparse_kv_strides, sparse_q_strides, scalars, flags)
 
 
-@kernel_op("flashlab::attn_fwd", mutates_args=(), fake=library.attn_fwd_fake)
+@kernel_op("flashlab::attn_fwd", mutates_args=(), fake=attn_fwd_fake)
 def attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
@@ -163,7 +162,7 @@ def attn_fwd(
     return out, lse
 
 
-@kernel_op("flashlab::attn_bwd", mutates_args=(), fake=library.attn_bwd_fake)
+@kernel_op("flashlab::attn_bwd", mutates_args=(), fake=attn_bwd_fake)
 def attn_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     dlse: torch.Tensor | None,
