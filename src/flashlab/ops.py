@@ -235,6 +235,8 @@ def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
         dout = torch.zeros_like(out)
     elif dout.stride(-1) != 1:
         dout = dout.contiguous()
+    if dlse is not None:
+        dlse = dlse.contiguous()  # the kernel reads it with the LSE's strides (e.g. not an expanded sum's grad)
     s = ctx.scalars
     dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, s["max_seqlen_q"], s["max_seqlen_k"],
                           s["softmax_scale"], s["causal"], s["bottom_right"], s["window_left"], s["window_right"],

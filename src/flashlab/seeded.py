@@ -76,6 +76,7 @@ def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None, dseed: 
     q, k, v, out, lse, cu_q, cu_k, alibi, mask, seed = ctx.saved_tensors
     *scalars, dropout_p = ctx.scalars
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    dlse = None if dlse is None else dlse.contiguous()
     dq, dk, dv = attn_bwd_dropout(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *scalars, alibi, mask, dropout_p, seed)
     return (dq, dk, dv) + (None,) * 13
 
