@@ -30,7 +30,7 @@ def too_large(workload: Workload, max_scores: int) -> bool:
 def _slice_leaves(workload: Workload, dtype: torch.dtype | None, grad: bool) -> list[torch.Tensor]:
     out = []
     for i, t in enumerate(workload.leaves):
-        s = t.detach()[:1] if i < workload.n_batched else t.detach()
+        s = workload.first_item(t.detach()) if i < workload.n_batched else t.detach()
         s = s.to(dtype) if dtype is not None else s.clone()
         out.append(s.requires_grad_(grad and i < workload.n_batched))
     return out
@@ -39,7 +39,7 @@ def _slice_leaves(workload: Workload, dtype: torch.dtype | None, grad: bool) -> 
 def _reference(workload: Workload, dtype: torch.dtype | None, dout: torch.Tensor | None
                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Reference output (and gradients of the batched leaves if ``dout``) on batch element 0."""
-    attn = naive_attn(workload.case, workload.attn.layout, workload.attn.causal_align)
+    attn = naive_attn(workload.reference_case(), workload.reference_layout, workload.attn.causal_align)
     leaves = _slice_leaves(workload, dtype, grad=dout is not None)
     with torch.enable_grad() if dout is not None else torch.no_grad():
         out = workload.compute(leaves, attn)
@@ -73,7 +73,7 @@ def high_dtype(case_dtype: str) -> torch.dtype:
 def check_output(workload: Workload) -> dict[str, Any]:
     """Compare the provider's forward output on batch element 0 with the references."""
     with torch.no_grad():
-        out = workload.forward()[:1]
+        out = workload.first_item(workload.forward())
     hi, _ = _reference(workload, high_dtype(workload.case.dtype), None)
     lo, _ = _reference(workload, None, None)
     return {**_compare([out], [hi], [lo], 2.0), "acc_what": "out"}
@@ -88,9 +88,9 @@ def check_grads(workload: Workload) -> dict[str, Any]:
     out = workload.forward()
     dout = workload.grad_output(out)
     out.backward(dout)
-    grads = [t.grad[:1] for t in workload.leaves[: workload.n_batched]]
+    grads = [workload.first_item(t.grad) for t in workload.leaves[: workload.n_batched]]
     workload.clear_grads()
     del out
-    _, hi = _reference(workload, high_dtype(workload.case.dtype), dout[:1])
-    _, lo = _reference(workload, None, dout[:1])
+    _, hi = _reference(workload, high_dtype(workload.case.dtype), workload.first_item(dout))
+    _, lo = _reference(workload, None, workload.first_item(dout))
     return {**_compare(grads, hi, lo, 3.0), "acc_what": "grad"}

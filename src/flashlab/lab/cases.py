@@ -11,6 +11,7 @@ import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from flashlab.lab import features
 from flashlab.lab.errors import LabError
 
 DTYPES = ("fp16", "bf16", "fp32")
@@ -31,6 +32,10 @@ class Case:
     ``scope="op"`` times the attention operation on q, k, v; ``scope="layer"`` times a full
     multi-head attention layer (QKV projection, attention, output projection) on x of shape
     (batch, seqlen, embed), self-attention only.
+
+    Features (scope "op", self-attention; semantics in features.py): ``mask`` ("window:W",
+    "document:N", "prefix:P"), ``softcap``, ``alibi``, and ``varlen`` (> 0: a packed batch of
+    ``batch`` sequences of lengths varlen … seqlen).
     """
 
     batch: int
@@ -42,6 +47,10 @@ class Case:
     scope: str = "op"
     seqlen_k: int = 0
     kv_heads: int = 0
+    mask: str = ""
+    softcap: float = 0.0
+    alibi: bool = False
+    varlen: int = 0
 
     def __post_init__(self) -> None:
         for name in ("batch", "seqlen_q", "heads", "head_dim"):
@@ -65,6 +74,7 @@ class Case:
             raise LabError(f"causal must be true or false, got {self.causal!r}")
         if self.scope == "layer" and self.seqlen_k != self.seqlen_q:
             raise LabError("scope 'layer' is self-attention: seqlen_k must equal seqlen")
+        features.validate(self)
 
     @property
     def embed(self) -> int:
@@ -79,6 +89,7 @@ class Case:
         parts = [f"B{self.batch}", s, h, f"D{self.head_dim}", self.dtype]
         if self.causal:
             parts.append("causal")
+        parts += features.label_suffix(self)
         if self.scope != "op":
             parts.append(self.scope)
         return "-".join(parts)
@@ -105,7 +116,7 @@ def case_from_embed(batch: int, seqlen: int, heads: int, embed: int, **kw: Any) 
 # Sweeps: the cartesian product of lists, shared by `flashlab bench` flags and suite files.
 
 SWEEP_KEYS = ("batch", "tokens", "seqlen", "seqlen_k", "heads", "kv_heads", "head_dim", "embed", "causal",
-              "dtype", "scope")
+              "dtype", "scope", "mask", "softcap", "alibi", "varlen")
 
 
 def _as_list(key: str, value: Any) -> list[Any]:
@@ -163,7 +174,7 @@ def _one_case(p: dict[str, Any], where: str) -> Case:
         elif head_dim is not None and heads * head_dim != embed:
             raise LabError(f"{where}: heads {heads} × head dim {head_dim} != embedding {embed}")
         head_dim = embed // heads
-    extra = {k: p[k] for k in ("causal", "dtype", "scope", "kv_heads") if k in p}
+    extra = {k: p[k] for k in ("causal", "dtype", "scope", "kv_heads", "mask", "softcap", "alibi", "varlen") if k in p}
     if "seqlen_k" in p:
         extra["seqlen_k"] = p["seqlen_k"]
     return Case(batch=batch, seqlen_q=seqlen, heads=heads, head_dim=head_dim, **extra)

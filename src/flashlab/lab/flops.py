@@ -2,7 +2,9 @@
 
 Attention forward: ``4 · batch · heads · seqlen_q · seqlen_k · head_dim`` (two matmuls of
 ``2·M·N·K`` each); causal halves it; the backward is 2.5 × the forward and forward + backward
-3.5 ×. GQA counts query heads. The softmax and the masking are not counted.
+3.5 ×. GQA counts query heads. The softmax and the masking are not counted. Cases with a window,
+document or prefix mask, or a varlen batch, count ``4 · heads · head_dim`` per visible (query,
+key) pair instead (what a kernel that skips masked blocks must compute at least).
 
 A full attention layer (``scope="layer"``) adds its projections: QKV maps ``embed`` to
 ``(heads + 2·kv_heads)·head_dim`` and the output projection maps ``embed`` back, each a matmul of
@@ -44,9 +46,17 @@ def projection_flops(batch: int, seqlen: int, heads: int, kv_heads: int, head_di
 
 def case_flops(case, mode: str) -> float:  # noqa: ANN001 - a cases.Case (kept import-free)
     """FLOPs of one lab case in one mode: the attention, plus the projections for ``scope="layer"``."""
-    total = attention_flops(
-        case.batch, case.heads, case.seqlen_q, case.seqlen_k, case.head_dim, causal=case.causal, mode=mode
-    )
+    from flashlab.lab.features import visible_pairs
+
+    pairs = visible_pairs(case)
+    if pairs is not None:
+        # window / document / prefix masks and varlen batches: 4 · heads · head_dim per visible pair
+        _check_mode(mode)
+        total = 4.0 * case.heads * case.head_dim * pairs * _ATTN_FACTOR[mode]
+    else:
+        total = attention_flops(
+            case.batch, case.heads, case.seqlen_q, case.seqlen_k, case.head_dim, causal=case.causal, mode=mode
+        )
     if case.scope == "layer":
         total += projection_flops(case.batch, case.seqlen_q, case.heads, case.kv_heads, case.head_dim, mode=mode)
     return total

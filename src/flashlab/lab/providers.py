@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flashlab.lab import feature_providers as fp
 from flashlab.lab.cases import DTYPES, Case
 from flashlab.lab.errors import LabError
+from flashlab.lab.features import has_features
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -34,7 +36,7 @@ class Attn:
     """An attention callable for one case: ``fn(q, k, v) -> out``, all in ``layout``."""
 
     fn: AttnFn
-    layout: str  # "bshd" | "bhsd"
+    layout: str  # "bshd" | "bhsd" | varlen only: "packed" (total, h, d), "packed-bhsd" (1, h, total, d)
     causal_align: str  # "bottom_right" | "top_left" (same result when seqlen_q == seqlen_k)
 
 
@@ -143,6 +145,15 @@ def naive_attn(case: Case, layout: str = "bhsd", causal_align: str = "bottom_rig
     """The naive attention of ``flashlab.reference`` (materializes the scores) as an :class:`Attn`."""
     from flashlab.reference import naive_attention
 
+    if has_features(case):
+        kwargs: dict[torch.device, dict] = {}
+
+        def fn_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if q.device not in kwargs:  # masks built once per device, outside the timed runs after the first
+                kwargs[q.device] = fp.naive_kwargs(case, q.device, layout)
+            return naive_attention(q, k, v, causal_align=causal_align, **kwargs[q.device])
+        return Attn(fn_features, layout, causal_align)
+
     def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return naive_attention(q, k, v, causal=case.causal, softmax_scale=_scale(case), layout=layout,
                                causal_align=causal_align)
@@ -160,6 +171,9 @@ def _build_flashlab(case: Case, device: torch.device) -> Attn:
     import flashlab
 
     scale = _scale(case)
+    if has_features(case):
+        fn_f, layout = fp.flashlab_fn(case, device)
+        return Attn(fn_f, layout, "bottom_right")
     if device.type == "cuda":
         def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return flashlab.flash_attn_func(q, k, v, softmax_scale=scale, causal=case.causal)
@@ -174,7 +188,23 @@ def _build_flashlab(case: Case, device: torch.device) -> Attn:
 def _check_flashlab(case: Case, device: torch.device) -> str | None:
     if device.type == "cuda" and case.dtype not in ("fp16", "bf16"):
         return f"flashlab's GPU kernels take fp16/bf16, not {case.dtype}"
+    if has_features(case):
+        if case.dtype not in ("fp16", "bf16"):
+            return f"flashlab's kernels take fp16/bf16, not {case.dtype}"
+        return fp.flashlab_unsupported(case, device)
     return None
+
+
+def _check_flashlab_loop(case: Case, device: torch.device) -> str | None:
+    if not case.varlen:
+        return "a per-sequence loop is only for varlen cases"
+    return _check_flashlab(case, device)
+
+
+def _check_flashlab_sdpa(case: Case, device: torch.device) -> str | None:
+    if has_features(case):
+        return "features run through the 'flashlab' provider (flash_attn_func / varlen / block_mask)"
+    return _check_flashlab(case, device)
 
 
 register(Provider(
@@ -195,7 +225,11 @@ def _build_flashlab_sdpa(case: Case, device: torch.device) -> Attn:
 
 register(Provider(
     "flashlab-sdpa", "flashlab.scaled_dot_product_attention (PyTorch layout, drop-in for F.sdpa)",
-    build=_build_flashlab_sdpa, check=_check_flashlab))
+    build=_build_flashlab_sdpa, check=_check_flashlab_sdpa))
+register(Provider(
+    "flashlab-loop", "flashlab.flash_attn_func called once per sequence of a varlen batch (varlen cases only)",
+    build=lambda case, device: Attn(*fp.flashlab_loop_fn(case, device), "bottom_right"),
+    check=_check_flashlab_loop))
 
 
 # ---------------------------------------------------------------- PyTorch SDPA
@@ -205,24 +239,31 @@ def _sdpa_builder(backend: str | None) -> Callable[[Case, torch.device], Attn]:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         scale, gqa = _scale(case), case.kv_heads != case.heads
-        kw = {"enable_gqa": True} if gqa else {}
+        kw: dict[str, object] = {"enable_gqa": True} if gqa else {}
+        causal = case.causal
+        if has_features(case):
+            mask, causal = fp.sdpa_args(case, device, TORCH_DTYPES[case.dtype])
+            if mask is not None:
+                kw["attn_mask"] = mask
         if backend is None:
             def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, scale=scale, **kw)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **kw)
         else:
             forced = getattr(SDPBackend, backend)
 
             def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 with sdpa_kernel(forced):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, scale=scale, **kw)
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **kw)
         return Attn(fn, "bhsd", "top_left")
     return build
 
 
-def _check_sdpa(case: Case, device: torch.device) -> str | None:
-    if case.causal and case.seqlen_q != case.seqlen_k:
-        return "PyTorch SDPA aligns the causal mask top-left; cases with seqlen_q != seqlen_k are skipped"
-    return None
+def _sdpa_checker(backend: str | None) -> Callable[[Case, torch.device], str | None]:
+    def check(case: Case, device: torch.device) -> str | None:
+        if case.causal and case.seqlen_q != case.seqlen_k:
+            return "PyTorch SDPA aligns the causal mask top-left; cases with seqlen_q != seqlen_k are skipped"
+        return fp.sdpa_unsupported(case, backend) if has_features(case) else None
+    return check
 
 
 for _name, _backend, _devices, _default, _desc in (
@@ -235,7 +276,7 @@ for _name, _backend, _devices, _default, _desc in (
     ("sdpa-math", "MATH", ("cpu", "cuda"), ("cpu", "cuda"),
      "PyTorch SDPA forced to its math backend (materializes the scores)"),
 ):
-    register(Provider(_name, _desc, build=_sdpa_builder(_backend), devices=_devices, check=_check_sdpa,
+    register(Provider(_name, _desc, build=_sdpa_builder(_backend), devices=_devices, check=_sdpa_checker(_backend),
                       default_on=_default))
 
 
@@ -271,8 +312,16 @@ def _build_flex(case: Case, device: torch.device) -> Attn:
         # one compiled function: dynamo compiles it once per shape (dynamic=False) and caches it
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     compiled = _FLEX["fn"]
-    block_mask = None
-    if case.causal:
+    block_mask, score_mod, layout = None, None, "bhsd"
+    if has_features(case):
+        key = ("features", case, str(device))
+        if key not in _FLEX:
+            mask_mod, score_mod, length = fp.flex_mods(case, device)
+            bm = create_block_mask(mask_mod, None, None, length, length, device=device) if mask_mod else None
+            _FLEX[key] = (bm, score_mod)
+        block_mask, score_mod = _FLEX[key]
+        layout = "packed-bhsd" if case.varlen else "bhsd"
+    elif case.causal:
         key = ("mask", case.seqlen_q, case.seqlen_k, str(device))
         if key not in _FLEX:
             offset = case.seqlen_k - case.seqlen_q
@@ -284,8 +333,8 @@ def _build_flex(case: Case, device: torch.device) -> Attn:
     scale, gqa = _scale(case), case.kv_heads != case.heads
 
     def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return compiled(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
-    return Attn(fn, "bhsd", "bottom_right")
+        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    return Attn(fn, layout, "bottom_right")
 
 
 def _flex_requires() -> str | None:
@@ -308,6 +357,11 @@ def _out_only(result: object) -> torch.Tensor:
 
 def _flash_pkg_builder(module: str, attr: str) -> Callable[[Case, torch.device], Attn]:
     def build(case: Case, device: torch.device) -> Attn:
+        if has_features(case):
+            got = fp.flash_pkg_fn(case, module)
+            if isinstance(got, str):
+                raise NotImplementedError(got)
+            return Attn(got[0], got[1], "bottom_right")
         func = getattr(importlib.import_module(module), attr)
         scale = _scale(case)
 

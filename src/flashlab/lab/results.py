@@ -23,7 +23,7 @@ COLUMNS = (
     "flops", "tflops", "pct_peak", "mem_peak_mb", "mem_above_inputs_mb", "inputs_mb", "mem_method",
     "max_abs_err", "rel_err", "acc_ok", "acc_what", "device",
 )
-KEY_FIELDS = ("provider", "scope", "mode", "dtype", "batch", "seqlen_q", "seqlen_k", "heads", "kv_heads",
+KEY_FIELDS = ("provider", "label", "scope", "mode", "dtype", "batch", "seqlen_q", "seqlen_k", "heads", "kv_heads",
               "head_dim", "causal")
 JSON_NAME, CSV_NAME = "results.json", "results.csv"
 

@@ -11,12 +11,14 @@ Modes: ``fwd`` runs the forward under ``torch.no_grad()`` (inference: no autogra
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from flashlab.lab.cases import Case
+from flashlab.lab.features import varlen_lengths
 from flashlab.lab.providers import TORCH_DTYPES, Attn
 
 
@@ -34,7 +36,14 @@ class Workload:
             t = torch.randn(*shape, generator=gen, device=device, dtype=dtype)
             return t.mul_(scale) if scale != 1.0 else t
 
-        if c.scope == "op":
+        self.lengths = varlen_lengths(c) if c.varlen else None
+        if c.scope == "op" and self.lengths is not None:
+            total = sum(self.lengths)
+            packed = [randn(total, c.heads, c.head_dim), randn(total, c.kv_heads, c.head_dim),
+                      randn(total, c.kv_heads, c.head_dim)]
+            self.leaves = [self._varlen_layout(t) for t in packed]
+            self.n_batched = 3
+        elif c.scope == "op":
             if attn.layout == "bshd":
                 shapes = [(c.batch, c.seqlen_q, c.heads, c.head_dim), (c.batch, c.seqlen_k, c.kv_heads, c.head_dim)]
             else:
@@ -50,6 +59,44 @@ class Workload:
         if requires_grad:
             for t in self.leaves:
                 t.requires_grad_(True)
+
+    def _varlen_layout(self, t: torch.Tensor) -> torch.Tensor:
+        """Packed (total, h, d) → the provider's layout: packed, (1, h, total, d), or padded to
+        (batch, seqlen, h, d) / (batch, h, seqlen, d) with zeros past each length."""
+        layout = self.attn.layout
+        if layout == "packed":
+            return t
+        if layout == "packed-bhsd":
+            return t.transpose(0, 1).unsqueeze(0).contiguous()
+        padded = t.new_zeros(len(self.lengths), self.case.seqlen_q, *t.shape[1:])
+        start = 0
+        for b, n in enumerate(self.lengths):
+            padded[b, :n] = t[start:start + n]
+            start += n
+        return padded if layout == "bshd" else padded.transpose(1, 2).contiguous()
+
+    def first_item(self, t: torch.Tensor) -> torch.Tensor:
+        """Batch element 0 of an input, output or gradient, as a 4-D tensor in
+        :attr:`reference_layout` (for varlen: the first sequence, padding cut off)."""
+        if self.lengths is None:
+            return t[:1]
+        n, layout = self.lengths[0], self.attn.layout
+        if layout == "packed":
+            return t[:n].unsqueeze(0)
+        if layout == "bshd":
+            return t[:1, :n]
+        return t[:1, :, :n]  # bhsd padded, or packed-bhsd (the first sequence comes first)
+
+    @property
+    def reference_layout(self) -> str:
+        return {"packed": "bshd", "packed-bhsd": "bhsd"}.get(self.attn.layout, self.attn.layout)
+
+    def reference_case(self) -> Case:
+        """The case :meth:`first_item` slices describe: batch 1, and for varlen the first sequence."""
+        if self.lengths is None:
+            return self.case
+        n = self.lengths[0]
+        return dataclasses.replace(self.case, batch=1, seqlen_q=n, seqlen_k=n, varlen=0)
 
     @property
     def input_bytes(self) -> int:
@@ -82,6 +129,12 @@ class Workload:
     def grad_output(self, out: torch.Tensor, seed: int = 1) -> torch.Tensor:
         """A random upstream gradient shaped like ``out``."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        if self.lengths is not None and self.case.scope == "op":
+            # varlen: drawn packed, then laid out like the output (zero on padding rows, which
+            # are not part of the problem and must not feed the gradients)
+            g = torch.randn(sum(self.lengths), *out.shape[-2:] if self.attn.layout in ("packed", "bshd")
+                            else (out.shape[1], out.shape[-1]), generator=gen, device=out.device, dtype=out.dtype)
+            return self._varlen_layout(g)
         return torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
 
     def clear_grads(self) -> None:
