@@ -116,3 +116,15 @@ def test_shipped_feature_suites_load(name: str) -> None:
         c = suite.cases[0]
         lengths = features.varlen_lengths(c)
         assert c.batch == 64 and min(lengths) >= 100 and max(lengths) <= 4000
+
+
+def test_bench_feature_flags(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["bench", "--seqlen", "32", "--heads", "2", "--head-dim", "16", "--mask", "band:3",
+                 "--providers", "naive", "--out", str(tmp_path / "x"), *FAST])
+    assert code == 2 and "mask must be" in capsys.readouterr().err
+    code = main(["bench", "--seqlen", "32", "--heads", "2", "--head-dim", "16", "--batch", "1", "--mask", "window:4",
+                 "--softcap", "0,3", "--alibi", "true", "--causal", "true", "--providers", "naive", "--memory", "off",
+                 "--out", str(tmp_path / "y"), *FAST])
+    assert code == 0
+    labels = {r["label"] for r in load_results(tmp_path / "y")[2]}
+    assert labels == {"B1-S32-H2-D16-fp32-causal-window4-alibi", "B1-S32-H2-D16-fp32-causal-window4-softcap3-alibi"}

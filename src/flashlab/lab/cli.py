@@ -46,7 +46,17 @@ def _ints(values: list[str] | None, flag: str) -> list[int] | None:
         raise LabError(f"{flag} takes integers, got {','.join(items)!r}") from None
 
 
-def _bools(values: list[str] | None) -> list[bool] | None:
+def _floats(values: list[str] | None, flag: str) -> list[float] | None:
+    items = _split(values)
+    if items is None:
+        return None
+    try:
+        return [float(v) for v in items]
+    except ValueError:
+        raise LabError(f"{flag} takes numbers, got {','.join(items)!r}") from None
+
+
+def _bools(values: list[str] | None, flag: str = "--causal") -> list[bool] | None:
     items = _split(values)
     if items is None:
         return None
@@ -55,7 +65,7 @@ def _bools(values: list[str] | None) -> list[bool] | None:
     out: list[bool] = []
     for v in items:
         if v.lower() not in table:
-            raise LabError(f"--causal takes true, false or both, got {v!r}")
+            raise LabError(f"{flag} takes true, false or both, got {v!r}")
         out += table[v.lower()]
     return list(dict.fromkeys(out))
 
@@ -217,7 +227,9 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
              "heads": _ints(args.heads, "--heads"), "kv_heads": _ints(args.kv_heads, "--kv-heads"),
              "head_dim": _ints(args.head_dim, "--head-dim"), "embed": _ints(args.embed, "--embed"),
              "causal": _bools(args.causal), "dtype": _choices(args.dtypes, DTYPES, "--dtypes"),
-             "scope": _choices(args.scope, SCOPES, "--scope")}
+             "scope": _choices(args.scope, SCOPES, "--scope"), "mask": _split(args.mask),
+             "softcap": _floats(args.softcap, "--softcap"), "alibi": _bools(args.alibi, "--alibi"),
+             "varlen": _ints(args.varlen, "--varlen")}
     given = {k: v for k, v in flags.items() if v is not None}
     suite_providers, suite_modes = None, None
     if args.suite:
@@ -296,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_study)
     p = sub.add_parser("bench", help="run any sweep from flags or a suite file")
-    p.add_argument("--suite", help="a shipped suite name (fa-grid, fa-grid-small) or a .toml/.yaml path")
+    p.add_argument("--suite", help="a shipped suite name (fa-grid, fa-grid-small, sliding-window, varlen, "
+                   "block-sparse, softcap-alibi, features-tiny) or a .toml/.yaml path")
     p.add_argument("--distributed", action="store_true",
                    help="ring attention across torchrun processes (`torchrun ... -m flashlab.lab.cli bench "
                         "--distributed ...`); every other flag then goes to flashlab.distributed.bench "
@@ -305,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ("seqlen", "sequence lengths"), ("seqlen-k", "key lengths (default: seqlen)"),
                        ("heads", "query heads"), ("kv-heads", "key/value heads (GQA)"), ("head-dim", "head dims"),
                        ("embed", "embedding dims (heads or head dim derived)"), ("causal", "true, false or both"),
-                       ("dtypes", f"of {', '.join(DTYPES)}"), ("scope", "op or layer")):
+                       ("dtypes", f"of {', '.join(DTYPES)}"), ("scope", "op or layer"),
+                       ("mask", "masks: window:W, document:N, prefix:P (docs/lab.md)"),
+                       ("softcap", "softcaps (0 = off)"),
+                       ("alibi", "true, false or both"), ("varlen", "shortest sequence of a varlen batch (0 = off)")):
         p.add_argument(f"--{flag}", action="append", help=f"comma-separated {what}")
     _add_run_options(p)
     p.set_defaults(func=cmd_bench)
