@@ -1,0 +1,1 @@
+"""Integrations of flashlab with other libraries (imported on demand, never by ``import flashlab``)."""
