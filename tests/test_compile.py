@@ -133,6 +133,18 @@ def test_opcheck_kvcache_ops(device):
     torch.library.opcheck(torch.ops.flashlab.kvcache_append.default, (k, v, k_cache, v_cache, lens, None, None))
 
 
+def test_layers_compile_fullgraph(device):
+    """flashlab.MultiheadAttention (with a padding mask) and flashlab.Attention (GQA, rotary) trace whole."""
+    torch.manual_seed(10)
+    mha = flashlab.MultiheadAttention(32, 2, batch_first=True, dtype=torch.float16, device=device)
+    layer = flashlab.Attention(32, 4, 2, rotary_base=10000.0, dtype=torch.float16, device=device)
+    x = torch.randn(2, 12, 32, dtype=torch.float16, device=device, requires_grad=True)
+    padding = torch.zeros(2, 12, dtype=torch.bool, device=device)
+    padding[1, 9:] = True
+    _same_as_eager(lambda x: mha(x, x, x, key_padding_mask=padding, need_weights=False)[0], (x,))
+    _same_as_eager(layer, (x,))
+
+
 class _TinyBlock(torch.nn.Module):
     def __init__(self, dim: int = 32, heads: int = 2) -> None:
         super().__init__()

@@ -16,25 +16,25 @@ fl_hf = pytest.importorskip("flashlab.integrations.transformers")
 VOCAB, SEQLEN = 64, 16
 
 
-def _config(family: str, implementation: str):
-    if family == "llama":  # GQA 4:2, rotary, head dim 8
-        return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                        attn_implementation=implementation)
-    return transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, attn_pdrop=0.0,
-                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation=implementation)
+def _config(family: str, implementation: str, width: int = 32, layers: int = 2):
+    if family == "llama":  # GQA 4:2, rotary, head dim width / 4
+        return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=4096, attn_implementation=implementation)
+    return transformers.GPT2Config(vocab_size=VOCAB, n_embd=width, n_layer=layers, n_head=2, n_positions=4096,
+                                   attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation=implementation)
 
 
-def _models(family: str) -> dict[str, torch.nn.Module]:
-    """fp64 reference, fp16 sdpa and fp16 flashlab models with the same random weights."""
+def _models(family: str, device: str = "cpu", dtype: torch.dtype = torch.float16, **size) -> dict[str, torch.nn.Module]:
+    """fp64 reference, sdpa and flashlab models (in ``dtype``) with the same random weights."""
     fl_hf.register()
     torch.manual_seed(0)
     model_cls = transformers.LlamaForCausalLM if family == "llama" else transformers.GPT2LMHeadModel
-    ref = model_cls(_config(family, "sdpa")).double()
+    ref = model_cls(_config(family, "sdpa", **size)).to(device, torch.float64)
     state = ref.state_dict()
     models = {"fp64": ref}
     for name, impl in (("sdpa", "sdpa"), ("flashlab", "flashlab")):
-        m = model_cls(_config(family, impl)).half()
+        m = model_cls(_config(family, impl, **size)).to(device, dtype)
         m.load_state_dict(state)
         models[name] = m
     assert models["flashlab"].config._attn_implementation == "flashlab"
@@ -92,6 +92,41 @@ def test_generation_with_kv_cache_matches_sdpa():
     assert torch.equal(out["flashlab"], out["sdpa"])
 
 
+def test_model_compiles_fullgraph():
+    """A batch without padding traces whole (a padded batch unpads with data-dependent shapes)."""
+    model = _models("llama")["flashlab"].eval()
+    ids, _ = _batch(padded=False)
+    torch._dynamo.reset()
+    backend = "inductor" if torch.cuda.is_available() else "aot_eager"
+    logits = torch.compile(lambda ids: model(input_ids=ids).logits, fullgraph=True, backend=backend)(ids)
+    torch.testing.assert_close(logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_register_rejects_bad_name():
     with pytest.raises(ValueError, match="name must be a non-empty string"):
         fl_hf.register("")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gpu_padded_training_step_real_size(family):
+    """bf16 on CUDA, width 512 (head dim 128 for Llama), 4 layers, seqlen 1024, padded batch: logits
+    and every parameter gradient by the accuracy rule against sdpa."""
+    models = _models(family, device="cuda", dtype=torch.bfloat16, width=512, layers=4)
+    torch.manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, 1024), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :300] = 0  # left padding
+    labels = ids.masked_fill(mask == 0, -100)
+    logits, grads = {}, {}
+    for name, m in models.items():
+        m.train()
+        out = m(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        logits[name] = out.logits.detach()[mask.bool()]
+        grads[name] = {p_name: p.grad for p_name, p in m.named_parameters() if p.grad is not None}
+    check = accuracy_check(logits["flashlab"], logits["fp64"], logits["sdpa"])
+    assert check.ok, f"logits: {check}"
+    for p_name, got in grads["flashlab"].items():
+        check = accuracy_check(got, grads["fp64"][p_name], grads["sdpa"][p_name], factor=3.0)
+        assert check.ok, f"{p_name}: {check}"
