@@ -1,7 +1,8 @@
 """torch.library ops around the Triton kernels: the only place that launches them.
 
-``flashlab::attn_fwd`` and ``flashlab::attn_bwd`` are ``triton_op``s, so ``torch.compile`` sees
-through them to the kernels, and autograd is registered on the forward. The caller checks
+``flashlab::attn_fwd`` and ``flashlab::attn_bwd`` are ``triton_op``s on a GPU, so ``torch.compile``
+sees through them to the kernels (opaque ops with explicit fakes under Triton's interpreter:
+library.py), and autograd is registered on the forward. The caller checks
 arguments (interface.py). Tensors are either dense — q (batch, seqlen_q, heads, head_dim), k/v
 (batch, seqlen_k, kv_heads, head_dim), any strides with a unit-stride head dim, LSE (batch, heads,
 seqlen_q) — or packed variable-length — q (total_q, heads, head_dim) with int32 ``cu_seqlens_q``
