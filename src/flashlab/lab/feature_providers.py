@@ -110,6 +110,30 @@ def flashlab_loop_fn(case: Case, device: torch.device) -> tuple[Any, str]:
     return fn, "packed"
 
 
+def kvcache_fn(case: Case) -> tuple[Any, str]:
+    """The decoding path: ``flash_attn_with_kvcache`` with k, v as full caches of seqlen_k keys
+    (``cache_seqlens=None``: every key read, nothing appended)."""
+    import flashlab
+
+    scale = _scale(case)
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and q.requires_grad:
+            raise NotImplementedError("flash_attn_with_kvcache is inference only (no backward): measure mode fwd")
+        return flashlab.flash_attn_with_kvcache(q, k, v, softmax_scale=scale, causal=case.causal)
+    return fn, "bshd"
+
+
+def kvcache_unsupported(case: Case, device: torch.device) -> str | None:
+    if features.has_features(case):
+        return "the decoding path takes no window / softcap / ALiBi / block mask / varlen in the lab"
+    if case.scope != "op":
+        return "the decoding path is measured at scope 'op'"
+    if device.type == "cuda" and case.dtype not in ("fp16", "bf16"):
+        return f"flashlab's GPU kernels take fp16/bf16, not {case.dtype}"
+    return None
+
+
 # ------------------------------------------------------------------------------------ SDPA
 def sdpa_unsupported(case: Case, backend: str | None) -> str | None:
     if case.softcap:

@@ -62,6 +62,17 @@ def case_flops(case, mode: str) -> float:  # noqa: ANN001 - a cases.Case (kept i
     return total
 
 
+def kv_bytes(case, element_size: int) -> float | None:  # noqa: ANN001 - a cases.Case
+    """Bytes of K and V one forward must read at least (each once), for a GB/s column that shows how
+    close decoding gets to the memory bandwidth; None for the layer scope."""
+    if case.scope != "op":
+        return None
+    from flashlab.lab.features import varlen_lengths
+
+    keys = sum(varlen_lengths(case)) if case.varlen else case.batch * case.seqlen_k
+    return 2.0 * keys * case.kv_heads * case.head_dim * element_size
+
+
 def tflops_per_s(flops: float, time_ms: float | None) -> float | None:
     """Throughput in TFLOP/s from a FLOP count and a time in milliseconds."""
     if time_ms is None or not time_ms > 0:

@@ -227,6 +227,10 @@ register(Provider(
     "flashlab-sdpa", "flashlab.scaled_dot_product_attention (PyTorch layout, drop-in for F.sdpa)",
     build=_build_flashlab_sdpa, check=_check_flashlab_sdpa))
 register(Provider(
+    "flashlab-kvcache", "flashlab.flash_attn_with_kvcache (the decoding path: split-KV, GQA rows in one tile) "
+    "on a full cache of seqlen_k keys",
+    build=lambda case, device: Attn(*fp.kvcache_fn(case), "bottom_right"), check=fp.kvcache_unsupported))
+register(Provider(
     "flashlab-loop", "flashlab.flash_attn_func called once per sequence of a varlen batch (varlen cases only)",
     build=lambda case, device: Attn(*fp.flashlab_loop_fn(case, device), "bottom_right"),
     check=_check_flashlab_loop))

@@ -193,6 +193,12 @@ def _bench(d: doc.Doc, out_dir: Path, env: dict, config: dict, index: dict, rows
                                 ("mem_above_inputs_mb", "peak memory above the inputs (MiB)")):
                 body = [[c.label] + [cell(index.get((c, p, mode)), field) for p in providers] for c in cs]
                 d.add(doc.Table(head, body, f"{m} {what}"))
+            if mode == "fwd" and scope == "op" and all(c.seqlen_q <= 16 for c in cs):
+                # decoding shapes are memory-bound: K/V read rate, against the device copy rate
+                body = [[c.label] + [cell(index.get((c, p, mode)), "kv_gbps") for p in providers] for c in cs]
+                copy = config.get("ceilings", {}).get("copy_tb_s")
+                note = f" (device copy: {copy * 1000:.0f} GB/s)" if copy else ""
+                d.add(doc.Table(head, body, f"{m} K/V read rate (GB/s){note}"))
             sub: dict[tuple, list[Case]] = defaultdict(list)
             for c in cs:
                 sub[(c.head_dim, c.heads, c.causal)].append(c)

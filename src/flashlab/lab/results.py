@@ -20,7 +20,7 @@ from flashlab.lab.errors import LabError
 COLUMNS = (
     "provider", "label", "scope", "mode", "dtype", "batch", "seqlen_q", "seqlen_k", "heads", "kv_heads",
     "head_dim", "embed", "causal", "status", "message", "time_ms", "time_q25_ms", "time_q75_ms", "reps",
-    "flops", "tflops", "pct_peak", "mem_peak_mb", "mem_above_inputs_mb", "inputs_mb", "mem_method",
+    "flops", "tflops", "pct_peak", "kv_gbps", "mem_peak_mb", "mem_above_inputs_mb", "inputs_mb", "mem_method",
     "max_abs_err", "rel_err", "acc_ok", "acc_what", "device",
 )
 KEY_FIELDS = ("provider", "label", "scope", "mode", "dtype", "batch", "seqlen_q", "seqlen_k", "heads", "kv_heads",

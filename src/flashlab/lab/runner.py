@@ -20,10 +20,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from flashlab.lab import accuracy, measure
 from flashlab.lab.cases import Case
 from flashlab.lab.env import device_name
-from flashlab.lab.flops import case_flops, tflops_per_s
+from flashlab.lab.flops import case_flops, kv_bytes, tflops_per_s
 from flashlab.lab.memprobe import CpuMemoryProbe, measure_here
 from flashlab.lab.memprobe import supported as cpu_memory_supported
-from flashlab.lab.providers import Attn, Provider
+from flashlab.lab.providers import TORCH_DTYPES, Attn, Provider
 from flashlab.lab.results import COLUMNS, ResultStore, row_key
 from flashlab.lab.workload import Workload
 
@@ -180,6 +180,9 @@ class Runner:
                 row["tflops"] = tflops_per_s(row["flops"], t.median_ms)
                 peak = self.peaks.get(case.dtype)
                 row["pct_peak"] = 100.0 * row["tflops"] / peak if peak and row["tflops"] else None
+                kv = kv_bytes(case, TORCH_DTYPES[case.dtype].itemsize)
+                if mode == "fwd" and kv and t.median_ms:
+                    row["kv_gbps"] = kv / (t.median_ms * 1e-3) / 1e9
                 if self.memory == "cuda":
                     total, above = measure.peak_cuda(fn, dev, grad_to_none=leaves)
                     row.update(mem_peak_mb=total / MB, mem_above_inputs_mb=above / MB, mem_method="cuda-allocator")
