@@ -45,3 +45,14 @@ def test_tiny_cpu_run_writes_every_cell(tmp_path):
     saved = json.loads((tmp_path / "model_bench.json").read_text())
     assert saved["rows"] == rows and saved["environment"]["model"]["dim"] == TINY.dim
     assert (tmp_path / "model_bench.csv").read_text().splitlines()[0].startswith("backend,seqlen,batch,status")
+
+
+@pytest.mark.gpu
+def test_gpu_smoke_run_every_backend():
+    """A 2-layer model at seqlen 1024 on the GPU: every backend gives a timed cell (or an honest OOM)."""
+    rows = main(["--device", "cuda", "--layers", "2", "--seqlens", "1024", "--tokens", "2048"])
+    assert {r["backend"] for r in rows} == {"flashlab", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
+                                            "sdpa-math", "eager"}
+    ours = next(r for r in rows if r["backend"] == "flashlab")
+    assert ours["status"] == "ok" and ours["tokens_per_s"] > 0 and ours["peak_gib"] > 0
+    assert all(r["status"] in ("ok", "oom", "unsupported") for r in rows), rows
