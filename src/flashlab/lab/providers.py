@@ -321,7 +321,10 @@ def _build_flex(case: Case, device: torch.device) -> Attn:
         key = ("features", case, str(device))
         if key not in _FLEX:
             mask_mod, score_mod, length = fp.flex_mods(case, device)
-            bm = create_block_mask(mask_mod, None, None, length, length, device=device) if mask_mod else None
+            # past 16k tokens the eager mask evaluation would materialize length² bools (a varlen batch
+            # packs ~130k): let flex compile it blockwise
+            big = {"_compile": True} if device.type == "cuda" and length > 16384 else {}
+            bm = create_block_mask(mask_mod, None, None, length, length, device=device, **big) if mask_mod else None
             _FLEX[key] = (bm, score_mod)
         block_mask, score_mod = _FLEX[key]
         layout = "packed-bhsd" if case.varlen else "bhsd"
