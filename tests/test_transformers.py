@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attn_checks import check_against_reference
 
 from flashlab.reference import accuracy_check
 
@@ -100,6 +101,25 @@ def test_model_compiles_fullgraph():
     backend = "inductor" if torch.cuda.is_available() else "aot_eager"
     logits = torch.compile(lambda ids: model(input_ids=ids).logits, fullgraph=True, backend=backend)(ids)
     torch.testing.assert_close(logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+class _Layer(torch.nn.Module):
+    is_causal = True
+
+
+def test_attention_forward_4d_mask_and_sliding_window():
+    """The two paths the tiny models do not take: an explicit 4-D mask (SDPA path) and a sliding
+    window (transformers' rule: query i sees keys i - window < j <= i)."""
+    torch.manual_seed(3)
+    q = torch.randn(2, 4, 10, 16, dtype=torch.float16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 10, 16, dtype=torch.float16, requires_grad=True) for _ in range(2))
+    mask = torch.rand(2, 1, 10, 10) > 0.4
+    mask[..., 0] = True  # every row sees a key
+    out, weights = fl_hf.attention_forward(_Layer(), q, k, v, mask, scaling=0.3)
+    assert weights is None and out.shape == (2, 10, 4, 16)
+    check_against_reference(out.transpose(1, 2), q, k, v, layout="bhsd", attn_mask=mask, softmax_scale=0.3)
+    out, _ = fl_hf.attention_forward(_Layer(), q, k, v, None, sliding_window=4)
+    check_against_reference(out.transpose(1, 2), q, k, v, layout="bhsd", causal=True, window_size=(3, 0))
 
 
 def test_register_rejects_bad_name():
