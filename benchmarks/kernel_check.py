@@ -66,8 +66,13 @@ def tflops(b: int, h: int, s: int, d: int, causal: bool, mode: str, ms: float) -
     return flops / ms / 1e9
 
 
+CUDA_GRAPHS = False  # --cudagraph: time forward replays of a captured CUDA graph (no host launch cost)
+
+
 def bench(fn, mode: str, out_grad: torch.Tensor | None, inputs) -> float:
     if mode == "fwd":
+        if CUDA_GRAPHS:
+            return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
     def step():
@@ -171,7 +176,10 @@ def main() -> None:
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--cudagraph", action="store_true", help="time forwards as CUDA graph replays")
     args = ap.parse_args()
+    global CUDA_GRAPHS
+    CUDA_GRAPHS = args.cudagraph
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = [{"kind": "env", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                          "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(), "time": time.ctime()}]
