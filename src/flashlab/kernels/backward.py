@@ -12,9 +12,9 @@ LSE = -inf (they saw no key) are read as +inf, which makes their P exactly 0.
 import triton
 import triton.language as tl
 
-from flashlab.kernels.blocksparse import sparse_block, sparse_row
+from flashlab.kernels.blocksparse import sparse_block, sparse_phase, sparse_row
 from flashlab.kernels.forward import LOG2E, _load_tile, sequence_bounds
-from flashlab.kernels.masking import key_block_ranges, query_block_ranges, visible
+from flashlab.kernels.masking import key_block_ranges, phase_range, query_block_ranges, visible
 from flashlab.kernels.scores import dropout_keep, modified_scores
 
 
@@ -168,10 +168,7 @@ def attn_bwd_dkdv_kernel(
             sp_row, n_full, n_part = sparse_row(SPARSE_TABLE, off_b, off_h, blk_n, stride_tb, stride_th, stride_tr)
             tiles = MASK - blk_n.to(tl.int64) * SPARSE_N
             for phase in tl.static_range(2):
-                if phase == 0:
-                    row, n = sp_row, n_full
-                else:
-                    row, n = sp_row + 2 * n_full, n_part
+                row, n = sparse_phase(phase, sp_row, n_full, n_part)
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, LSE, DELTA, row_base,
                                      offs_n, offs_d, 0, n * SPARSE_M, seqlen_q, seqlen_k, diag, window_left,
                                      window_right, qk_scale, cap_in, cap_out, slope, tiles, stride_mq, stride_mk,
@@ -180,12 +177,7 @@ def attn_bwd_dkdv_kernel(
                                      HAS_DROPOUT, True, SPARSE_M, SPARSE_N)
         else:
             for phase in tl.static_range(3):
-                if phase == 0:
-                    a, b = lo, full_lo
-                elif phase == 1:
-                    a, b = full_lo, full_hi
-                else:
-                    a, b = full_hi, hi
+                a, b = phase_range(phase, lo, full_lo, full_hi, hi)
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, LSE, DELTA, row_base,
                                      offs_n, offs_d, a, b, seqlen_q, seqlen_k, diag, window_left, window_right,
                                      qk_scale, cap_in, cap_out, slope, mask_base, stride_mq, stride_mk, seed,
@@ -284,10 +276,7 @@ def attn_bwd_dq_kernel(
         sp_row, n_full, n_part = sparse_row(SPARSE_TABLE, off_b, off_h, blk_m, stride_tb, stride_th, stride_tr)
         tiles = MASK - blk_m.to(tl.int64) * (SPARSE_M * SPARSE_N)
         for phase in tl.static_range(2):
-            if phase == 0:
-                row, n = sp_row, n_full
-            else:
-                row, n = sp_row + 2 * n_full, n_part
+            row, n = sparse_phase(phase, sp_row, n_full, n_part)
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, 0,
                            n * SPARSE_N, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, cap_in,
                            cap_out, slope, tiles, stride_mq, stride_mk, seed, row_base * drop_stride, drop_stride,
@@ -297,12 +286,7 @@ def attn_bwd_dq_kernel(
         lo, full_lo, full_hi, hi = key_block_ranges(start_m, seqlen_k, diag, window_left, window_right,
                                                     BLOCK_M, BLOCK_N, HAS_UPPER, HAS_LOWER)
         for phase in tl.static_range(3):
-            if phase == 0:
-                a, b = lo, full_lo
-            elif phase == 1:
-                a, b = full_lo, full_hi
-            else:
-                a, b = full_hi, hi
+            a, b = phase_range(phase, lo, full_lo, full_hi, hi)
             dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, a, b,
                            seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, cap_in, cap_out, slope,
                            mask_base, stride_mq, stride_mk, seed, row_base * drop_stride, drop_stride, dropout_p,

@@ -39,3 +39,13 @@ def sparse_block(it, sp_row, mask_base, BLOCK: tl.constexpr, UNIT: tl.constexpr,
         tile = tl.load(sp_row + 2 * i + 1)
         tile_base = mask_base + (tile.to(tl.int64) * TILE - blk.to(tl.int64) * UNIT)
     return start, tile_base
+
+
+@triton.jit
+def sparse_phase(phase: tl.constexpr, sp_row, n_full, n_part):
+    """(first (blk, tile) pair, count) of the listed blocks walked in ``phase``: 0 the fully
+    visible ones (no mask), 1 the partial ones (element mask)."""
+    row, n = sp_row, n_full
+    if phase == 1:
+        row, n = sp_row + 2 * n_full, n_part
+    return row, n

@@ -15,8 +15,8 @@ only the head dimension must be unit-stride.
 import triton
 import triton.language as tl
 
-from flashlab.kernels.blocksparse import sparse_block, sparse_row
-from flashlab.kernels.masking import key_block_ranges, visible
+from flashlab.kernels.blocksparse import sparse_block, sparse_phase, sparse_row
+from flashlab.kernels.masking import key_block_ranges, phase_range, visible
 from flashlab.kernels.scores import dropout_keep, modified_scores
 
 # Running max starts finite: a row whose keys are all masked keeps m = M_INIT, so its
@@ -162,10 +162,7 @@ def attn_fwd_kernel(
         sp_row, n_full, n_part = sparse_row(SPARSE_TABLE, off_b, off_h, blk_m, stride_tb, stride_th, stride_tr)
         tiles = MASK - blk_m.to(tl.int64) * (SPARSE_M * SPARSE_N)
         for phase in tl.static_range(2):
-            if phase == 0:
-                row, n = sp_row, n_full
-            else:
-                row, n = sp_row + 2 * n_full, n_part
+            row, n = sparse_phase(phase, sp_row, n_full, n_part)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, 0,
                                        n * SPARSE_N, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale,
                                        cap_in, cap_out, slope, tiles, stride_mq, stride_mk, seed, drop_base,
@@ -177,12 +174,7 @@ def attn_fwd_kernel(
                                                     BLOCK_M, BLOCK_N, HAS_UPPER, HAS_LOWER)
         for phase in tl.static_range(3):
             # Phase 1 is the mask-free middle; 0 and 2 are the masked edges of the band.
-            if phase == 0:
-                a, b = lo, full_lo
-            elif phase == 1:
-                a, b = full_lo, full_hi
-            else:
-                a, b = full_hi, hi
+            a, b = phase_range(phase, lo, full_lo, full_hi, hi)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, a, b,
                                        seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, cap_in,
                                        cap_out, slope, mask_base, stride_mq, stride_mk, seed, drop_base,

@@ -46,6 +46,17 @@ def key_block_ranges(start_m, seqlen_k, diag, left, right, BLOCK_M: tl.constexpr
 
 
 @triton.jit
+def phase_range(phase: tl.constexpr, lo, full_lo, full_hi, hi):
+    """[a, b) walked in ``phase`` of a band: 0 the masked head, 1 the mask-free middle, 2 the masked tail."""
+    a, b = full_hi, hi
+    if phase == 0:
+        a, b = lo, full_lo
+    if phase == 1:
+        a, b = full_lo, full_hi
+    return a, b
+
+
+@triton.jit
 def query_block_ranges(start_n, seqlen_q, diag, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr):
     """Query ranges (lo, full_lo, full_hi, hi) for the keys [start_n, start_n + BLOCK_N), all

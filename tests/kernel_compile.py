@@ -1,0 +1,95 @@
+"""Compile the attention kernels for Hopper (sm_90) and Ampere (sm_80) without a GPU.
+
+Run as a script with TRITON_INTERPRET unset (test_kernel_compile.py does): Triton's interpreter,
+which runs the CPU tests, accepts code that the real compiler rejects (types, layouts, shared
+memory over the limit), so this compiles each kernel × feature set × head dim with the tile
+configs kernels/configs.py ships for that architecture. Prints one line per compile; exit 1 if any
+failed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from flashlab.kernels import backward, configs, forward
+
+POINTERS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "O": "*fp16", "DO": "*fp16", "DQ": "*fp16", "DK": "*fp16",
+            "DV": "*fp16", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "CU_Q": "*i32", "CU_K": "*i32",
+            "SLOPES": "*fp32", "MASK": "*u8", "SPARSE_TABLE": "*i32"}
+FLOATS = {"softmax_scale", "cap_in", "cap_out", "dropout_p"}
+FLAGS = dict(BOTTOM_RIGHT=True, HAS_UPPER=False, HAS_LOWER=False, IS_VARLEN=False, HAS_SOFTCAP=False,
+             HAS_ALIBI=False, MASK_KIND=0, HAS_DROPOUT=False, SPARSE_M=1, SPARSE_N=1)
+FEATURES = {
+    "plain": {},
+    "causal": dict(HAS_UPPER=True),
+    "every-option": dict(HAS_UPPER=True, HAS_LOWER=True, IS_VARLEN=True, HAS_SOFTCAP=True, HAS_ALIBI=True,
+                         MASK_KIND=2, HAS_DROPOUT=True),
+    "block-sparse": dict(MASK_KIND=3, SPARSE_M=128, SPARSE_N=128),  # 128-blocks: no tile shrinking
+}
+
+
+def compile_kernel(kernel: triton.JITFunction, consts: dict, cfg: configs.TileConfig | None, arch: int) -> int:
+    """Compile for ``sm_{arch}``; returns the shared memory it uses (bytes)."""
+    sig: dict[str, str] = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.isupper():
+            sig[name] = POINTERS[name]
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+    names = list(sig)
+    src = ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages} if cfg else {"num_warps": 4}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).metadata.shared
+
+
+def _jobs() -> list[tuple[int, int, str, str]]:
+    return [(arch, head_dim, feature, kernel) for arch, head_dims in ((90, (64, 128, 192, 256)), (80, (128, 192)))
+            for head_dim in head_dims for feature in FEATURES for kernel in ("fwd", "dkdv", "dq")]
+
+
+def _compile_job(job: tuple[int, int, str, str]) -> str:
+    """One compile with the config kernels/configs.py ships for that architecture; a report line."""
+    arch, head_dim, feature, kernel_name = job
+    configs._capability = lambda device: (arch // 10, arch % 10)
+    device = torch.device("cuda")
+    flags = FEATURES[feature]
+    block_d = configs.padded_head_dim(head_dim)
+    causal = flags.get("HAS_UPPER", False)
+    aligned = head_dim == 256 and not flags.get("IS_VARLEN", False)
+    kv_cfg, dq_cfg = configs.backward_config(block_d, causal, device, aligned)
+    kernel, cfg = {"fwd": (forward.attn_fwd_kernel, configs.forward_config(block_d, causal, device, aligned)),
+                   "dkdv": (backward.attn_bwd_dkdv_kernel, kv_cfg), "dq": (backward.attn_bwd_dq_kernel, dq_cfg)}[
+        kernel_name]
+    consts = {**FLAGS, **flags, "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": cfg.block_m,
+              "BLOCK_N": cfg.block_n}
+    where = f"sm_{arch} d{head_dim} {feature:<12} {kernel_name:<4} {cfg}"
+    try:
+        return f"ok   {where} smem {compile_kernel(kernel, consts, cfg, arch)}"
+    except Exception as exc:  # noqa: BLE001 - report every failure, then exit 1
+        return f"FAIL {where}: {type(exc).__name__}: {str(exc)[:400]}"
+
+
+def main() -> int:
+    if configs.interpreting():
+        print("unset TRITON_INTERPRET: this compiles for real GPUs")
+        return 2
+    failed = 0
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for line in pool.map(_compile_job, _jobs()):
+            print(line, flush=True)
+            failed += not line.startswith("ok ")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
