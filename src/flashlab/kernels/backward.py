@@ -92,11 +92,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA
     [BLOCK_N, BLOCK_M]). With SPARSE, [lo, hi) counts rows of the query blocks listed at
     ``sp_row`` (the transposed block table, see blocksparse.py)."""
     for it in range(lo, hi, BLOCK_M):
-        if SPARSE:
-            start_m, tile_base = sparse_block(it, sp_row, mask_base, SPARSE_M, SPARSE_M * SPARSE_N,
-                                              SPARSE_M * SPARSE_N, MASK_KIND)
-        else:
-            start_m, tile_base = it, mask_base
+        start_m, tile_base = sparse_block(it, sp_row, mask_base, SPARSE, SPARSE_M, SPARSE_M * SPARSE_N,
+                                          SPARSE_M * SPARSE_N, MASK_KIND)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, seqlen_q, offs_d,
                        HEAD_DIM, BLOCK_D, True)
@@ -205,11 +202,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_
     """Accumulate key blocks [lo, hi) into one query block's dQ (SPARSE: as in forward._fwd_inner)."""
     offs_n = tl.arange(0, BLOCK_N)
     for it in range(lo, hi, BLOCK_N):
-        if SPARSE:
-            start_n, tile_base = sparse_block(it, sp_row, mask_base, SPARSE_N, SPARSE_N, SPARSE_M * SPARSE_N,
-                                              MASK_KIND)
-        else:
-            start_n, tile_base = it, mask_base
+        start_n, tile_base = sparse_block(it, sp_row, mask_base, SPARSE, SPARSE_N, SPARSE_N,
+                                          SPARSE_M * SPARSE_N, MASK_KIND)
         cols = start_n + offs_n
         k = _load_tile(k_base + cols[:, None] * stride_kn + offs_d[None, :], cols, seqlen_k, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)

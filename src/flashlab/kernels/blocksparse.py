@@ -23,14 +23,17 @@ def sparse_row(TABLE, off_b, off_h, blk, stride_b, stride_h, stride_r):
 
 
 @triton.jit
-def sparse_block(it, sp_row, mask_base, BLOCK: tl.constexpr, UNIT: tl.constexpr, TILE: tl.constexpr,
-                 MASK_KIND: tl.constexpr):
+def sparse_block(it, sp_row, mask_base, SPARSE: tl.constexpr, BLOCK: tl.constexpr, UNIT: tl.constexpr,
+                 TILE: tl.constexpr, MASK_KIND: tl.constexpr):
     """Slot ``it`` of the listed blocks at ``sp_row`` → (its index on the walked axis, the base
     pointer that modified_scores offsets by ``qi · SPARSE_N + kj`` to read the element mask).
+    Without SPARSE (a dense walk) the slot is the index itself and the mask base is unchanged.
 
     ``BLOCK`` is the mask block size along the walked axis, ``UNIT`` the tile-pointer offset of
     one block along it (SPARSE_N for keys, SPARSE_M · SPARSE_N for queries), ``TILE`` the
     elements of one tile. ``mask_base`` already has the fixed axis's block offset subtracted."""
+    if not SPARSE:
+        return it, mask_base
     i = it // BLOCK
     blk = tl.load(sp_row + 2 * i)
     start = blk * BLOCK + (it - i * BLOCK)

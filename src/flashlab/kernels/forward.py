@@ -54,11 +54,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
     ``tl.load(sp_row + i + tile_offset)`` of the pool at ``mask_base``."""
     offs_n = tl.arange(0, BLOCK_N)
     for it in range(lo, hi, BLOCK_N):
-        if SPARSE:
-            start_n, tile_base = sparse_block(it, sp_row, mask_base, SPARSE_N, SPARSE_N, SPARSE_M * SPARSE_N,
-                                              MASK_KIND)
-        else:
-            start_n, tile_base = it, mask_base
+        start_n, tile_base = sparse_block(it, sp_row, mask_base, SPARSE, SPARSE_N, SPARSE_N,
+                                          SPARSE_M * SPARSE_N, MASK_KIND)
         cols = start_n + offs_n
         k = _load_tile(k_base + cols[:, None] * stride_kn + offs_d[None, :], cols, seqlen_k, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)
