@@ -22,8 +22,20 @@ from triton.compiler import ASTSource
 from flashlab.kernels import backward, configs, forward
 
 POINTERS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "O": "*fp16", "DO": "*fp16", "DQ": "*fp16", "DK": "*fp16",
-            "DV": "*fp16", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "CU_Q": "*i32", "CU_K": "*i32",
-            "SLOPES": "*fp32", "MASK": "*u8", "SPARSE_TABLE": "*i32"}
+            "DV": "*fp16", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32"}
+DUMMY = "*fp16"  # ops.py passes q for an absent feature's pointer: compile with that type, as a launch does
+
+
+def optional_pointer(name: str, flags: dict) -> str:
+    """The type a launch gives an optional pointer under ``flags``: its own when the feature is on."""
+    kind = flags["MASK_KIND"]
+    present = {"CU_Q": flags["IS_VARLEN"], "CU_K": flags["IS_VARLEN"], "SLOPES": flags["HAS_ALIBI"],
+               "MASK": kind > 0, "SPARSE_TABLE": kind == 3, "SPARSE_KV": kind == 3, "SPARSE_Q": kind == 3}
+    if not present[name]:
+        return DUMMY
+    if name == "MASK":
+        return {1: "*i1", 2: "*fp16", 3: "*u8"}[kind]  # bool, additive in the input dtype, block-sparse tiles
+    return "*fp32" if name == "SLOPES" else "*i32"
 FLOATS = {"softmax_scale", "cap_in", "cap_out", "dropout_p"}
 FLAGS = dict(BOTTOM_RIGHT=True, HAS_UPPER=False, HAS_LOWER=False, IS_VARLEN=False, HAS_SOFTCAP=False,
              HAS_ALIBI=False, MASK_KIND=0, HAS_DROPOUT=False, SPARSE_M=1, SPARSE_N=1)
@@ -32,6 +44,7 @@ FEATURES = {
     "causal": dict(HAS_UPPER=True),
     "every-option": dict(HAS_UPPER=True, HAS_LOWER=True, IS_VARLEN=True, HAS_SOFTCAP=True, HAS_ALIBI=True,
                          MASK_KIND=2, HAS_DROPOUT=True),
+    "bool-mask": dict(MASK_KIND=1),
     "block-sparse": dict(MASK_KIND=3, SPARSE_M=128, SPARSE_N=128),  # 128-blocks: no tile shrinking
 }
 
@@ -43,7 +56,7 @@ def compile_kernel(kernel: triton.JITFunction, consts: dict, cfg: configs.TileCo
         if name in consts:
             sig[name] = "constexpr"
         elif name.isupper():
-            sig[name] = POINTERS[name]
+            sig[name] = POINTERS.get(name) or optional_pointer(name, {**FLAGS, **consts})
         else:
             sig[name] = "fp32" if name in FLOATS else "i32"
     names = list(sig)

@@ -209,8 +209,6 @@ ERRORS = [
      r"cache_batch_idx entries must be in \[0, 2\)"),
     ("cache-dtype", _args(k_cache=torch.randn(2, 20, 2, 16)), TypeError, "k_cache has dtype torch.float32"),
     ("new-dtype", _args(**_new(1, torch.bfloat16)), TypeError, "k has dtype torch.bfloat16"),
-    ("q-fp32", _args(q=torch.randn(2, 1, 4, 16), k_cache=torch.randn(2, 20, 2, 16), v_cache=torch.randn(2, 20, 2, 16)),
-     TypeError, "accepted: torch.float16, torch.bfloat16"),
     ("k-without-v", _args(k=torch.randn(2, 1, 2, 16, dtype=torch.float16)), ValueError, "k and v must be given"),
     ("k-shape", _args(k=torch.randn(2, 1, 4, 16, dtype=torch.float16), v=torch.randn(2, 1, 4, 16,
                       dtype=torch.float16)), ValueError, "k and v must be"),
@@ -236,6 +234,14 @@ ERRORS = [
 def test_rejects_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         flash_attn_with_kvcache(**kwargs)
+
+
+def test_kernel_path_rejects_fp32(device):
+    """The kernels take fp16/bf16 (CPU tensors without the interpreter take the torch path, which
+    accepts fp32 too)."""
+    q, cache = torch.randn(2, 1, 4, 16, device=device), torch.randn(2, 20, 2, 16, device=device)
+    with pytest.raises(TypeError, match="accepted: torch.float16, torch.bfloat16$"):
+        flash_attn_with_kvcache(q, cache, cache.clone())
 
 
 # ---------------------------------------------------------------- GPU tier: real sizes, bf16 and fp16

@@ -24,16 +24,20 @@ def _torch_mha(batch_first: bool = True, **kwargs) -> torch.nn.MultiheadAttentio
     return m.eval()
 
 
-def _inputs(batch_first: bool, seqlen_q: int = 12, seqlen_k: int = 12, kdim: int = 32) -> tuple[torch.Tensor, ...]:
-    q = torch.randn(3, seqlen_q, 32, dtype=torch.float64)
-    k = torch.randn(3, seqlen_k, kdim, dtype=torch.float64)
-    v = torch.randn(3, seqlen_k, kdim, dtype=torch.float64)
+def _inputs(batch_first: bool, seqlen_q: int = 12, seqlen_k: int = 12, kdim: int = 32,
+            device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    q = torch.randn(3, seqlen_q, 32, dtype=torch.float64).to(device)
+    k = torch.randn(3, seqlen_k, kdim, dtype=torch.float64).to(device)
+    v = torch.randn(3, seqlen_k, kdim, dtype=torch.float64).to(device)
     return (q, k, v) if batch_first else tuple(t.transpose(0, 1) for t in (q, k, v))
 
 
 def _check_mha(ours_module, ref_module, inputs, factor: float = 2.0, **kwargs) -> None:
-    """ours (fp16) vs torch's module in fp64 (reference) and in fp16 (same-dtype baseline)."""
-    ours = ours_module.half()
+    """ours (fp16) vs torch's module in fp64 (reference) and in fp16 (same-dtype baseline), on the
+    inputs' device."""
+    device = inputs[0].device
+    ours = ours_module.half().to(device)
+    ref_module = copy.deepcopy(ref_module).to(device)
     out, weights = ours(*(t.half() for t in inputs), need_weights=False, **kwargs)
     assert weights is None
     high = copy.deepcopy(ref_module).double()(*inputs, need_weights=False, **kwargs)[0]
@@ -46,35 +50,35 @@ def _check_mha(ours_module, ref_module, inputs, factor: float = 2.0, **kwargs) -
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_mha_matches_torch_self_attention_with_masks(batch_first):
+def test_mha_matches_torch_self_attention_with_masks(batch_first, device):
     ref = _torch_mha(batch_first)
     ours = flashlab.MultiheadAttention.from_torch(ref)
-    x = _inputs(batch_first)[0]
-    padding = torch.zeros(3, 12, dtype=torch.bool)
+    x = _inputs(batch_first, device=device)[0]
+    padding = torch.zeros(3, 12, dtype=torch.bool, device=device)
     padding[1, 9:] = True  # the last 3 keys of sequence 1 are padding
     _check_mha(ours, ref, (x, x, x))
     _check_mha(flashlab.MultiheadAttention.from_torch(ref), ref, (x, x, x), key_padding_mask=padding)
-    causal = torch.ones(12, 12, dtype=torch.bool).triu(1)  # True = not allowed (MHA's convention)
+    causal = torch.ones(12, 12, dtype=torch.bool, device=device).triu(1)  # True = not allowed (MHA's convention)
     _check_mha(flashlab.MultiheadAttention.from_torch(ref), ref, (x, x, x), attn_mask=causal, is_causal=True)
     _check_mha(flashlab.MultiheadAttention.from_torch(ref), ref, (x, x, x), attn_mask=causal,
                key_padding_mask=padding)
 
 
-def test_mha_cross_attention_kdim_vdim_float_mask():
+def test_mha_cross_attention_kdim_vdim_float_mask(device):
     ref = _torch_mha(kdim=24, vdim=24)
     ours = flashlab.MultiheadAttention.from_torch(ref)
     assert ours.in_proj_weight is None and ours.k_proj_weight.shape == (32, 24)
-    q, k, v = _inputs(True, seqlen_q=10, seqlen_k=17, kdim=24)
-    bias = torch.randn(3 * 2, 10, 17, dtype=torch.float64)  # per (batch, head) additive mask
+    q, k, v = _inputs(True, seqlen_q=10, seqlen_k=17, kdim=24, device=device)
+    bias = torch.randn(3 * 2, 10, 17, dtype=torch.float64, device=device)  # per (batch, head) additive mask
     _check_mha(ours, ref, (q, k, v), attn_mask=bias)
 
 
-def test_mha_is_causal_without_mask_uses_the_kernel_mask():
+def test_mha_is_causal_without_mask_uses_the_kernel_mask(device):
     ref = _torch_mha()
-    x = _inputs(True)[0]
-    ours = flashlab.MultiheadAttention.from_torch(ref).half()
+    x = _inputs(True, device=device)[0]
+    ours = flashlab.MultiheadAttention.from_torch(ref).half().to(device)
     got = ours(x.half(), x.half(), x.half(), need_weights=False, is_causal=True)[0]
-    mask = torch.ones(12, 12, dtype=torch.bool).triu(1)
+    mask = torch.ones(12, 12, dtype=torch.bool, device=device).triu(1)
     want = ours(x.half(), x.half(), x.half(), need_weights=False, attn_mask=mask)[0]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 

@@ -41,8 +41,8 @@ def register(name: str = NAME) -> None:
 
 
 _LOADER_STATE = ("_loaded_implementation", "_flash_fn", "_flash_varlen_fn", "_flash_with_kvcache_fn", "_pad_fn",
-                 "_unpad_fn", "_process_flash_kwargs_fn", "_process_with_kvcache_kwargs_fn",
-                 "_lazy_define_process_function", "_pad_input", "_unpad_input")
+                 "_unpad_fn", "_process_flash_kwargs_fn", "_lazy_define_process_function", "_pad_input",
+                 "_unpad_input")
 
 
 def _preload_flash_loader(name: str) -> None:
@@ -56,7 +56,7 @@ def _preload_flash_loader(name: str) -> None:
     missing = [attr for attr in _LOADER_STATE if not hasattr(loader, attr)]
     if missing:
         raise ImportError(f"this transformers version's FlashAttention loader lacks {missing} (flashlab was tested "
-                          f"with transformers 5.23); register under a name without 'flash' instead, e.g. "
+                          f"with transformers 5.17 and 5.23); register under a name without 'flash' instead, e.g. "
                           f"register('fl_attention')")
     from flashlab.decoding import flash_attn_with_kvcache
 
@@ -64,7 +64,8 @@ def _preload_flash_loader(name: str) -> None:
     loader._flash_with_kvcache_fn = flash_attn_with_kvcache
     loader._pad_fn, loader._unpad_fn = loader._pad_input, loader._unpad_input
     loader._process_flash_kwargs_fn = loader._lazy_define_process_function(flash_attn_varlen_func)
-    loader._process_with_kvcache_kwargs_fn = loader._lazy_define_process_function(flash_attn_with_kvcache)
+    if hasattr(loader, "_process_with_kvcache_kwargs_fn"):  # newer than 5.17
+        loader._process_with_kvcache_kwargs_fn = loader._lazy_define_process_function(flash_attn_with_kvcache)
     loader._loaded_implementation = name
 
 

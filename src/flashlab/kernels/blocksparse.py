@@ -32,15 +32,17 @@ def sparse_block(it, sp_row, mask_base, SPARSE: tl.constexpr, BLOCK: tl.constexp
     ``BLOCK`` is the mask block size along the walked axis, ``UNIT`` the tile-pointer offset of
     one block along it (SPARSE_N for keys, SPARSE_M · SPARSE_N for queries), ``TILE`` the
     elements of one tile. ``mask_base`` already has the fixed axis's block offset subtracted."""
-    if not SPARSE:
-        return it, mask_base
-    i = it // BLOCK
-    blk = tl.load(sp_row + 2 * i)
-    start = blk * BLOCK + (it - i * BLOCK)
+    # One return after static branches: the compiler generates code after an early return in a
+    # constexpr branch too, and a dense walk's sp_row is a dummy pointer of the input's dtype.
+    start = it
     tile_base = mask_base
-    if MASK_KIND == 3:
-        tile = tl.load(sp_row + 2 * i + 1)
-        tile_base = mask_base + (tile.to(tl.int64) * TILE - blk.to(tl.int64) * UNIT)
+    if SPARSE:
+        i = it // BLOCK
+        blk = tl.load(sp_row + 2 * i)
+        start = blk * BLOCK + (it - i * BLOCK)
+        if MASK_KIND == 3:
+            tile = tl.load(sp_row + 2 * i + 1)
+            tile_base = mask_base + (tile.to(tl.int64) * TILE - blk.to(tl.int64) * UNIT)
     return start, tile_base
 
 
