@@ -37,8 +37,10 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 # Wide-head tiles faster on H100 but verified only on tile-aligned shapes: with them the forward
-# faulted (misaligned address) on a ragged d192 case (777x777, GQA 8:1) in round 2. Ragged wide-head
-# shapes keep the small tiles that passed the GPU tests, until benchmarks/config_probe.py clears them.
+# faults (misaligned address) on a ragged d192 case (777x777, GQA 8:1, not causal; H100 round 2,
+# reproduced on H200 2026-11-29 by benchmarks/config_probe.py, while ragged d160/d256, causal d192
+# and the 64x64 backward tiles on ragged d192/d256 passed). Cause unknown, so ragged wide-head
+# shapes keep the small tiles that pass the GPU tests.
 WIDE_ALIGN = 128
 
 
