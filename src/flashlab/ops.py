@@ -236,6 +236,12 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
     q, k, v, out, lse, cu_q, cu_k, slopes, mask, block_tiles, block_kv, block_q = ctx.saved_tensors
+    if torch.compiler.is_compiling():
+        # Inductor (torch 2.11) computed wrong gradients, or faulted, when q, k, v were views of one
+        # packed buffer (a fused qkv projection) in this launch; copies of their own fixed every
+        # case of benchmarks/compile_probe.py on an H200. Eager launches keep the views (no copy).
+        q, k, v, out = (t.contiguous() for t in (q, k, v, out))
+        dout = dout.contiguous() if dout is not None else None
     if dout is None:
         dout = torch.zeros_like(out)
     elif dout.stride(-1) != 1:
