@@ -73,9 +73,7 @@ def test_strided_views_of_packed_qkv(device):
     qkv = torch.randn(2, 70, 3, 4, 24, dtype=torch.float16, device=device, requires_grad=True)
     q, k, v = qkv.unbind(dim=2)
     out = flashlab.flash_attn_func(q, k, v, causal=True)
-    check_against_reference(out, q, k, v, grads=False, causal=True)
-    out.sum().backward()
-    assert qkv.grad.shape == qkv.shape and qkv.grad.isfinite().all()
+    check_against_reference(out, q, k, v, causal=True)  # dq, dk, dv through the strided views too
 
 
 def test_non_unit_head_dim_stride_is_copied(device):

@@ -83,10 +83,10 @@ def test_mha_is_causal_without_mask_uses_the_kernel_mask(device):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_mha_gradients_match_torch():
-    ref = _torch_mha()
+def test_mha_gradients_match_torch(device):
+    ref = _torch_mha().to(device)
     ours = flashlab.MultiheadAttention.from_torch(ref).half()
-    x = _inputs(True)[0]
+    x = _inputs(True, device=device)[0]
     x16 = x.half().requires_grad_()
     out = ours(x16, x16, x16, need_weights=False)[0]
     g = torch.randn_like(out)

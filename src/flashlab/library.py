@@ -1,11 +1,17 @@
 """How flashlab registers its kernel launchers as ``torch.library`` ops.
 
-On a GPU each launcher is a ``triton_op``: ``torch.compile`` traces through it to the Triton
-kernels (Inductor sees and schedules them) and its fake implementation is the launcher itself, run
-on fake tensors. Under Triton's CPU interpreter (``TRITON_INTERPRET=1``, the CPU test tier) the
-kernels are plain Python callables that cannot run on fake tensors, so the launcher becomes an
-opaque ``custom_op`` with the explicit shape function ``fake``: ``torch.compile``, ``torch.export``
-and ``torch.library.opcheck`` then work on CPU too, with the same op names and schemas.
+The attention ops (``flashlab::attn_fwd``, ``flashlab::attn_bwd``) are opaque ``custom_op``s with
+an explicit shape function: ``torch.compile`` keeps them as calls of the launcher, which reads the
+strides of the tensors it is actually given. (As ``triton_op``s, traced through to the Triton
+launches, Inductor 2.11 on an H200 computed wrong gradients or faulted when q, k, v were views of
+one packed buffer, as in a fused qkv projection; see docs/perf-notes.md, 2026-11-29.)
+
+The KV-cache ops are ``triton_op``s on a GPU (verified under torch.compile and CUDA graphs there):
+Inductor sees and schedules their kernels, and the fake implementation is the launcher itself on
+fake tensors. Under Triton's CPU interpreter (``TRITON_INTERPRET=1``, the CPU test tier) kernels
+are plain Python callables that cannot run on fake tensors, so every launcher is a ``custom_op``
+with its shape function ``fake``: ``torch.compile``, ``torch.export`` and ``torch.library.opcheck``
+then work on CPU too, with the same op names and schemas.
 """
 
 from __future__ import annotations
@@ -18,15 +24,17 @@ from torch.library import triton_op
 from flashlab.kernels.configs import interpreting
 
 
-def kernel_op(name: str, mutates_args: Iterable[str], fake: Callable) -> Callable[[Callable], object]:
+def kernel_op(name: str, mutates_args: Iterable[str], fake: Callable,
+              opaque: bool = False) -> Callable[[Callable], object]:
     """Decorator: register ``fn`` as the op ``name`` (``"flashlab::..."``).
 
     ``fake`` takes the op's arguments and returns empty tensors of the outputs' shapes, dtypes,
-    devices and strides (used only under the interpreter; on a GPU ``triton_op`` derives it).
+    devices and strides: used for ``opaque`` ops and under the interpreter; otherwise, on a GPU,
+    the op is a ``triton_op`` and derives it from the launcher.
     """
 
     def register(fn: Callable) -> object:
-        if not interpreting():
+        if not opaque and not interpreting():
             return triton_op(name, mutates_args=mutates_args)(fn)
         op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
         op.register_fake(fake)
@@ -35,7 +43,7 @@ def kernel_op(name: str, mutates_args: Iterable[str], fake: Callable) -> Callabl
     return register
 
 
-# Shape functions of the ops (interpreter only; see the module docstring). Trailing arguments are
+# Shape functions of the ops (opaque ops and the interpreter; see the module docstring). Trailing arguments are
 # taken as ``*rest`` so that new optional arguments of the ops need no change here.
 
 def attn_fwd_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None,

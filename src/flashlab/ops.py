@@ -1,8 +1,7 @@
 """torch.library ops around the Triton kernels: the only place that launches them.
 
-``flashlab::attn_fwd`` and ``flashlab::attn_bwd`` are ``triton_op``s on a GPU, so ``torch.compile``
-sees through them to the kernels (opaque ops with explicit fakes under Triton's interpreter:
-library.py), and autograd is registered on the forward. The caller checks
+``flashlab::attn_fwd`` and ``flashlab::attn_bwd`` are opaque ops with explicit fakes (library.py
+says why they are not ``triton_op``s), and autograd is registered on the forward. The caller checks
 arguments (interface.py). Tensors are either dense — q (batch, seqlen_q, heads, head_dim), k/v
 (batch, seqlen_k, kv_heads, head_dim), any strides with a unit-stride head dim, LSE (batch, heads,
 seqlen_q) — or packed variable-length — q (total_q, heads, head_dim) with int32 ``cu_seqlens_q``
@@ -20,7 +19,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import triton
-from torch.library import wrap_triton
 
 from flashlab.block_mask import BlockMask
 from flashlab.kernels import backward as bwd_kernels
@@ -135,7 +133,7 @@ def _prepare(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, win
                    sparse_kv, sparse_q, sparse_kv_strides, sparse_q_strides, scalars, flags)
 
 
-@kernel_op("flashlab::attn_fwd", mutates_args=(), fake=attn_fwd_fake)
+@kernel_op("flashlab::attn_fwd", mutates_args=(), fake=attn_fwd_fake, opaque=True)
 def attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
@@ -155,7 +153,7 @@ def attn_fwd(
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg = _clamp_tiles(forward_config(block_d, run.flags["HAS_UPPER"], q.device, aligned), run)
     grid = (triton.cdiv(run.seqlen_q, cfg.block_m), run.heads, run.batch)
-    wrap_triton(fwd_kernels.attn_fwd_kernel)[grid](
+    fwd_kernels.attn_fwd_kernel[grid](
         run.q4, run.k4, run.v4, _as4d(out), lse, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
         *_strides3(_as4d(out), varlen), *run.lse_strides, *run.slope_strides, *run.mask_strides,
@@ -165,7 +163,7 @@ def attn_fwd(
     return out, lse
 
 
-@kernel_op("flashlab::attn_bwd", mutates_args=(), fake=attn_bwd_fake)
+@kernel_op("flashlab::attn_bwd", mutates_args=(), fake=attn_bwd_fake, opaque=True)
 def attn_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     dlse: torch.Tensor | None,
@@ -190,7 +188,7 @@ def attn_bwd(
     consts = dict(HEAD_DIM=run.head_dim, BLOCK_D=block_d, **run.flags)
 
     pre_m = preprocess_block_m(block_d)
-    wrap_triton(bwd_kernels.attn_bwd_preprocess_kernel)[(triton.cdiv(run.seqlen_q, pre_m), run.heads, run.batch)](
+    bwd_kernels.attn_bwd_preprocess_kernel[(triton.cdiv(run.seqlen_q, pre_m), run.heads, run.batch)](
         # Without dlse, lse stands in as the unread pointer: never delta, which this kernel writes (an
         # argument both written and aliased breaks Inductor's functionalization of the launch).
         o4, do4, dlse if dlse is not None else lse, delta, run.cu_q,
@@ -200,7 +198,7 @@ def attn_bwd(
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg_kv, cfg_q = (_clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,
                                                                     aligned))
-    wrap_triton(bwd_kernels.attn_bwd_dkdv_kernel)[(triton.cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads,
+    bwd_kernels.attn_bwd_dkdv_kernel[(triton.cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads,
                                                    run.batch)](
         run.q4, run.k4, run.v4, do4, lse, delta, dk4, dv4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_q,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
@@ -208,7 +206,7 @@ def attn_bwd(
         *common,
         **consts, **cfg_kv.launch_kwargs(),
     )
-    wrap_triton(bwd_kernels.attn_bwd_dq_kernel)[(triton.cdiv(run.seqlen_q, cfg_q.block_m), run.heads, run.batch)](
+    bwd_kernels.attn_bwd_dq_kernel[(triton.cdiv(run.seqlen_q, cfg_q.block_m), run.heads, run.batch)](
         run.q4, run.k4, run.v4, do4, lse, delta, dq4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
         *_strides3(do4, varlen), *_strides3(dq4, varlen), *head, *run.sparse_kv_strides, *common,
@@ -236,12 +234,6 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
     q, k, v, out, lse, cu_q, cu_k, slopes, mask, block_tiles, block_kv, block_q = ctx.saved_tensors
-    if torch.compiler.is_compiling():
-        # Inductor (torch 2.11) computed wrong gradients, or faulted, when q, k, v were views of one
-        # packed buffer (a fused qkv projection) in this launch; copies of their own fixed every
-        # case of benchmarks/compile_probe.py on an H200. Eager launches keep the views (no copy).
-        q, k, v, out = (t.contiguous() for t in (q, k, v, out))
-        dout = dout.contiguous() if dout is not None else None
     if dout is None:
         dout = torch.zeros_like(out)
     elif dout.stride(-1) != 1:
