@@ -79,6 +79,16 @@ def _index_args(cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | Non
             block_table.stride(0) if block_table is not None else 0)
 
 
+def _launcher(kernel, like: torch.Tensor):
+    """The kernel itself in an eager call; ``wrap_triton(kernel)`` while the op is traced (fake or
+    functional tensors, torch.compile). Through wrap_triton an eager launch would go through a
+    higher-order op every time (about 0.45 ms of host time per launch with torch 2.11 on an H200,
+    measured by benchmarks/decode_bench.py: 954 µs a call of two launches)."""
+    if type(like) is torch.Tensor and not torch.compiler.is_compiling():
+        return kernel
+    return wrap_triton(kernel)
+
+
 def _append_impl(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | None,
                    block_table: torch.Tensor | None) -> None:
@@ -87,7 +97,7 @@ def _append_impl(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     head_dim, page_size = int(k.shape[3]), int(k_cache.shape[1])  # constexprs: specialized under dynamic shapes
     batch_idx, bt, stride_btb = _index_args(cache_seqlens, cache_batch_idx, block_table)
     block_s = 16
-    wrap_triton(kernels.kvcache_append_kernel)[(triton.cdiv(seqlen_new, block_s), kv_heads, batch)](
+    _launcher(kernels.kvcache_append_kernel, k)[(triton.cdiv(seqlen_new, block_s), kv_heads, batch)](
         k, v, k_cache, v_cache, cache_seqlens, batch_idx, bt,
         *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
         stride_btb, seqlen_new, _capacity(k_cache, block_table),
@@ -117,7 +127,7 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     lse_part = torch.empty((num_splits, batch, rows) if split else (0,), dtype=torch.float32, device=q.device)
     batch_idx, bt, stride_btb = _index_args(cache_seqlens, cache_batch_idx, block_table)
     capacity = _capacity(k_cache, block_table)
-    wrap_triton(kernels.decode_attn_kernel)[(num_splits, kv_heads * m_blocks, batch)](
+    _launcher(kernels.decode_attn_kernel, q)[(num_splits, kv_heads * m_blocks, batch)](
         q, k_cache, v_cache, out, lse, o_part, lse_part, cache_seqlens, batch_idx, bt,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3], stride_btb,
         batch, seqlen_q, seqlen_new, capacity, heads, heads // kv_heads, num_splits, min_chunk, softmax_scale,
@@ -125,7 +135,7 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
         HAS_BATCH_IDX=cache_batch_idx is not None, IS_CAUSAL=causal, SPLIT=split, **cfg.launch_kwargs(),
     )
     if split:
-        wrap_triton(kernels.decode_combine_kernel)[(rows, batch)](
+        _launcher(kernels.decode_combine_kernel, q)[(rows, batch)](
             out, lse, o_part, lse_part, cache_seqlens, *out.stride()[:3],
             batch, seqlen_q, seqlen_new, capacity, heads, num_splits, min_chunk,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n, SPLITS_P2=triton.next_power_of_2(num_splits),
@@ -135,8 +145,8 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
 
 
 # Under torch.compile the kernels are reached through these ops (traced, graph-safe); in eager mode
-# the implementations are called directly: the dispatcher costs ~10-20 µs per op, more than a
-# short decoding kernel runs.
+# the implementations are called directly (see _launcher): the dispatcher costs ~10-20 µs per op,
+# more than a short decoding kernel runs.
 kvcache_append = kernel_op("flashlab::kvcache_append", mutates_args={"k_cache", "v_cache"},
                            fake=kvcache_append_fake)(_append_impl)
 kvcache_attn = kernel_op("flashlab::kvcache_attn", mutates_args=(), fake=kvcache_attn_fake)(_attn_impl)
