@@ -1,0 +1,95 @@
+"""Host time per call on a GPU: where does an eager flashlab call spend its CPU time?
+
+    python benchmarks/host_overhead.py [--out DIR]
+
+At short sequences a call is host-bound when its host time exceeds the kernel time: the GPU then
+waits for launches and ``do_bench`` measures the host. Each entry runs back-to-back calls on a tiny
+shape without synchronizing (the host's rate), then once synchronized (the latency); the flashlab
+forward is also profiled with cProfile (top functions by own time, written to DIR/host_profile.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import flashlab
+from flashlab.decoding import flash_attn_with_kvcache
+
+CALLS = 300
+
+
+def per_call_us(fn, calls: int = CALLS) -> float:
+    """Mean host time of ``fn`` over back-to-back calls (the GPU never waits for the host here:
+    the shapes are tiny, so the loop measures the host)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return host / calls * 1e6
+
+
+def entries() -> dict[str, object]:
+    dev, dt = "cuda", torch.bfloat16
+    q, k, v = (torch.randn(1, 128, 8, 64, device=dev, dtype=dt) for _ in range(3))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    kc = torch.randn(1, 1024, 8, 64, device=dev, dtype=dt)
+    lens = torch.full((1,), 1024, dtype=torch.int32, device=dev)
+    q1 = torch.randn(1, 1, 8, 64, device=dev, dtype=dt)
+
+    def fwd_bwd() -> None:
+        flashlab.flash_attn_func(qg, kg, vg, causal=True).sum().backward()
+
+    def fwd_no_grad() -> None:
+        with torch.no_grad():
+            flashlab.flash_attn_func(q, k, v, causal=True)
+
+    return {
+        "flashlab fwd": lambda: flashlab.flash_attn_func(q, k, v, causal=True),
+        "flashlab fwd (no_grad)": fwd_no_grad,
+        "flashlab fwd+bwd": fwd_bwd,
+        "flashlab sdpa layout": lambda: flashlab.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
+        "flashlab kvcache": lambda: flash_attn_with_kvcache(q1, kc, kc, cache_seqlens=lens),
+        "torch sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
+        "torch matmul (launch floor)": lambda: torch.matmul(qt, kt.transpose(-1, -2)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    rows = [{"name": name, "host_us_per_call": per_call_us(fn)} for name, fn in entries().items()]
+    for r in rows:
+        print(f"{r['name']:<28} {r['host_us_per_call']:8.1f} µs/call")
+    fn = entries()["flashlab fwd"]
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(CALLS):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    print(text.getvalue()[:6000])
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "host_overhead.json").write_text(json.dumps(rows, indent=1))
+        (args.out / "host_profile.txt").write_text(text.getvalue())
+
+
+if __name__ == "__main__":
+    main()
