@@ -81,9 +81,9 @@ def _index_args(cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | Non
 
 def _launcher(kernel, like: torch.Tensor):
     """The kernel itself in an eager call; ``wrap_triton(kernel)`` while the op is traced (fake or
-    functional tensors, torch.compile). Through wrap_triton an eager launch would go through a
-    higher-order op every time (about 0.45 ms of host time per launch with torch 2.11 on an H200,
-    measured by benchmarks/decode_bench.py: 954 µs a call of two launches)."""
+    functional tensors, torch.compile). Through wrap_triton (on by default outside a triton_op) an
+    eager launch goes through a higher-order op every time: the suspected part of the ~0.5 ms
+    per-call host floor benchmarks/decode_bench.py measured on an H200 (to be re-measured)."""
     if type(like) is torch.Tensor and not torch.compiler.is_compiling():
         return kernel
     return wrap_triton(kernel)
