@@ -53,5 +53,70 @@ def test_varlen_on_cpu_path(cpu_path):
 
 def test_kernel_only_options_name_themselves_on_cpu_path(cpu_path):
     q, k, v = make_qkv(1, 8, 8, 2, 2, 16, torch.float16, "cpu")
-    with pytest.raises(NotImplementedError, match="softcap needs the Triton kernels"):
-        flashlab.flash_attn_func(q, k, v, softcap=3.0)
+    with pytest.raises(NotImplementedError, match="dropout_p needs the Triton kernels"):
+        flashlab.flash_attn_func(q, k, v, dropout_p=0.1)
+
+
+# The kernels' score options on the CPU path, forward and gradients against the fp64 reference
+# (odd shapes, GQA 6:2, small tiles so that bands cross tile edges).
+FEATURES = {
+    "window-5-3": dict(window_size=(5, 3)),
+    "window-7-causal": dict(window_size=(7, -1), causal=True),
+    "window-left-only": dict(window_size=(-1, 4)),
+    "softcap-causal": dict(softcap=2.5, causal=True),
+    "alibi-heads-causal": dict(alibi=(6,), causal=True),
+    "alibi-batch-heads": dict(alibi=(2, 6)),
+    "everything": dict(window_size=(9, 2), softcap=4.0, alibi=(6,)),
+}
+
+
+@pytest.mark.parametrize("sq,sk", [(37, 53), (53, 37)], ids=["37x53", "53x37"])
+@pytest.mark.parametrize("name", FEATURES)
+def test_score_options_on_cpu_path(cpu_path, monkeypatch, name, sq, sk):
+    import flashlab.blockwise as bw
+
+    monkeypatch.setattr(bw.blockwise_attention, "__kwdefaults__", {**bw.blockwise_attention.__kwdefaults__,
+                                                                    "block_size": 16})
+    torch.manual_seed(3)
+    kw = dict(FEATURES[name])
+    if "alibi" in kw:
+        kw["alibi_slopes"] = torch.rand(kw.pop("alibi"), dtype=torch.float32) * 0.5
+    q, k, v = make_qkv(2, sq, sk, 6, 2, 40, torch.float16, "cpu")
+    out = flashlab.flash_attn_func(q, k, v, **kw)
+    check_against_reference(out, q, k, v, **kw)
+
+
+@pytest.mark.parametrize("kind", ["bool-broadcast", "float-per-head"])
+def test_sdpa_attn_mask_on_cpu_path(cpu_path, kind):
+    torch.manual_seed(4)
+    q, k, v = make_qkv(2, 29, 45, 6, 2, 24, torch.float32, "cpu", layout="bhsd")
+    if kind == "bool-broadcast":
+        mask = torch.rand(2, 1, 29, 45) > 0.3
+        mask[..., 0] = True
+    else:
+        mask = torch.randn(6, 29, 45)
+    out = flashlab.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    check_against_reference(out, q, k, v, layout="bhsd", causal_align="top_left", attn_mask=mask)
+
+
+def test_varlen_alibi_per_sequence_on_cpu_path(cpu_path):
+    torch.manual_seed(5)
+    cu = torch.tensor([0, 11, 30], dtype=torch.int32)
+    q, k, v = (torch.randn(30, 4, 16, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    slopes = torch.rand(2, 4)
+    out = flashlab.flash_attn_varlen_func(q, k, v, cu, cu, 19, 19, causal=True, alibi_slopes=slopes)
+    for i, (a, b) in enumerate([(0, 11), (11, 30)]):
+        check_against_reference(out[a:b][None], q[a:b][None], k[a:b][None], v[a:b][None], grads=False,
+                                causal=True, alibi_slopes=slopes[i])
+
+
+def test_mha_key_padding_mask_on_cpu_path(cpu_path):
+    torch.manual_seed(6)
+    ref = torch.nn.MultiheadAttention(32, 4, batch_first=True, dtype=torch.float64).eval()
+    ours = flashlab.MultiheadAttention.from_torch(ref)
+    x = torch.randn(3, 10, 32, dtype=torch.float64)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[1, 6:] = True
+    got = ours(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+    want = ref(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+    torch.testing.assert_close(got, want)

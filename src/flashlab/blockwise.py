@@ -1,7 +1,8 @@
 """FlashAttention-2's online-softmax algorithm in plain PyTorch ops: the CPU path (any device works).
 
 Same contract as the Triton kernels: layout (batch, seqlen, heads, head_dim), GQA/MQA by head
-grouping, causal mask "key j visible from query i iff j <= i + causal_offset", forward returning
+grouping, causal mask "key j visible from query i iff j <= i + causal_offset", sliding windows,
+softcap, ALiBi and ``attn_mask`` (blockwise_scores.py applies them per tile), forward returning
 the natural-log LSE, and a backward that takes an external ``out``/``lse`` (ring attention).
 
 Memory. Both passes walk (query tile × key tile) pairs of ``block_size`` rows each, so the largest
@@ -24,7 +25,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["blockwise_attention", "blockwise_attention_backward"]
+from flashlab.blockwise_scores import ScoreMods, modify
+
+__all__ = ["ScoreMods", "blockwise_attention", "blockwise_attention_backward"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,16 +86,7 @@ def _lse_rows(lse: Tensor, kv_heads: int, dtype: torch.dtype) -> Tensor:
     return lse.reshape(b, kv_heads, h // kv_heads, s).transpose(2, 3).to(dtype).reshape(b, kv_heads, -1)
 
 
-def _mask(i0: int, i1: int, j0: int, j1: int, group: int, offset: int, device: torch.device) -> Tensor:
-    """Boolean (rows, keys) tile mask, True where key j is hidden from the row's query i."""
-    i = torch.arange((i1 - i0) * group, device=device) // group + i0  # row → query position
-    j = torch.arange(j0, j1, device=device)
-    return j[None, :] > i[:, None] + offset
-
-
-def _forward(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, offset: int, block: int
-) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mods: ScoreMods, block: int) -> tuple[Tensor, Tensor]:
     """Returns out (B, Sq, H, Dv) in q's dtype and lse (B, H, Sq) in the compute dtype."""
     b, sq, h, _ = q.shape
     sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -104,19 +98,17 @@ def _forward(
     lse = qr.new_full((b, hkv, sq * group), -math.inf)
     for i0 in range(0, sq, block):
         i1 = min(i0 + block, sq)
-        # Causal: the tile's last query sees keys up to i1 - 1 + offset; later key tiles are skipped.
-        k_end = min(sk, i1 + offset) if causal else sk
-        if k_end <= 0:
+        # Causal / window: only the keys inside the band of this query tile are visited.
+        k_lo, k_hi = mods.key_range(i0, i1, sk)
+        if k_hi <= k_lo:
             continue  # no key visible from any row of this tile: out 0, lse -inf
         q_t = qr[:, :, i0 * group : i1 * group]
         m = q_t.new_full(q_t.shape[:3], -math.inf)  # running row max
         l_sum = q_t.new_zeros(q_t.shape[:3])  # running row sum of exp(s - m)
         acc = q_t.new_zeros(*q_t.shape[:3], dv)
-        for j0 in range(0, k_end, block):
-            j1 = min(j0 + block, k_end)
-            s = q_t @ kr[:, :, j0:j1].transpose(-1, -2)
-            if causal and j1 - 1 > i0 + offset:  # only tiles crossing the diagonal need a mask
-                s = s.masked_fill(_mask(i0, i1, j0, j1, group, offset, s.device), -math.inf)
+        for j0 in range(k_lo, k_hi, block):
+            j1 = min(j0 + block, k_hi)
+            s, _ = modify(q_t @ kr[:, :, j0:j1].transpose(-1, -2), mods, i0, i1, j0, j1)
             m_new = torch.maximum(m, s.amax(dim=-1))
             # A row that has seen only masked keys keeps m = -inf; shift by 0 so exp gives 0, not NaN.
             m_safe = m_new.masked_fill(m_new == -math.inf, 0.0)
@@ -145,6 +137,7 @@ def blockwise_attention_backward(
     causal_offset: int = 0,
     block_size: int = 256,
     dlse: Tensor | None = None,
+    mods: ScoreMods | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """FlashAttention-2 backward from an external ``out``/``lse``, recomputing P tile by tile.
 
@@ -153,11 +146,14 @@ def blockwise_attention_backward(
         q: (B, Sq, H, D); k: (B, Sk, Hkv, D); v: (B, Sk, Hkv, Dv).
         out: (B, Sq, H, Dv) forward output; lse: (B, H, Sq) natural-log LSE (-inf: row saw no key).
         dlse: optional (B, H, Sq) gradient of ``lse`` (ring attention merges chunks through it).
+        mods: the score modifications of the forward (blockwise_scores.py); when given, its
+            ``causal`` and ``offset`` are used instead of ``causal`` / ``causal_offset``.
         The rest as in ``blockwise_attention``.
 
     Returns (dq, dk, dv) shaped and typed like (q, k, v). Extra memory as in the module docstring.
     """
     _check_inputs(q, k, v, block_size)
+    mods = mods if mods is not None else ScoreMods(causal=bool(causal), offset=int(causal_offset))
     b, sq, h, _ = q.shape
     sk, hkv, d_v = k.shape[1], k.shape[2], v.shape[3]
     if out.shape != (b, sq, h, d_v) or lse.shape != (b, h, sq):
@@ -183,20 +179,20 @@ def blockwise_attention_backward(
     dv = vr.new_zeros(b, sk, hkv, d_v).transpose(1, 2)
     for j0 in range(0, sk, block_size):
         j1 = min(j0 + block_size, sk)
-        # Causal: queries i < j0 - offset see nothing of this key tile; start at their query tile.
-        i_start = (max(0, j0 - causal_offset) // block_size) * block_size if causal else 0
+        # Causal / window: only the query tiles whose band reaches this key tile.
+        q_lo, q_hi = mods.query_range(j0, j1, sq)
         k_t, v_t = kr[:, :, j0:j1], vr[:, :, j0:j1]
         dk_t, dv_t = dk[:, :, j0:j1], dv[:, :, j0:j1]
-        for i0 in range(i_start, sq, block_size):
+        for i0 in range((q_lo // block_size) * block_size, q_hi, block_size):
             i1 = min(i0 + block_size, sq)
             rows = slice(i0 * group, i1 * group)
             q_t, do_t = qr[:, :, rows], do[:, :, rows]
-            s = q_t @ k_t.transpose(-1, -2)
-            if causal and j1 - 1 > i0 + causal_offset:
-                s = s.masked_fill(_mask(i0, i1, j0, j1, group, causal_offset, s.device), -math.inf)
+            s, tanh = modify(q_t @ k_t.transpose(-1, -2), mods, i0, i1, j0, j1)
             p = torch.exp(s - lse_r[:, :, rows, None])
             dv_t += p.transpose(-1, -2) @ do_t  # sums over the GQA group too (rows hold all g)
             ds = p * (do_t @ v_t.transpose(-1, -2) - delta[:, :, rows, None])
+            if tanh is not None:
+                ds = ds * (1 - tanh * tanh)  # d(cap · tanh(s / cap)) / ds
             dq[:, :, rows] += ds @ k_t
             dk_t += ds.transpose(-1, -2) @ q_t  # q_t already carries the scale
     dq = _unrows(dq * scale, sq, h).to(q.dtype)
@@ -205,11 +201,11 @@ def blockwise_attention_backward(
 
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, offset, block):  # type: ignore[override]
-        out, lse = _forward(q, k, v, scale, causal, offset, block)
+    def forward(ctx, q, k, v, scale, mods, block):  # type: ignore[override]
+        out, lse = _forward(q, k, v, scale, mods, block)
         # Keep lse in the compute dtype (fp64 for fp64 inputs) so the backward loses nothing.
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (scale, causal, offset, block)
+        ctx.args = (scale, mods, block)
         ctx.set_materialize_grads(False)  # an unused out/lse gives None: skip its term
         return out, lse
 
@@ -217,23 +213,12 @@ class _BlockwiseAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, dlse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        scale, causal, offset, block = ctx.args
+        scale, mods, block = ctx.args
         if dout is None and dlse is None:
-            return None, None, None, None, None, None, None
-        dq, dk, dv = blockwise_attention_backward(
-            dout,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            softmax_scale=scale,
-            causal=causal,
-            causal_offset=offset,
-            block_size=block,
-            dlse=dlse,
-        )
-        return dq, dk, dv, None, None, None, None
+            return None, None, None, None, None, None
+        dq, dk, dv = blockwise_attention_backward(dout, q, k, v, out, lse, softmax_scale=scale, block_size=block,
+                                                  dlse=dlse, mods=mods)
+        return dq, dk, dv, None, None, None
 
 
 def blockwise_attention(
@@ -245,6 +230,10 @@ def blockwise_attention(
     causal: bool = False,
     causal_offset: int = 0,
     block_size: int = 256,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    attn_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention by FlashAttention-2's online softmax, in PyTorch ops, differentiable.
 
@@ -258,15 +247,25 @@ def blockwise_attention(
             causal_offset = seqlen_k - seqlen_q for flash-attn's bottom-right alignment,
             0 for PyTorch's top-left. A row that sees no key gives out 0 and lse -inf.
         block_size: rows per query tile and per key tile.
+        window_size: (left, right) sliding window around the same diagonal, -1 = unbounded.
+        softcap: > 0 replaces scaled scores s by softcap · tanh(s / softcap).
+        alibi_slopes: (heads,) or (batch, heads) fp32: adds -slope · |i + causal_offset - j|.
+        attn_mask: broadcastable to (batch, heads, seqlen_q, seqlen_k): bool (True = attend) or
+            float (added to the scores); no gradient flows into it.
 
     Returns:
         out (batch, seqlen_q, heads, head_dim_v) in q's dtype, and lse (batch, heads, seqlen_q),
         fp32, natural log. fp16/bf16 compute in fp32; fp32/fp64 in their own dtype.
 
     Memory: a (batch, heads, block_size, block_size) tile plus O(seqlen) per pass, forward and
-    backward (the backward recomputes P per tile and skips fully masked causal tiles).
+    backward (the backward recomputes P per tile; tiles outside a causal/window band are skipped).
     """
     _check_inputs(q, k, v, block_size)
     scale = _scale(softmax_scale, q.shape[3])
-    out, lse = _BlockwiseAttention.apply(q, k, v, scale, bool(causal), int(causal_offset), block_size)
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    left, right = (int(w) for w in window_size)
+    mods = ScoreMods(causal=bool(causal), offset=int(causal_offset), window_left=left, window_right=right,
+                     softcap=float(softcap), alibi_slopes=alibi_slopes, attn_mask=attn_mask)
+    out, lse = _BlockwiseAttention.apply(q, k, v, scale, mods, block_size)
     return out, lse.float()

@@ -40,9 +40,7 @@ def _uses_kernels(t: torch.Tensor) -> bool:
 
 
 def _cpu_path_unsupported(options: AttentionOptions) -> str | None:
-    named = {"window_size": (options.window_left, options.window_right) != (-1, -1), "softcap": options.softcap > 0,
-             "alibi_slopes": options.alibi_slopes is not None, "attn_mask": options.attn_mask is not None,
-             "dropout_p": options.dropout_p > 0, "block_mask": options.block_mask is not None}
+    named = {"dropout_p": options.dropout_p > 0, "block_mask": options.block_mask is not None}
     return next((name for name, used in named.items() if used), None)
 
 
@@ -75,17 +73,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
     unsupported = _cpu_path_unsupported(options)
     if unsupported:
         raise NotImplementedError(f"{unsupported} needs the Triton kernels: use CUDA tensors (the CPU path "
-                                  "supports causal, GQA and variable-length batches)")
+                                  "supports causal, windows, softcap, ALiBi, attn_mask, GQA and variable-length "
+                                  "batches)")
     from flashlab.blockwise import blockwise_attention
 
-    def one(qs, ks, vs):
+    def one(qs, ks, vs, slopes=options.alibi_slopes):
         offset = ks.shape[1] - qs.shape[1] if bottom_right else 0
-        return blockwise_attention(qs, ks, vs, softmax_scale=softmax_scale, causal=causal, causal_offset=offset)
+        return blockwise_attention(qs, ks, vs, softmax_scale=softmax_scale, causal=causal, causal_offset=offset,
+                                   window_size=(options.window_left, options.window_right), softcap=options.softcap,
+                                   alibi_slopes=slopes, attn_mask=options.attn_mask)
 
     if not varlen:
         return one(q, k, v)
     cu_q, cu_k = options.cu_seqlens_q.tolist(), options.cu_seqlens_k.tolist()
-    pieces = [one(q[None, a:b], k[None, c:d], v[None, c:d]) for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])]
+    per_seq = options.alibi_slopes is not None and options.alibi_slopes.dim() == 2  # (batch, heads) slopes
+
+    def slopes_of(i: int) -> torch.Tensor | None:
+        return options.alibi_slopes[i:i + 1] if per_seq else options.alibi_slopes
+
+    pieces = [one(q[None, a:b], k[None, c:d], v[None, c:d], slopes_of(i))
+              for i, (a, b, c, d) in enumerate(zip(cu_q, cu_q[1:], cu_k, cu_k[1:]))]
     return torch.cat([o[0] for o, _ in pieces]), torch.cat([lse[0] for _, lse in pieces], dim=1)
 
 

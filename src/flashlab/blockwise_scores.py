@@ -1,0 +1,96 @@
+"""Score modifications of the CPU path (blockwise.py), tile by tile, with the kernels' semantics.
+
+In flash-attn's order, on scores already multiplied by the softmax scale: softcap
+``cap · tanh(s / cap)``; ALiBi ``-slope[h] · |i + off - j|``; the band — causal and/or a sliding
+window, key ``j`` visible from query ``i`` iff ``i + off - left <= j <= i + off + right`` (``right``
+is 0 under causal, -1 means unbounded); then ``attn_mask`` (bool: True = attend, float: added).
+``off`` is the causal alignment offset (seqlen_k - seqlen_q bottom-right, 0 top-left).
+
+Tiles are in blockwise.py's grouped row order: (batch, kv_heads, rows, keys), row ``r`` of a tile
+starting at query ``i0`` being query ``i0 + r // group`` of head ``kv_head · group + r % group``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ScoreMods:
+    """What the CPU path applies to each score tile (defaults: nothing)."""
+
+    causal: bool = False
+    offset: int = 0  # causal / window / ALiBi alignment: query i sits at key position i + offset
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi_slopes: Tensor | None = None  # (heads,) or (batch, heads), fp32
+    attn_mask: Tensor | None = None  # (batch, heads, seqlen_q, seqlen_k) view: bool keep or float bias
+
+    @property
+    def right(self) -> int:
+        """The band's right edge relative to the diagonal (-1: unbounded)."""
+        return 0 if self.causal else self.window_right
+
+    @property
+    def banded(self) -> bool:
+        return self.right >= 0 or self.window_left >= 0
+
+    def band_covers(self, i0: int, i1: int, j0: int, j1: int) -> bool:
+        """Whether every (query, key) of the tile is inside the band (no band mask needed)."""
+        right_ok = self.right < 0 or j1 - 1 <= i0 + self.offset + self.right
+        left_ok = self.window_left < 0 or j0 >= i1 - 1 + self.offset - self.window_left
+        return right_ok and left_ok
+
+    def key_range(self, i0: int, i1: int, seqlen_k: int) -> tuple[int, int]:
+        """Keys [lo, hi) that any query of [i0, i1) can see through the band; (0, 0) if none."""
+        hi = seqlen_k if self.right < 0 else min(seqlen_k, i1 + self.offset + self.right)
+        lo = 0 if self.window_left < 0 else max(0, i0 + self.offset - self.window_left)
+        return (lo, hi) if lo < hi else (0, 0)
+
+    def query_range(self, j0: int, j1: int, seqlen_q: int) -> tuple[int, int]:
+        """Queries [lo, hi) that can see any key of [j0, j1) through the band; (0, 0) if none."""
+        lo = 0 if self.right < 0 else max(0, j0 - self.offset - self.right)
+        hi = seqlen_q if self.window_left < 0 else min(seqlen_q, j1 - self.offset + self.window_left)
+        return (lo, hi) if lo < hi else (0, 0)
+
+
+def _positions(i0: int, i1: int, j0: int, j1: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    return torch.arange(i0, i1, device=device)[:, None], torch.arange(j0, j1, device=device)[None, :]
+
+
+def modify(s: Tensor, mods: ScoreMods, i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor, Tensor | None]:
+    """Apply ``mods`` to the tile ``s`` (B, Hkv, (i1 - i0)·G, j1 - j0) of scaled scores.
+
+    Returns the modified scores and, with a softcap, ``tanh(s / cap)`` (the backward's chain factor
+    is ``1 - tanh²``), else None. Hidden entries are -inf."""
+    b, kv_heads, rows, keys = s.shape
+    ti = i1 - i0
+    group = rows // ti
+    t = None
+    if mods.softcap > 0:
+        t = torch.tanh(s / mods.softcap)
+        s = t * mods.softcap
+    if mods.alibi_slopes is None and not mods.banded and mods.attn_mask is None:
+        return s, t
+    s5 = s.reshape(b, kv_heads, ti, group, keys)  # (B, Hkv, Ti, G, K): rows split into (query, member)
+    i, j = _positions(i0, i1, j0, j1, s.device)
+    if mods.alibi_slopes is not None:
+        slopes = mods.alibi_slopes.reshape(-1, kv_heads, 1, group, 1).to(s.dtype)  # (B|1, Hkv, 1, G, 1)
+        dist = (i + mods.offset - j).abs().to(s.dtype)  # (Ti, K)
+        s5 = s5 - slopes * dist[None, None, :, None, :]
+    if mods.banded and not mods.band_covers(i0, i1, j0, j1):
+        hidden = torch.zeros(ti, keys, dtype=torch.bool, device=s.device)
+        if mods.right >= 0:
+            hidden |= j > i + mods.offset + mods.right
+        if mods.window_left >= 0:
+            hidden |= j < i + mods.offset - mods.window_left
+        s5 = s5.masked_fill(hidden[None, None, :, None, :], float("-inf"))
+    if mods.attn_mask is not None:
+        m = mods.attn_mask[:, :, i0:i1, j0:j1]  # (B, H, Ti, K), a view of the broadcast mask
+        m = m.reshape(m.shape[0], kv_heads, group, ti, keys).permute(0, 1, 3, 2, 4)  # (B, Hkv, Ti, G, K)
+        s5 = s5.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s5 + m.to(s.dtype)
+    return s5.reshape(b, kv_heads, rows, keys), t
