@@ -20,11 +20,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import flashlab
 from flashlab.decoding import flash_attn_with_kvcache
 
 CALLS = 300
+
+
+@triton.jit
+def _tiny_kernel(X, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(X + offs, tl.load(X + offs, mask=offs < n) + 1, mask=offs < n)
 
 
 def per_call_us(fn, calls: int = CALLS) -> float:
@@ -65,6 +73,7 @@ def entries() -> dict[str, object]:
         "flashlab kvcache": lambda: flash_attn_with_kvcache(q1, kc, kc, cache_seqlens=lens),
         "torch sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
         "torch matmul (launch floor)": lambda: torch.matmul(qt, kt.transpose(-1, -2)),
+        "triton tiny kernel (3 args)": lambda: _tiny_kernel[(1,)](lens, 1, BLOCK=16),
     }
 
 
