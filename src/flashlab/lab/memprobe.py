@@ -139,6 +139,10 @@ class CpuMemoryProbe:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         env["FLASHLAB_MEMPROBE_THREADS"] = str(torch.get_num_threads())
+        # A fixed mmap threshold (glibc): large temporaries are mapped and unmapped on free, so the
+        # peak RSS follows live memory. glibc's default raises the threshold as blocks are freed,
+        # after which a loop of freed 512 KB temporaries grew the forked child's RSS by their sum.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
         self._proc = subprocess.Popen([sys.executable, "-m", "flashlab.lab.memprobe"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
         return self._proc
