@@ -101,6 +101,20 @@ def test_sdpa_attn_mask_on_cpu_path(cpu_path, kind):
     check_against_reference(out, q, k, v, layout="bhsd", causal_align="top_left", attn_mask=mask)
 
 
+def test_block_mask_on_cpu_path(cpu_path):
+    """A BlockMask runs on the CPU path as its dense mask (document mask with causal, GQA)."""
+    torch.manual_seed(7)
+    q, k, v = make_qkv(2, 45, 45, 6, 2, 24, torch.float16, "cpu")
+    doc = torch.arange(45) // 15
+
+    def pred(b, h, qi, ki):
+        return (doc[qi] == doc[ki]) & (qi >= ki)
+    bm = flashlab.block_mask(pred, None, None, 45, 45, device="cpu", block_size=16)
+    out = flashlab.flash_attn_func(q, k, v, block_mask=bm)
+    dense = (doc[:, None] == doc[None, :]) & torch.ones(45, 45, dtype=torch.bool).tril()
+    check_against_reference(out, q, k, v, attn_mask=dense)
+
+
 def test_varlen_alibi_per_sequence_on_cpu_path(cpu_path):
     torch.manual_seed(5)
     cu = torch.tensor([0, 11, 30], dtype=torch.int32)

@@ -40,7 +40,7 @@ def _uses_kernels(t: torch.Tensor) -> bool:
 
 
 def _cpu_path_unsupported(options: AttentionOptions) -> str | None:
-    named = {"dropout_p": options.dropout_p > 0, "block_mask": options.block_mask is not None}
+    named = {"dropout_p": options.dropout_p > 0}
     return next((name for name, used in named.items() if used), None)
 
 
@@ -73,15 +73,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
     unsupported = _cpu_path_unsupported(options)
     if unsupported:
         raise NotImplementedError(f"{unsupported} needs the Triton kernels: use CUDA tensors (the CPU path "
-                                  "supports causal, windows, softcap, ALiBi, attn_mask, GQA and variable-length "
-                                  "batches)")
+                                  "supports every other option)")
     from flashlab.blockwise import blockwise_attention
+
+    attn_mask = options.attn_mask
+    if options.block_mask is not None:
+        # The CPU path walks plain tiles: a block mask becomes its dense (seqlen_q × seqlen_k) bools.
+        attn_mask = options.block_mask.to_dense()
 
     def one(qs, ks, vs, slopes=options.alibi_slopes):
         offset = ks.shape[1] - qs.shape[1] if bottom_right else 0
         return blockwise_attention(qs, ks, vs, softmax_scale=softmax_scale, causal=causal, causal_offset=offset,
                                    window_size=(options.window_left, options.window_right), softcap=options.softcap,
-                                   alibi_slopes=slopes, attn_mask=options.attn_mask)
+                                   alibi_slopes=slopes, attn_mask=attn_mask)
 
     if not varlen:
         return one(q, k, v)

@@ -3,6 +3,7 @@ case validation, FLOPs, every provider against the reference, unsupported peers,
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -78,8 +79,22 @@ def test_unsupported_features_are_reported_not_crashes() -> None:
     doc = Case(batch=1, seqlen_q=32, heads=2, head_dim=16, mask="document:2")
     assert "no attn_mask" in providers.get_provider("sdpa-flash").unsupported(doc, CPU)
     assert "varlen" in providers.get_provider("flashlab-loop").unsupported(doc, CPU)
-    assert "Triton kernels" in providers.get_provider("flashlab").unsupported(doc, CPU)  # no interpreter here
+    assert providers.get_provider("flashlab").unsupported(doc, CPU) is None  # the CPU path: a dense mask
+    assert "fp16/bf16" in providers.get_provider("flashlab").unsupported(dataclasses.replace(doc, dtype="fp32"), CPU)
     assert "flashlab" in providers.get_provider("flashlab-sdpa").unsupported(doc, CPU)
+
+
+def test_tiny_feature_suite_on_the_cpu_path(tmp_path: Path) -> None:
+    """Without the interpreter, flashlab runs every feature case on its blockwise CPU path and
+    passes the accuracy rule on outputs and gradients."""
+    out = tmp_path / "features-cpu"
+    code = main(["bench", "--suite", "features-tiny", "--providers", "flashlab", "--modes", "fwd+bwd", "--memory",
+                 "off", "--out", str(out), *FAST])
+    assert code == 0
+    rows = load_results(out)[2]
+    assert len(rows) == 7
+    for r in rows:
+        assert r["status"] == "ok" and r["acc_ok"] is True and r["acc_what"] == "grad", r
 
 
 def test_tiny_feature_suite_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

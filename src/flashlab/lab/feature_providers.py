@@ -62,20 +62,6 @@ def naive_kwargs(case: Case, device: torch.device, layout: str) -> dict[str, Any
 
 
 # ------------------------------------------------------------------------------------ flashlab
-def on_kernels(device: torch.device) -> bool:
-    """Whether flashlab runs its Triton kernels on ``device`` (CUDA, or the interpreter on CPU)
-    rather than the blockwise CPU path."""
-    from flashlab.kernels.configs import interpreting
-
-    return device.type == "cuda" or interpreting()
-
-
-def flashlab_unsupported(case: Case, device: torch.device) -> str | None:
-    if not on_kernels(device) and _mask_kind(case) in ("document", "prefix"):
-        return "block masks (document / prefix) need flashlab's Triton kernels: CUDA, or TRITON_INTERPRET=1 on CPU"
-    return None
-
-
 def _flashlab_kwargs(case: Case, device: torch.device) -> dict[str, Any]:
     import flashlab
 

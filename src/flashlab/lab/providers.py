@@ -188,10 +188,9 @@ def _build_flashlab(case: Case, device: torch.device) -> Attn:
 def _check_flashlab(case: Case, device: torch.device) -> str | None:
     if device.type == "cuda" and case.dtype not in ("fp16", "bf16"):
         return f"flashlab's GPU kernels take fp16/bf16, not {case.dtype}"
-    if has_features(case):
-        if case.dtype not in ("fp16", "bf16"):
-            return f"flashlab's kernels take fp16/bf16, not {case.dtype}"
-        return fp.flashlab_unsupported(case, device)
+    if has_features(case) and case.dtype not in ("fp16", "bf16"):
+        # feature cases go through flash_attn_func, which takes fp16/bf16 on every path
+        return f"flashlab's flash_attn_func takes fp16/bf16, not {case.dtype}"
     return None
 
 
