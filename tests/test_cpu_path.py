@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flashlab
+from flashlab import philox
 
 
 @pytest.fixture
@@ -53,10 +54,43 @@ def test_varlen_on_cpu_path(cpu_path):
                                 causal=True)
 
 
-def test_kernel_only_options_name_themselves_on_cpu_path(cpu_path):
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dropout_on_cpu_path_uses_the_kernels_pattern(cpu_path, causal):
+    """Dropout on the CPU path: the returned pattern is the kernels' (philox.py), and output and
+    gradients match the reference run with that pattern."""
+    torch.manual_seed(8)
+    q, k, v = make_qkv(2, 37, 50, 6, 2, 24, torch.float16, "cpu")
+    out, lse, keep = flashlab.flash_attn_func(q, k, v, dropout_p=0.3, causal=causal, return_attn_probs=True)
+    assert keep.shape == (2, 6, 37, 50) and 0.6 < keep.float().mean() < 0.8
+    check_against_reference(out, q, k, v, causal=causal, dropout_keep=keep, dropout_p=0.3)
+    torch.manual_seed(9)
+    again = flashlab.flash_attn_func(q, k, v, dropout_p=0.3, causal=causal)
+    assert not torch.equal(again, out)  # a new seed per call
+
+
+def test_varlen_dropout_on_cpu_path(cpu_path):
+    """Packed batches draw the kernels' counters: (head · total + packed position) · max_seqlen_k + key."""
+    torch.manual_seed(10)
+    cu = torch.tensor([0, 13, 30], dtype=torch.int32)
+    q, k, v = (torch.randn(30, 4, 16, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    torch.manual_seed(11)
+    out = flashlab.flash_attn_varlen_func(q, k, v, cu, cu, 17, 17, dropout_p=0.25)
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # what the call drew
+    for a, b in [(0, 13), (13, 30)]:
+        rows = (torch.arange(4)[:, None] * 30 + torch.arange(a, b)[None, :]) * 17  # (heads, tokens)
+        counters = rows[..., None] + torch.arange(b - a)
+        keep = philox.dropout_keep(seed, counters, 0.25)[None]
+        check_against_reference(out[a:b][None], q[a:b][None], k[a:b][None], v[a:b][None], grads=False,
+                                dropout_keep=keep, dropout_p=0.25)
+
+
+def test_dropout_under_compile_names_itself_on_cpu_path(cpu_path):
     q, k, v = make_qkv(1, 8, 8, 2, 2, 16, torch.float16, "cpu")
-    with pytest.raises(NotImplementedError, match="dropout_p needs the Triton kernels"):
-        flashlab.flash_attn_func(q, k, v, dropout_p=0.1)
+    step = torch.compile(lambda q, k, v: flashlab.flash_attn_func(q, k, v, dropout_p=0.1), backend="eager",
+                         fullgraph=True)
+    with pytest.raises(Exception, match="dropout_p under torch.compile needs the Triton kernels"):
+        step(q, k, v)
 
 
 # The kernels' score options on the CPU path, forward and gradients against the fp64 reference

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from flashlab.blockwise_scores import ScoreMods, modify
+from flashlab.blockwise_scores import ScoreMods, dropout_tile, modify
 
 __all__ = ["ScoreMods", "blockwise_attention", "blockwise_attention_backward"]
 
@@ -115,10 +115,13 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mods: ScoreMods, blo
             p = torch.exp(s - m_safe[..., None])
             alpha = torch.exp(m - m_safe)  # rescales the old statistics to the new max
             l_sum = l_sum * alpha + p.sum(dim=-1)
+            if mods.dropout_p > 0:  # the normalizer sums the undropped weights; only P·V sees dropout
+                p = p.masked_fill(~dropout_tile(mods, hkv, i0, i1, j0, j1).to(p.device), 0.0)
             acc = acc * alpha[..., None] + p @ vr[:, :, j0:j1]
             m = m_new
         seen = l_sum > 0
-        out[:, :, i0 * group : i1 * group] = acc / torch.where(seen, l_sum, 1.0)[..., None]
+        keep_scale = 1.0 / (1.0 - mods.dropout_p)
+        out[:, :, i0 * group : i1 * group] = acc / torch.where(seen, l_sum, 1.0)[..., None] * keep_scale
         lse[:, :, i0 * group : i1 * group] = torch.where(seen, m + torch.log(l_sum), -math.inf)
     lse = lse.reshape(b, hkv, sq, group).transpose(2, 3).reshape(b, h, sq)
     return _unrows(out, sq, h).to(q.dtype), lse
@@ -189,8 +192,14 @@ def blockwise_attention_backward(
             q_t, do_t = qr[:, :, rows], do[:, :, rows]
             s, tanh = modify(q_t @ k_t.transpose(-1, -2), mods, i0, i1, j0, j1)
             p = torch.exp(s - lse_r[:, :, rows, None])
-            dv_t += p.transpose(-1, -2) @ do_t  # sums over the GQA group too (rows hold all g)
-            ds = p * (do_t @ v_t.transpose(-1, -2) - delta[:, :, rows, None])
+            dp = do_t @ v_t.transpose(-1, -2)
+            p_used = p
+            if mods.dropout_p > 0:
+                keep = dropout_tile(mods, hkv, i0, i1, j0, j1).to(p.device)
+                p_used = p.masked_fill(~keep, 0.0) / (1.0 - mods.dropout_p)
+                dp = dp.masked_fill(~keep, 0.0) / (1.0 - mods.dropout_p)
+            dv_t += p_used.transpose(-1, -2) @ do_t  # sums over the GQA group too (rows hold all g)
+            ds = p * (dp - delta[:, :, rows, None])
             if tanh is not None:
                 ds = ds * (1 - tanh * tanh)  # d(cap · tanh(s / cap)) / ds
             dq[:, :, rows] += ds @ k_t
@@ -234,6 +243,10 @@ def blockwise_attention(
     softcap: float = 0.0,
     alibi_slopes: Tensor | None = None,
     attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    dropout_rows: Tensor | None = None,
+    dropout_stride: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention by FlashAttention-2's online softmax, in PyTorch ops, differentiable.
 
@@ -252,6 +265,10 @@ def blockwise_attention(
         alibi_slopes: (heads,) or (batch, heads) fp32: adds -slope · |i + causal_offset - j|.
         attn_mask: broadcastable to (batch, heads, seqlen_q, seqlen_k): bool (True = attend) or
             float (added to the scores); no gradient flows into it.
+        dropout_p, dropout_seed: dropout on the attention weights with the kernels' pattern
+            (philox.py): weight (b, h, i, j) is kept iff philox(seed, (rows[b, h] + i) · stride + j)
+            >= dropout_p; ``dropout_rows`` (batch, heads) int64 defaults to (b · heads + h) ·
+            seqlen_q and ``dropout_stride`` to seqlen_k, as for dense attention in the kernels.
 
     Returns:
         out (batch, seqlen_q, heads, head_dim_v) in q's dtype, and lse (batch, heads, seqlen_q),
@@ -265,7 +282,12 @@ def blockwise_attention(
     if attn_mask is not None:
         attn_mask = attn_mask.expand(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     left, right = (int(w) for w in window_size)
+    batch, seqlen_q, heads = q.shape[:3]
+    if dropout_p > 0 and dropout_rows is None:
+        dropout_rows = torch.arange(batch * heads, dtype=torch.int64).reshape(batch, heads) * seqlen_q
     mods = ScoreMods(causal=bool(causal), offset=int(causal_offset), window_left=left, window_right=right,
-                     softcap=float(softcap), alibi_slopes=alibi_slopes, attn_mask=attn_mask)
+                     softcap=float(softcap), alibi_slopes=alibi_slopes, attn_mask=attn_mask,
+                     dropout_p=float(dropout_p), dropout_seed=int(dropout_seed), dropout_rows=dropout_rows,
+                     dropout_stride=int(dropout_stride if dropout_stride is not None else k.shape[1]))
     out, lse = _BlockwiseAttention.apply(q, k, v, scale, mods, block_size)
     return out, lse.float()

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flashlab.philox import dropout_keep
+
 
 @dataclass(frozen=True)
 class ScoreMods:
@@ -29,6 +31,12 @@ class ScoreMods:
     softcap: float = 0.0
     alibi_slopes: Tensor | None = None  # (heads,) or (batch, heads), fp32
     attn_mask: Tensor | None = None  # (batch, heads, seqlen_q, seqlen_k) view: bool keep or float bias
+    # Dropout as in the kernels: weight (b, h, i, j) is kept iff philox(seed, counter) >= dropout_p,
+    # counter = (dropout_rows[b, h] + i) · dropout_stride + j (dropout_rows: the LSE row of query 0).
+    dropout_p: float = 0.0
+    dropout_seed: int = 0
+    dropout_rows: Tensor | None = None  # (batch, heads) int64
+    dropout_stride: int = 0
 
     @property
     def right(self) -> int:
@@ -94,3 +102,16 @@ def modify(s: Tensor, mods: ScoreMods, i0: int, i1: int, j0: int, j1: int) -> tu
         m = m.reshape(m.shape[0], kv_heads, group, ti, keys).permute(0, 1, 3, 2, 4)  # (B, Hkv, Ti, G, K)
         s5 = s5.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s5 + m.to(s.dtype)
     return s5.reshape(b, kv_heads, rows, keys), t
+
+
+def dropout_tile(mods: ScoreMods, kv_heads: int, i0: int, i1: int, j0: int, j1: int) -> Tensor:
+    """Bool keep pattern (B, Hkv, (i1 - i0)·G, j1 - j0) of the tile, in the grouped row order."""
+    rows = mods.dropout_rows
+    b, heads = rows.shape
+    group = heads // kv_heads
+    i = torch.arange(i0, i1, dtype=torch.int64)
+    j = torch.arange(j0, j1, dtype=torch.int64)
+    lse_rows = rows.reshape(b, kv_heads, 1, group, 1) + i[None, None, :, None, None]  # (B, Hkv, Ti, G, 1)
+    counters = lse_rows * mods.dropout_stride + j
+    keep = dropout_keep(mods.dropout_seed, counters, mods.dropout_p)
+    return keep.reshape(b, kv_heads, (i1 - i0) * group, j1 - j0)

@@ -15,6 +15,7 @@ from flashlab import checks
 from flashlab.block_mask import BlockMask, check_block_mask
 from flashlab.kernels.configs import interpreting
 from flashlab.ops import AttentionOptions, attention_forward, dropout_pattern
+from flashlab.philox import dense_dropout_pattern
 
 
 class _NothingToAttend(torch.autograd.Function):
@@ -37,11 +38,6 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 def _uses_kernels(t: torch.Tensor) -> bool:
     return t.is_cuda or interpreting()
-
-
-def _cpu_path_unsupported(options: AttentionOptions) -> str | None:
-    named = {"dropout_p": options.dropout_p > 0}
-    return next((name for name, used in named.items() if used), None)
 
 
 def _dropout_seed(dropout_p: float) -> int:
@@ -70,34 +66,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
 
             return seeded_attention_forward(q, k, v, softmax_scale, causal, bottom_right, options)
         return attention_forward(q, k, v, softmax_scale, causal, bottom_right, options)
-    unsupported = _cpu_path_unsupported(options)
-    if unsupported:
-        raise NotImplementedError(f"{unsupported} needs the Triton kernels: use CUDA tensors (the CPU path "
-                                  "supports every other option)")
-    from flashlab.blockwise import blockwise_attention
+    from flashlab.cpu_path import cpu_attention
 
-    attn_mask = options.attn_mask
-    if options.block_mask is not None:
-        # The CPU path walks plain tiles: a block mask becomes its dense (seqlen_q × seqlen_k) bools.
-        attn_mask = options.block_mask.to_dense()
-
-    def one(qs, ks, vs, slopes=options.alibi_slopes):
-        offset = ks.shape[1] - qs.shape[1] if bottom_right else 0
-        return blockwise_attention(qs, ks, vs, softmax_scale=softmax_scale, causal=causal, causal_offset=offset,
-                                   window_size=(options.window_left, options.window_right), softcap=options.softcap,
-                                   alibi_slopes=slopes, attn_mask=attn_mask)
-
-    if not varlen:
-        return one(q, k, v)
-    cu_q, cu_k = options.cu_seqlens_q.tolist(), options.cu_seqlens_k.tolist()
-    per_seq = options.alibi_slopes is not None and options.alibi_slopes.dim() == 2  # (batch, heads) slopes
-
-    def slopes_of(i: int) -> torch.Tensor | None:
-        return options.alibi_slopes[i:i + 1] if per_seq else options.alibi_slopes
-
-    pieces = [one(q[None, a:b], k[None, c:d], v[None, c:d], slopes_of(i))
-              for i, (a, b, c, d) in enumerate(zip(cu_q, cu_q[1:], cu_k, cu_k[1:]))]
-    return torch.cat([o[0] for o, _ in pieces]), torch.cat([lse[0] for _, lse in pieces], dim=1)
+    return cpu_attention(q, k, v, softmax_scale, causal, bottom_right, options)
 
 
 def _feature_options(q: torch.Tensor, batch: int, window_size, softcap, alibi_slopes, dropout_p,
@@ -170,7 +141,9 @@ def flash_attn_func(
             raise NotImplementedError("return_attn_probs=True with dropout_p > 0 (the dropout pattern) is not "
                                       "available under torch.compile; call it eagerly")
         if options.dropout_p:
-            keep = dropout_pattern(q.shape[0], q.shape[2], q.shape[1], k.shape[1], options, q.device)
+            shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+            keep = (dropout_pattern(*shape, options, q.device) if _uses_kernels(q) else
+                    dense_dropout_pattern(options.seed, options.dropout_p, *shape))
         return out, lse, keep
     return out
 

@@ -1,0 +1,59 @@
+"""Triton's ``tl.rand`` in PyTorch ops, bit for bit: the CPU path's dropout draws the same masks
+as the kernels (kernels/scores.py ``dropout_keep``) for the same seed.
+
+``tl.rand(seed, offset)`` runs 10 rounds of Philox-4x32 on the counter (offset low 32 bits, offset
+high 32 bits, 0, 0) with the key (seed low 32 bits, seed high 32 bits), takes the first output word
+as an int32 ``x``, folds negatives with ``~x`` and scales by 4.6566127342e-10 in fp32. uint32
+arithmetic is done here in int64 tensors, products split into 16-bit halves so nothing overflows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_ROUNDS = 10
+
+
+def _mul32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit words of the 64-bit product of the constant ``a`` and uint32 values ``b``."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    low = a_lo * b_lo
+    cross = a_hi * b_lo + a_lo * b_hi
+    high = a_hi * b_hi + ((cross + (low >> 16)) >> 16)
+    return high, ((cross << 16) + low) & _MASK32
+
+
+def philox_uniform(seed: int, offsets: Tensor) -> Tensor:
+    """``tl.rand(seed, offsets)`` for non-negative int64 ``offsets``: fp32 uniforms in [0, 1)."""
+    c0 = offsets & _MASK32
+    c1 = (offsets >> 32) & _MASK32
+    c2 = torch.zeros_like(offsets)
+    c3 = torch.zeros_like(offsets)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(_ROUNDS):
+        high_b, low_b = _mul32(_ROUND_B, c2)
+        high_a, low_a = _mul32(_ROUND_A, c0)
+        c0, c1, c2, c3 = high_b ^ c1 ^ k0, low_b, high_a ^ c3 ^ k1, low_a
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    x = torch.where(c0 >= 1 << 31, c0 - (1 << 32), c0)  # the word as an int32
+    x = torch.where(x < 0, -x - 1, x)  # ~x
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def dropout_keep(seed: int, counters: Tensor, dropout_p: float) -> Tensor:
+    """True where a weight survives dropout: the kernels' ``tl.rand(seed, counters) >= p`` (fp32)."""
+    return philox_uniform(seed, counters) >= torch.tensor(dropout_p, dtype=torch.float32)
+
+
+def dense_dropout_pattern(seed: int, dropout_p: float, batch: int, heads: int, seqlen_q: int,
+                          seqlen_k: int) -> Tensor:
+    """The bool (batch, heads, seqlen_q, seqlen_k) keep pattern of dense attention: counter
+    ((b · heads + h) · seqlen_q + i) · seqlen_k + j, as ``ops.dropout_pattern`` on a GPU."""
+    rows = torch.arange(batch * heads * seqlen_q, dtype=torch.int64).reshape(batch, heads, seqlen_q, 1)
+    counters = rows * seqlen_k + torch.arange(seqlen_k, dtype=torch.int64)
+    return dropout_keep(seed, counters, dropout_p)
