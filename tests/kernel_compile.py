@@ -4,15 +4,20 @@ Run as a script with TRITON_INTERPRET unset (test_kernel_compile.py does): Trito
 which runs the CPU tests, accepts code that the real compiler rejects (types, layouts, shared
 memory over the limit), so this compiles each kernel × feature set × head dim with the tile
 configs kernels/configs.py ships for that architecture. Prints one line per compile; exit 1 if any
-failed.
+failed. With KERNEL_COMPILE_PTXAS=1 each line also gives registers and spills (ptxas -v): the
+resource report that costs no GPU time.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import torch
 import triton
@@ -49,8 +54,9 @@ FEATURES = {
 }
 
 
-def compile_kernel(kernel: triton.JITFunction, consts: dict, cfg: configs.TileConfig | None, arch: int) -> int:
-    """Compile for ``sm_{arch}``; returns the shared memory it uses (bytes)."""
+def compile_kernel(kernel: triton.JITFunction, consts: dict, cfg: configs.TileConfig | None, arch: int) -> str:
+    """Compile for ``sm_{arch}``; returns what it uses: shared memory (bytes) and, with
+    KERNEL_COMPILE_PTXAS=1, ptxas's registers per thread and spill bytes."""
     sig: dict[str, str] = {}
     for name in inspect.signature(kernel.fn).parameters:
         if name in consts:
@@ -62,7 +68,32 @@ def compile_kernel(kernel: triton.JITFunction, consts: dict, cfg: configs.TileCo
     names = list(sig)
     src = ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages} if cfg else {"num_warps": 4}
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).metadata.shared
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    report = f"smem {compiled.metadata.shared}"
+    if os.environ.get("KERNEL_COMPILE_PTXAS") == "1":
+        report += " " + ptxas_resources(compiled.asm["ptx"], arch)
+    return report
+
+
+def ptxas_resources(ptx: str, arch: int) -> str:
+    """Registers and spills of ``ptx`` by Triton's bundled ptxas (the compiler's resource report)."""
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    out = ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        for ptxas in (bundled / "ptxas-blackwell", bundled / "ptxas"):  # the first that reads this PTX
+            if not ptxas.exists():
+                continue
+            out = subprocess.run([str(ptxas), "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp) / "k.o")],
+                                 capture_output=True, text=True).stderr
+            if "Used" in out:
+                break
+    regs = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    return (f"regs {regs.group(1) if regs else '?'} spill-st {spills.group(1) if spills else '?'} "
+            f"spill-ld {spills.group(2) if spills else '?'}")
 
 
 def _jobs() -> list[tuple[int, int, str, str]]:
@@ -87,7 +118,7 @@ def _compile_job(job: tuple[int, int, str, str]) -> str:
               "BLOCK_N": cfg.block_n}
     where = f"sm_{arch} d{head_dim} {feature:<12} {kernel_name:<4} {cfg}"
     try:
-        return f"ok   {where} smem {compile_kernel(kernel, consts, cfg, arch)}"
+        return f"ok   {where} {compile_kernel(kernel, consts, cfg, arch)}"
     except Exception as exc:  # noqa: BLE001 - report every failure, then exit 1
         return f"FAIL {where}: {type(exc).__name__}: {str(exc)[:400]}"
 
