@@ -2,7 +2,7 @@
 
 Same contract as the Triton kernels: layout (batch, seqlen, heads, head_dim), GQA/MQA by head
 grouping, causal mask "key j visible from query i iff j <= i + causal_offset", sliding windows,
-softcap, ALiBi and ``attn_mask`` (blockwise_scores.py applies them per tile), forward returning
+softcap, ALiBi, ``attn_mask`` and dropout (blockwise_scores.py applies them per tile), forward returning
 the natural-log LSE, and a backward that takes an external ``out``/``lse`` (ring attention).
 
 Memory. Both passes walk (query tile × key tile) pairs of ``block_size`` rows each, so the largest
