@@ -31,6 +31,7 @@ shard kernels-on-gpu -m "not gpu" tests/test_kernels.py
 shard features-mask-on-gpu -m "not gpu" tests/test_features.py tests/test_block_mask.py
 shard kvcache-modules-on-gpu -m "not gpu" tests/test_kvcache.py tests/test_modules.py tests/test_compile.py \
   tests/test_transformers.py
+shard philox-cpu-path tests/test_philox.py tests/test_cpu_path.py tests/test_interface_errors.py
 
 status=0
 for i in "${!pids[@]}"; do
