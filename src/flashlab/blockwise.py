@@ -112,12 +112,12 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mods: ScoreMods, blo
             m_new = torch.maximum(m, s.amax(dim=-1))
             # A row that has seen only masked keys keeps m = -inf; shift by 0 so exp gives 0, not NaN.
             m_safe = m_new.masked_fill(m_new == -math.inf, 0.0)
-            p = torch.exp(s - m_safe[..., None])
+            p = s.sub_(m_safe[..., None]).exp_()  # in place: s is this tile's own buffer
             alpha = torch.exp(m - m_safe)  # rescales the old statistics to the new max
-            l_sum = l_sum * alpha + p.sum(dim=-1)
+            l_sum = l_sum.mul_(alpha).add_(p.sum(dim=-1))
             if mods.dropout_p > 0:  # the normalizer sums the undropped weights; only P·V sees dropout
-                p = p.masked_fill(~dropout_tile(mods, hkv, i0, i1, j0, j1).to(p.device), 0.0)
-            acc = acc * alpha[..., None] + p @ vr[:, :, j0:j1]
+                p = p.masked_fill_(~dropout_tile(mods, hkv, i0, i1, j0, j1).to(p.device), 0.0)
+            acc = acc.mul_(alpha[..., None]).add_(p @ vr[:, :, j0:j1])
             m = m_new
         seen = l_sum > 0
         keep_scale = 1.0 / (1.0 - mods.dropout_p)
@@ -191,17 +191,17 @@ def blockwise_attention_backward(
             rows = slice(i0 * group, i1 * group)
             q_t, do_t = qr[:, :, rows], do[:, :, rows]
             s, tanh = modify(q_t @ k_t.transpose(-1, -2), mods, i0, i1, j0, j1)
-            p = torch.exp(s - lse_r[:, :, rows, None])
+            p = s.sub_(lse_r[:, :, rows, None]).exp_()  # in place: s is this tile's own buffer
             dp = do_t @ v_t.transpose(-1, -2)
             p_used = p
             if mods.dropout_p > 0:
                 keep = dropout_tile(mods, hkv, i0, i1, j0, j1).to(p.device)
-                p_used = p.masked_fill(~keep, 0.0) / (1.0 - mods.dropout_p)
-                dp = dp.masked_fill(~keep, 0.0) / (1.0 - mods.dropout_p)
+                p_used = p.masked_fill(~keep, 0.0).div_(1.0 - mods.dropout_p)
+                dp = dp.masked_fill_(~keep, 0.0).div_(1.0 - mods.dropout_p)
             dv_t += p_used.transpose(-1, -2) @ do_t  # sums over the GQA group too (rows hold all g)
-            ds = p * (dp - delta[:, :, rows, None])
+            ds = dp.sub_(delta[:, :, rows, None]).mul_(p)
             if tanh is not None:
-                ds = ds * (1 - tanh * tanh)  # d(cap · tanh(s / cap)) / ds
+                ds = ds.mul_(1 - tanh * tanh)  # d(cap · tanh(s / cap)) / ds
             dq[:, :, rows] += ds @ k_t
             dk_t += ds.transpose(-1, -2) @ q_t  # q_t already carries the scale
     dq = _unrows(dq * scale, sq, h).to(q.dtype)

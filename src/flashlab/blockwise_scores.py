@@ -74,7 +74,8 @@ def modify(s: Tensor, mods: ScoreMods, i0: int, i1: int, j0: int, j1: int) -> tu
     """Apply ``mods`` to the tile ``s`` (B, Hkv, (i1 - i0)·G, j1 - j0) of scaled scores.
 
     Returns the modified scores and, with a softcap, ``tanh(s / cap)`` (the backward's chain factor
-    is ``1 - tanh²``), else None. Hidden entries are -inf."""
+    is ``1 - tanh²``), else None. Hidden entries are -inf. ``s`` must be the caller's own fresh tile:
+    it may be overwritten (in place saves a pass over the tile)."""
     b, kv_heads, rows, keys = s.shape
     ti = i1 - i0
     group = rows // ti
@@ -89,18 +90,18 @@ def modify(s: Tensor, mods: ScoreMods, i0: int, i1: int, j0: int, j1: int) -> tu
     if mods.alibi_slopes is not None:
         slopes = mods.alibi_slopes.reshape(-1, kv_heads, 1, group, 1).to(s.dtype)  # (B|1, Hkv, 1, G, 1)
         dist = (i + mods.offset - j).abs().to(s.dtype)  # (Ti, K)
-        s5 = s5 - slopes * dist[None, None, :, None, :]
+        s5 = s5.sub_(slopes * dist[None, None, :, None, :])
     if mods.banded and not mods.band_covers(i0, i1, j0, j1):
         hidden = torch.zeros(ti, keys, dtype=torch.bool, device=s.device)
         if mods.right >= 0:
             hidden |= j > i + mods.offset + mods.right
         if mods.window_left >= 0:
             hidden |= j < i + mods.offset - mods.window_left
-        s5 = s5.masked_fill(hidden[None, None, :, None, :], float("-inf"))
+        s5 = s5.masked_fill_(hidden[None, None, :, None, :], float("-inf"))
     if mods.attn_mask is not None:
         m = mods.attn_mask[:, :, i0:i1, j0:j1]  # (B, H, Ti, K), a view of the broadcast mask
         m = m.reshape(m.shape[0], kv_heads, group, ti, keys).permute(0, 1, 3, 2, 4)  # (B, Hkv, Ti, G, K)
-        s5 = s5.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s5 + m.to(s.dtype)
+        s5 = s5.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else s5.add_(m.to(s.dtype))
     return s5.reshape(b, kv_heads, rows, keys), t
 
 
