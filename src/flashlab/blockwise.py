@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from flashlab.blockwise_scores import ScoreMods, dropout_tile, modify
+from flashlab.blockwise_scores import ScoreMods, dropout_tile, exp_shifted, modify
 
 __all__ = ["ScoreMods", "blockwise_attention", "blockwise_attention_backward"]
 
@@ -108,11 +108,11 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mods: ScoreMods, blo
         acc = q_t.new_zeros(*q_t.shape[:3], dv)
         for j0 in range(k_lo, k_hi, block):
             j1 = min(j0 + block, k_hi)
-            s, _ = modify(q_t @ kr[:, :, j0:j1].transpose(-1, -2), mods, i0, i1, j0, j1)
+            s, _, masked = modify(q_t @ kr[:, :, j0:j1].transpose(-1, -2), mods, i0, i1, j0, j1)
             m_new = torch.maximum(m, s.amax(dim=-1))
             # A row that has seen only masked keys keeps m = -inf; shift by 0 so exp gives 0, not NaN.
             m_safe = m_new.masked_fill(m_new == -math.inf, 0.0)
-            p = s.sub_(m_safe[..., None]).exp_()  # in place: s is this tile's own buffer
+            p = exp_shifted(s, m_safe[..., None], masked)  # in place: s is this tile's own buffer
             alpha = torch.exp(m - m_safe)  # rescales the old statistics to the new max
             l_sum = l_sum.mul_(alpha).add_(p.sum(dim=-1))
             if mods.dropout_p > 0:  # the normalizer sums the undropped weights; only P·V sees dropout
@@ -190,8 +190,8 @@ def blockwise_attention_backward(
             i1 = min(i0 + block_size, sq)
             rows = slice(i0 * group, i1 * group)
             q_t, do_t = qr[:, :, rows], do[:, :, rows]
-            s, tanh = modify(q_t @ k_t.transpose(-1, -2), mods, i0, i1, j0, j1)
-            p = s.sub_(lse_r[:, :, rows, None]).exp_()  # in place: s is this tile's own buffer
+            s, tanh, masked = modify(q_t @ k_t.transpose(-1, -2), mods, i0, i1, j0, j1)
+            p = exp_shifted(s, lse_r[:, :, rows, None], masked)  # in place: s is this tile's own buffer
             dp = do_t @ v_t.transpose(-1, -2)
             p_used = p
             if mods.dropout_p > 0:

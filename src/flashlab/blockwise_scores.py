@@ -70,12 +70,13 @@ def _positions(i0: int, i1: int, j0: int, j1: int, device: torch.device) -> tupl
     return torch.arange(i0, i1, device=device)[:, None], torch.arange(j0, j1, device=device)[None, :]
 
 
-def modify(s: Tensor, mods: ScoreMods, i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor, Tensor | None]:
+def modify(s: Tensor, mods: ScoreMods, i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor, Tensor | None, bool]:
     """Apply ``mods`` to the tile ``s`` (B, Hkv, (i1 - i0)·G, j1 - j0) of scaled scores.
 
-    Returns the modified scores and, with a softcap, ``tanh(s / cap)`` (the backward's chain factor
-    is ``1 - tanh²``), else None. Hidden entries are -inf. ``s`` must be the caller's own fresh tile:
-    it may be overwritten (in place saves a pass over the tile)."""
+    Returns the modified scores; with a softcap ``tanh(s / cap)`` (the backward's chain factor is
+    ``1 - tanh²``), else None; and whether a mask was applied (hidden entries are -inf, and only
+    such tiles can hold them). ``s`` must be the caller's own fresh tile: it may be overwritten (in
+    place saves a pass over the tile)."""
     b, kv_heads, rows, keys = s.shape
     ti = i1 - i0
     group = rows // ti
@@ -84,14 +85,15 @@ def modify(s: Tensor, mods: ScoreMods, i0: int, i1: int, j0: int, j1: int) -> tu
         t = torch.tanh(s / mods.softcap)
         s = t * mods.softcap
     if mods.alibi_slopes is None and not mods.banded and mods.attn_mask is None:
-        return s, t
+        return s, t, False
     s5 = s.reshape(b, kv_heads, ti, group, keys)  # (B, Hkv, Ti, G, K): rows split into (query, member)
     i, j = _positions(i0, i1, j0, j1, s.device)
     if mods.alibi_slopes is not None:
         slopes = mods.alibi_slopes.reshape(-1, kv_heads, 1, group, 1).to(s.dtype)  # (B|1, Hkv, 1, G, 1)
         dist = (i + mods.offset - j).abs().to(s.dtype)  # (Ti, K)
         s5 = s5.sub_(slopes * dist[None, None, :, None, :])
-    if mods.banded and not mods.band_covers(i0, i1, j0, j1):
+    band_masked = mods.banded and not mods.band_covers(i0, i1, j0, j1)
+    if band_masked:
         hidden = torch.zeros(ti, keys, dtype=torch.bool, device=s.device)
         if mods.right >= 0:
             hidden |= j > i + mods.offset + mods.right
@@ -102,7 +104,18 @@ def modify(s: Tensor, mods: ScoreMods, i0: int, i1: int, j0: int, j1: int) -> tu
         m = mods.attn_mask[:, :, i0:i1, j0:j1]  # (B, H, Ti, K), a view of the broadcast mask
         m = m.reshape(m.shape[0], kv_heads, group, ti, keys).permute(0, 1, 3, 2, 4)  # (B, Hkv, Ti, G, K)
         s5 = s5.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else s5.add_(m.to(s.dtype))
-    return s5.reshape(b, kv_heads, rows, keys), t
+    return s5.reshape(b, kv_heads, rows, keys), t, band_masked or mods.attn_mask is not None
+
+
+def exp_shifted(s: Tensor, shift: Tensor, masked: bool) -> Tensor:
+    """``exp(s - shift)`` in place, with exact zeros where ``s - shift`` is -inf. The CPU's vector
+    exp is several times slower on -inf and on arguments below float32's underflow (about -87) than
+    on ordinary ones: arguments are clamped at -80 (e^-80 ≈ 2e-35 of the row maximum, far below any
+    rounding) and masked entries are zeroed after."""
+    x = s.sub_(shift)
+    hidden = x == float("-inf") if masked else None
+    p = x.clamp_(min=-80.0).exp_()
+    return p.masked_fill_(hidden, 0.0) if hidden is not None else p
 
 
 def dropout_tile(mods: ScoreMods, kv_heads: int, i0: int, i1: int, j0: int, j1: int) -> Tensor:
