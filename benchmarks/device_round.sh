@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One device call's worth of the open GPU work, by stage (docs/perf-notes.md, "Plan for the next
+# device session"). Each stage writes under OUT/<stage>/ and prints a short summary; stages keep
+# within about 8 minutes so one call (10-minute limit) runs one or two of them.
+#
+# Usage: benchmarks/device_round.sh OUT STAGE...
+#   verify  the compile fixes (compile_probe, test_compile/transformers/modules) and the GPU tier
+#   host    host time per call (host_overhead.py) and graph replays at short sequences
+#   tune    Triton 3.6's resource report, then the tile sweep with the fewest-spill candidates
+#   lab     the feature suites, one after the other (2.5 min each; rerun with a kept OUT and --resume
+#           by hand to finish one)
+set -uo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:?usage: device_round.sh OUT STAGE...}
+shift
+export PYTHONPATH="$here/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [ -z "${FLASHLAB_GIT_COMMIT:-}" ]; then
+  FLASHLAB_GIT_COMMIT=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  export FLASHLAB_GIT_COMMIT
+fi
+py=${PYTHON:-python3}
+cd "$here" || exit 1
+
+for stage in "$@"; do
+  dir="$out/$stage"
+  mkdir -p "$dir"
+  case "$stage" in
+    verify)
+      timeout 200 "$py" benchmarks/compile_probe.py --variants base --out "$dir/probe" > "$dir/probe.log" 2>&1 &
+      probe=$!
+      benchmarks/gpu_tests.sh "$dir/tests" 300
+      wait "$probe"
+      cat "$dir/probe.log"
+      ;;
+    host)
+      timeout 120 "$py" benchmarks/host_overhead.py --out "$dir" | tail -40
+      timeout 200 "$py" benchmarks/kernel_check.py --out "$dir/eager" --seqlens 512 1024 2048 \
+        --head-dims 64 128 256 --skip-correctness > "$dir/eager.log" 2>&1
+      timeout 120 "$py" benchmarks/kernel_check.py --out "$dir/graph" --seqlens 512 1024 2048 \
+        --head-dims 64 128 256 --modes fwd --cudagraph --skip-correctness > "$dir/graph.log" 2>&1
+      tail -25 "$dir/eager.log"
+      tail -12 "$dir/graph.log"
+      ;;
+    tune)
+      KERNEL_COMPILE_PTXAS=1 timeout 120 "$py" tests/kernel_compile.py > "$dir/resources.txt" 2>&1
+      grep -c "^ok" "$dir/resources.txt"
+      timeout 400 "$py" benchmarks/kernel_check.py --out "$dir" --tune --tune-seqlens 2048 8192 \
+        --tune-head-dims 64 128 256 --seqlens 2048 > "$dir/tune.log" 2>&1
+      tail -40 "$dir/tune.log"
+      ;;
+    lab)
+      lab=("$py" -m flashlab.lab.cli bench --memory inprocess --rep-ms 100)
+      timeout 150 "${lab[@]}" --suite varlen --providers flashlab,flashlab-loop,sdpa-flash --out "$dir/varlen" \
+        > "$dir/varlen.log" 2>&1
+      timeout 150 "${lab[@]}" --suite sliding-window --providers flashlab,flex --out "$dir/window" \
+        > "$dir/window.log" 2>&1
+      timeout 150 "${lab[@]}" --suite block-sparse --modes fwd --providers flashlab,flex --out "$dir/block-sparse" \
+        > "$dir/block-sparse.log" 2>&1
+      tail -8 "$dir"/*.log
+      ;;
+    *)
+      echo "unknown stage: $stage (verify, host, tune, lab)"
+      exit 2
+      ;;
+  esac
+done
+# What comes back from a device call is at most 8 files two folders down: pack everything.
+tar czf "$out/round.tgz" -C "$out" "$@" && echo "packed: $out/round.tgz" && for stage in "$@"; do rm -rf "${out:?}/$stage"; done
