@@ -68,6 +68,7 @@ def compile_kernel(kernel: triton.JITFunction, consts: dict, cfg: configs.TileCo
     names = list(sig)
     src = ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages} if cfg else {"num_warps": 4}
+    options.update(configs.FP_FUSION)  # as ops.py launches them
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     report = f"smem {compiled.metadata.shared}"
     if os.environ.get("KERNEL_COMPILE_PTXAS") == "1":

@@ -24,6 +24,7 @@ from flashlab.block_mask import BlockMask
 from flashlab.kernels import backward as bwd_kernels
 from flashlab.kernels import forward as fwd_kernels
 from flashlab.kernels.configs import (
+    FP_FUSION,
     TileConfig,
     backward_config,
     forward_config,
@@ -158,7 +159,7 @@ def attn_fwd(
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
         *_strides3(_as4d(out), varlen), *run.lse_strides, *run.slope_strides, *run.mask_strides,
         *run.sparse_kv_strides, run.seqlen_q, run.seqlen_k, run.heads // run.kv_heads, *run.scalars,
-        HEAD_DIM=run.head_dim, BLOCK_D=block_d, **run.flags, **cfg.launch_kwargs(),
+        HEAD_DIM=run.head_dim, BLOCK_D=block_d, **run.flags, **cfg.launch_kwargs(), **FP_FUSION,
     )
     return out, lse
 
@@ -194,6 +195,7 @@ def attn_bwd(
         o4, do4, dlse if dlse is not None else lse, delta, run.cu_q,
         *_strides3(o4, varlen), *_strides3(do4, varlen), *run.lse_strides, run.seqlen_q,
         HEAD_DIM=run.head_dim, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=dlse is not None, IS_VARLEN=varlen,
+        **FP_FUSION,
     )
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg_kv, cfg_q = (_clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,
@@ -204,13 +206,13 @@ def attn_bwd(
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
         *_strides3(do4, varlen), *_strides3(dk4, varlen), *_strides3(dv4, varlen), *head, *run.sparse_q_strides,
         *common,
-        **consts, **cfg_kv.launch_kwargs(),
+        **consts, **cfg_kv.launch_kwargs(), **FP_FUSION,
     )
     bwd_kernels.attn_bwd_dq_kernel[(triton.cdiv(run.seqlen_q, cfg_q.block_m), run.heads, run.batch)](
         run.q4, run.k4, run.v4, do4, lse, delta, dq4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
         *_strides3(do4, varlen), *_strides3(dq4, varlen), *head, *run.sparse_kv_strides, *common,
-        **consts, **cfg_q.launch_kwargs(),
+        **consts, **cfg_q.launch_kwargs(), **FP_FUSION,
     )
     return dq, dk, dv
 
