@@ -5,7 +5,8 @@
 #
 # Usage: benchmarks/device_round.sh OUT STAGE...
 #   verify  the compile fixes (compile_probe, test_compile/transformers/modules) and the GPU tier
-#   host    host time per call (host_overhead.py) and graph replays at short sequences
+#   host    host time per call (host_overhead.py), graph replays at short sequences, small and odd
+#           shapes (odd_shapes.py: batch 1, head dims 80/96/192, GQA 8:1)
 #   tune    Triton 3.6's resource report, then the tile sweep with the fewest-spill candidates
 #   lab     the feature suites, one after the other (2.5 min each; rerun with a kept OUT and --resume
 #           by hand to finish one)
@@ -40,6 +41,7 @@ for stage in "$@"; do
         --head-dims 64 128 256 --modes fwd --cudagraph --skip-correctness > "$dir/graph.log" 2>&1
       tail -25 "$dir/eager.log"
       tail -12 "$dir/graph.log"
+      timeout 150 "$py" benchmarks/odd_shapes.py --out "$dir/odd" | tail -42
       ;;
     tune)
       KERNEL_COMPILE_PTXAS=1 timeout 120 "$py" tests/kernel_compile.py > "$dir/resources.txt" 2>&1
