@@ -68,3 +68,14 @@ def test_forward_memory_is_linear_in_seqlen():
     flashlab.flash_attn_func(q, k, v)
     extra = torch.cuda.max_memory_allocated() - before
     assert extra <= q.numel() * 2 + 4 * 32768 * 4 + (1 << 20), extra
+
+
+@pytest.mark.parametrize("head_dim", [128, 80])
+def test_packed_qkv_views_at_real_size(head_dim):
+    """q, k, v as views of one fused projection (batch, seqlen, 3, heads, dim) — what a model's qkv
+    linear gives — forward and gradients by the accuracy rule, eagerly (compiled: test_compile.py)."""
+    torch.manual_seed(head_dim)
+    qkv = torch.randn(2, 2048, 3, 16, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = qkv.unbind(2)
+    out = flashlab.flash_attn_func(q, k, v, causal=True)
+    check_against_reference(out, q, k, v, causal=True)
