@@ -11,6 +11,14 @@ import torch
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # flashlab imports its kernels at their first launch, and triton.jit picks interpreted or compiled
+    # then. Tests of the CPU path switch the interpreter off for a while: import every kernel now,
+    # so that none is first imported inside such a test (compiled, then called from interpreted code).
+    import flashlab.kernels.backward  # noqa: F401
+    import flashlab.kernels.decode  # noqa: F401
+    import flashlab.kernels.forward  # noqa: F401
+    import flashlab.kernels.scores  # noqa: F401
 
 
 def pytest_collection_modifyitems(config, items):

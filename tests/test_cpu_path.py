@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from attn_checks import check_against_reference, make_qkv
@@ -188,3 +192,29 @@ def test_fuzz_blockwise_score_options(sq, sk, kv_heads, group, head_dim, causal,
               alibi_slopes=torch.rand(heads) * 0.3 if alibi else None)
     out, _ = blockwise_attention(q, k, v, causal_offset=sk - sq, block_size=block, **kw)
     check_against_reference(out, q, k, v, **kw)
+
+
+def test_works_where_triton_is_not_installed(tmp_path):
+    """macOS / Windows: no Triton. Importing flashlab, the CPU path (features, backward, decoding)
+    and the lab must not need it (Triton is imported only by a kernel launch)."""
+    script = tmp_path / "no_triton.py"
+    script.write_text(
+        "import sys\n"
+        "sys.modules['triton'] = None  # any import of triton now raises ImportError\n"
+        "import torch, flashlab\n"
+        "from flashlab.reference import naive_attention\n"
+        "q, k, v = (torch.randn(2, 33, 4, 16, requires_grad=True) for _ in range(3))\n"
+        "out = flashlab.flash_attn_func(q.half(), k.half(), v.half(), causal=True, window_size=(5, 0), softcap=3.0)\n"
+        "out.float().sum().backward()\n"
+        "sd = flashlab.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))\n"
+        "want = naive_attention(q.double(), k.double(), v.double(), layout='bshd').transpose(1, 2)\n"
+        "assert (sd.double() - want).abs().max() < 1e-5\n"
+        "kc = torch.randn(2, 40, 4, 16)\n"
+        "flashlab.flash_attn_with_kvcache(torch.randn(2, 1, 4, 16), kc, kc, cache_seqlens=torch.tensor([9, 40]))\n"
+        "from flashlab.lab.cli import main\n"
+        "sys.exit(main(['bench', '--seqlen', '32', '--heads', '2', '--head-dim', '8', '--batch', '1', '--providers',\n"
+        "               'flashlab,naive', '--device', 'cpu', '--memory', 'off', '--cpu-repeats', '1', '--cpu-budget',\n"
+        f"               '0', '--out', {str(tmp_path / 'lab')!r}]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

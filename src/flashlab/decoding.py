@@ -17,11 +17,9 @@ import functools
 import math
 
 import torch
-import triton
 from torch.library import wrap_triton
 
-from flashlab.kernels import decode as kernels
-from flashlab.kernels.configs import TileConfig, interpreting, padded_head_dim
+from flashlab.kernels.configs import TileConfig, cdiv, interpreting, next_power_of_2, padded_head_dim
 from flashlab.library import kernel_op, kvcache_append_fake, kvcache_attn_fake
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -40,7 +38,7 @@ def decode_config(rows: int, block_d: int, paged: bool, device: torch.device) ->
     the same depth (checked on the sm_90 TTGIR: 5 stages paged = 3 contiguous = 72 KB of shared)."""
     if interpreting():
         return TileConfig(16 if rows <= 16 else 32, 32, 4, 1)
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_m = min(64, max(16, next_power_of_2(rows)))
     if block_d > 128:  # 256-wide rows: half the keys per tile, 8 warps for the accumulator (no spills)
         return TileConfig(block_m, 32, 8, 5 if paged else 3)
     return TileConfig(block_m, 64, 4, 5 if paged else 3)
@@ -93,11 +91,12 @@ def _append_impl(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
                    cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | None,
                    block_table: torch.Tensor | None) -> None:
     """k_cache/v_cache ← k/v (batch, seqlen_new, kv_heads, head_dim) at cache_seqlens[b] + i."""
+    from flashlab.kernels import decode as kernels  # here: importing flashlab needs no Triton
     batch, seqlen_new, kv_heads, _ = k.shape
     head_dim, page_size = int(k.shape[3]), int(k_cache.shape[1])  # constexprs: specialized under dynamic shapes
     batch_idx, bt, stride_btb = _index_args(cache_seqlens, cache_batch_idx, block_table)
     block_s = 16
-    _launcher(kernels.kvcache_append_kernel, k)[(triton.cdiv(seqlen_new, block_s), kv_heads, batch)](
+    _launcher(kernels.kvcache_append_kernel, k)[(cdiv(seqlen_new, block_s), kv_heads, batch)](
         k, v, k_cache, v_cache, cache_seqlens, batch_idx, bt,
         *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
         stride_btb, seqlen_new, _capacity(k_cache, block_table),
@@ -111,13 +110,14 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
                softmax_scale: float, causal: bool, num_splits: int, min_chunk: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (batch, seqlen_q, heads, head_dim) in q's dtype, lse fp32 (batch, heads, seqlen_q))."""
+    from flashlab.kernels import decode as kernels
     batch, seqlen_q, heads, _ = q.shape
     kv_heads = k_cache.shape[2]
     head_dim, page_size = int(q.shape[3]), int(k_cache.shape[1])  # constexprs: specialized under dynamic shapes
     block_d = padded_head_dim(head_dim)
     cfg = decode_config(int(_grid_rows(q, kv_heads)), block_d, block_table is not None, q.device)
-    m_blocks = triton.cdiv(_grid_rows(q, kv_heads), cfg.block_m)
-    min_chunk = triton.cdiv(max(min_chunk, 1), cfg.block_n) * cfg.block_n
+    m_blocks = cdiv(_grid_rows(q, kv_heads), cfg.block_m)
+    min_chunk = cdiv(max(min_chunk, 1), cfg.block_n) * cfg.block_n
     out = torch.empty((batch, seqlen_q, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     split = num_splits > 1
@@ -138,8 +138,8 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
         _launcher(kernels.decode_combine_kernel, q)[(rows, batch)](
             out, lse, o_part, lse_part, cache_seqlens, *out.stride()[:3],
             batch, seqlen_q, seqlen_new, capacity, heads, num_splits, min_chunk,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n, SPLITS_P2=triton.next_power_of_2(num_splits),
-            num_warps=8 if triton.next_power_of_2(num_splits) * block_d > 8192 else 4,  # the [splits, dim] tile
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n, SPLITS_P2=next_power_of_2(num_splits),
+            num_warps=8 if next_power_of_2(num_splits) * block_d > 8192 else 4,  # the [splits, dim] tile
         )
     return out, lse
 
@@ -407,7 +407,7 @@ def flash_attn_with_kvcache(
     auto = num_splits == 0
     min_split_keys = cfg.block_n if interpreting() else MIN_SPLIT_KEYS
     if auto:
-        m_blocks = triton.cdiv(_grid_rows(q, kv_heads), cfg.block_m)
+        m_blocks = cdiv(_grid_rows(q, kv_heads), cfg.block_m)
         num_splits = choose_num_splits(batch, kv_heads, m_blocks, max_keys, _num_sms(q.device.index), min_split_keys)
     out, lse = _op("kvcache_attn", _attn_impl)(
         q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, seqlen_new, float(softmax_scale), bool(causal),

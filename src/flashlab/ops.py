@@ -18,15 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import triton
 
 from flashlab.block_mask import BlockMask
-from flashlab.kernels import backward as bwd_kernels
-from flashlab.kernels import forward as fwd_kernels
 from flashlab.kernels.configs import (
     FP_FUSION,
     TileConfig,
     backward_config,
+    cdiv,
     forward_config,
     padded_head_dim,
     preprocess_block_m,
@@ -143,6 +141,7 @@ def attn_fwd(
     dropout_p: float, seed: int, block_tiles: torch.Tensor | None = None, block_kv: torch.Tensor | None = None,
     block_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    from flashlab.kernels import forward as fwd_kernels  # here: importing flashlab needs no Triton
     run = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                    bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p, seed,
                    block_tiles, block_kv, block_q)
@@ -153,7 +152,7 @@ def attn_fwd(
     block_d = padded_head_dim(run.head_dim)
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg = _clamp_tiles(forward_config(block_d, run.flags["HAS_UPPER"], q.device, aligned), run)
-    grid = (triton.cdiv(run.seqlen_q, cfg.block_m), run.heads, run.batch)
+    grid = (cdiv(run.seqlen_q, cfg.block_m), run.heads, run.batch)
     fwd_kernels.attn_fwd_kernel[grid](
         run.q4, run.k4, run.v4, _as4d(out), lse, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
@@ -174,6 +173,7 @@ def attn_bwd(
     dropout_p: float, seed: int, block_tiles: torch.Tensor | None = None, block_kv: torch.Tensor | None = None,
     block_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flashlab.kernels import backward as bwd_kernels
     run = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                    bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p, seed,
                    block_tiles, block_kv, block_q)
@@ -189,7 +189,7 @@ def attn_bwd(
     consts = dict(HEAD_DIM=run.head_dim, BLOCK_D=block_d, **run.flags)
 
     pre_m = preprocess_block_m(block_d)
-    bwd_kernels.attn_bwd_preprocess_kernel[(triton.cdiv(run.seqlen_q, pre_m), run.heads, run.batch)](
+    bwd_kernels.attn_bwd_preprocess_kernel[(cdiv(run.seqlen_q, pre_m), run.heads, run.batch)](
         # Without dlse, lse stands in as the unread pointer: never delta, which this kernel writes (an
         # argument both written and aliased breaks Inductor's functionalization of the launch).
         o4, do4, dlse if dlse is not None else lse, delta, run.cu_q,
@@ -200,7 +200,7 @@ def attn_bwd(
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg_kv, cfg_q = (_clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,
                                                                     aligned))
-    bwd_kernels.attn_bwd_dkdv_kernel[(triton.cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads,
+    bwd_kernels.attn_bwd_dkdv_kernel[(cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads,
                                                    run.batch)](
         run.q4, run.k4, run.v4, do4, lse, delta, dk4, dv4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_q,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
@@ -208,7 +208,7 @@ def attn_bwd(
         *common,
         **consts, **cfg_kv.launch_kwargs(), **FP_FUSION,
     )
-    bwd_kernels.attn_bwd_dq_kernel[(triton.cdiv(run.seqlen_q, cfg_q.block_m), run.heads, run.batch)](
+    bwd_kernels.attn_bwd_dq_kernel[(cdiv(run.seqlen_q, cfg_q.block_m), run.heads, run.batch)](
         run.q4, run.k4, run.v4, do4, lse, delta, dq4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
         *_strides3(do4, varlen), *_strides3(dq4, varlen), *head, *run.sparse_kv_strides, *common,
@@ -312,7 +312,7 @@ def dropout_pattern(batch: int, heads: int, seqlen_q: int, seqlen_k: int, option
 
     keep = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.uint8, device=device)
     if keep.numel():
-        grid = (triton.cdiv(seqlen_q, 32), heads, batch)
+        grid = (cdiv(seqlen_q, 32), heads, batch)
         dropout_pattern_kernel[grid](keep, options.seed, options.dropout_p, seqlen_q, seqlen_k, BLOCK_M=32,
                                      BLOCK_N=64)
     return keep.view(torch.bool)

@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
 
 
 @dataclass(frozen=True)
@@ -32,9 +31,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ n (1 for n ≤ 1). Here rather than triton's, so that this module
+    (and the CPU path that imports it) loads where Triton is not installed."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for launch grids."""
+    return -(-a // b)
+
+
 def padded_head_dim(head_dim: int) -> int:
     """Head dims are padded to a power of two (≥ 16, the smallest tensor-core tile)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
