@@ -190,8 +190,7 @@ def attn_bwd(
 
     pre_m = preprocess_block_m(block_d)
     bwd_kernels.attn_bwd_preprocess_kernel[(cdiv(run.seqlen_q, pre_m), run.heads, run.batch)](
-        # Without dlse, lse stands in as the unread pointer: never delta, which this kernel writes (an
-        # argument both written and aliased breaks Inductor's functionalization of the launch).
+        # Without dlse, lse stands in as the unread pointer (never delta, which this kernel writes).
         o4, do4, dlse if dlse is not None else lse, delta, run.cu_q,
         *_strides3(o4, varlen), *_strides3(do4, varlen), *run.lse_strides, run.seqlen_q,
         HEAD_DIM=run.head_dim, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=dlse is not None, IS_VARLEN=varlen,

@@ -146,9 +146,6 @@ def attn_bwd_dkdv_kernel(
                    + offs_d[None, :], offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Inductor types Python floats fp64 in the launches it generates: keep the arithmetic fp32.
-    softmax_scale, dropout_p = tl.cast(softmax_scale, tl.float32), tl.cast(dropout_p, tl.float32)
-    cap_in, cap_out = tl.cast(cap_in, tl.float32), tl.cast(cap_out, tl.float32)
     qk_scale = softmax_scale * LOG2E
     lo, full_lo, full_hi, hi = query_block_ranges(start_n, seqlen_q, diag, window_left, window_right,
                                                   BLOCK_M, BLOCK_N, HAS_UPPER, HAS_LOWER)
@@ -265,9 +262,6 @@ def attn_bwd_dq_kernel(
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + off_b * stride_sb + off_h * stride_sh)
-    # Inductor types Python floats fp64 in the launches it generates: keep the arithmetic fp32.
-    softmax_scale, dropout_p = tl.cast(softmax_scale, tl.float32), tl.cast(dropout_p, tl.float32)
-    cap_in, cap_out = tl.cast(cap_in, tl.float32), tl.cast(cap_out, tl.float32)
     qk_scale = softmax_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 

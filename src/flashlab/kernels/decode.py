@@ -165,7 +165,8 @@ def decode_attn_kernel(
         v_base = V + cache_row * stride_vb + hk * stride_vh
     bt_row = BT + b * stride_btb
 
-    # Inductor types Python floats fp64 in the launches it generates: keep the arithmetic fp32.
+    # Inductor types Python floats fp64 in the launches it generates (this kernel's op is a
+    # triton_op, traced by torch.compile): keep the arithmetic fp32.
     qk_scale = tl.cast(softmax_scale, tl.float32) * LOG2E
     m_i = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -148,9 +148,6 @@ def attn_fwd_kernel(
 
     q = _load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], offs_m, seqlen_q, offs_d,
                    HEAD_DIM, BLOCK_D, True)
-    # Inductor types Python floats fp64 in the launches it generates: keep the arithmetic fp32.
-    softmax_scale, dropout_p = tl.cast(softmax_scale, tl.float32), tl.cast(dropout_p, tl.float32)
-    cap_in, cap_out = tl.cast(cap_in, tl.float32), tl.cast(cap_out, tl.float32)
     qk_scale = softmax_scale * LOG2E
     m_i = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
