@@ -4,8 +4,10 @@
 
 At short sequences a call is host-bound when its host time exceeds the kernel time: the GPU then
 waits for launches and ``do_bench`` measures the host. Each entry runs back-to-back calls on a tiny
-shape without synchronizing (the host's rate), then once synchronized (the latency); the flashlab
-forward is also profiled with cProfile (top functions by own time, written to DIR/host_profile.txt).
+shape without synchronizing (the host's rate). The flashlab forward and forward+backward are then
+profiled with cProfile (top functions by own time) and torch.profiler (CPU and CUDA time per op
+and kernel), written to DIR/host_profile.txt. "op ..." entries call ``flashlab::attn_fwd`` through
+the dispatcher with its registered autograd (the traced path) for comparison with the eager one.
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ def per_call_us(fn, calls: int = CALLS) -> float:
     return host / calls * 1e6
 
 
+def op_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flashlab::attn_fwd`` through the dispatcher, causal, default scale."""
+    return torch.ops.flashlab.attn_fwd(q, k, v, None, None, 0, 0, q.shape[-1] ** -0.5, True, True, -1, -1, 0.0,
+                                       None, None, 0.0, 0)
+
+
 def entries() -> dict[str, object]:
     dev, dt = "cuda", torch.bfloat16
     q, k, v = (torch.randn(1, 128, 8, 64, device=dev, dtype=dt) for _ in range(3))
@@ -61,6 +69,9 @@ def entries() -> dict[str, object]:
     def fwd_bwd() -> None:
         flashlab.flash_attn_func(qg, kg, vg, causal=True).sum().backward()
 
+    def op_fwd_bwd() -> None:  # the op's registered autograd (what traced code uses), called eagerly
+        op_fwd(qg, kg, vg)[0].sum().backward()
+
     def fwd_no_grad() -> None:
         with torch.no_grad():
             flashlab.flash_attn_func(q, k, v, causal=True)
@@ -68,7 +79,10 @@ def entries() -> dict[str, object]:
     return {
         "flashlab fwd": lambda: flashlab.flash_attn_func(q, k, v, causal=True),
         "flashlab fwd (no_grad)": fwd_no_grad,
+        "flashlab fwd (grad inputs)": lambda: flashlab.flash_attn_func(qg, kg, vg, causal=True),
         "flashlab fwd+bwd": fwd_bwd,
+        "op fwd (grad inputs)": lambda: op_fwd(qg, kg, vg),
+        "op fwd+bwd": op_fwd_bwd,
         "flashlab sdpa layout": lambda: flashlab.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
         "flashlab kvcache": lambda: flash_attn_with_kvcache(q1, kc, kc, cache_seqlens=lens),
         "torch sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
@@ -84,20 +98,37 @@ def main() -> None:
     rows = [{"name": name, "host_us_per_call": per_call_us(fn)} for name, fn in entries().items()]
     for r in rows:
         print(f"{r['name']:<28} {r['host_us_per_call']:8.1f} µs/call")
-    fn = entries()["flashlab fwd"]
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(CALLS):
-        fn()
-    prof.disable()
-    torch.cuda.synchronize()
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
-    print(text.getvalue()[:6000])
+    for name in ("flashlab fwd", "flashlab fwd+bwd"):
+        fn = entries()[name]
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(CALLS):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        text.write(f"== cProfile: {name}, {CALLS} calls\n")
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    text.write(device_profile(entries()["flashlab fwd+bwd"]))
+    print(text.getvalue()[-8000:])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "host_overhead.json").write_text(json.dumps(rows, indent=1))
         (args.out / "host_profile.txt").write_text(text.getvalue())
+
+
+def device_profile(fn, calls: int = 20) -> str:
+    """torch.profiler's table for ``fn``: CPU and CUDA time per op and kernel (is a slow call
+    waiting on the host or on a kernel?)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+    return f"== torch.profiler: {calls} calls, by CUDA time\n{table}\n"
 
 
 if __name__ == "__main__":

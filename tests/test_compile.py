@@ -8,6 +8,7 @@ code generation, which needs a GPU for Triton kernels). The GPU test compiles wi
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -136,6 +137,28 @@ def test_opcheck_kvcache_ops(device):
     torch.library.opcheck(torch.ops.flashlab.kvcache_append.default, (k, v, k_cache, v_cache, lens, None, None))
 
 
+def _run_with_grad(fn, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach().requires_grad_()
+    out = fn(x)
+    return out, _grads(out, (x,), g.to(out.dtype))[0]
+
+
+def _close_to_eager(module: torch.nn.Module, call, x: torch.Tensor) -> None:
+    """Inductor fuses the projections and rotary around the attention op and rounds them differently
+    from eager, so there compiled and eager agree by the accuracy rule, not bit for bit: against the
+    module in fp64 on the CPU path, the compiled output's error (its input gradient's) is at most 2×
+    (3×) the eager fp16 error."""
+    g = torch.randn(call(module, x).shape, dtype=x.dtype, device=x.device)
+    out, dx = _run_with_grad(_compiled(functools.partial(call, module)), x, g)
+    eager_out, eager_dx = _run_with_grad(functools.partial(call, module), x, g)
+    ref = copy.deepcopy(module).to("cpu", torch.float64)
+    ref_out, ref_dx = _run_with_grad(functools.partial(call, ref), x.cpu().double(), g.cpu())
+    check = accuracy_check(out, ref_out, eager_out)
+    assert check.ok, f"output: {check}"
+    check = accuracy_check(dx, ref_dx, eager_dx, factor=3.0)
+    assert check.ok, f"input gradient: {check}"
+
+
 def test_layers_compile_fullgraph(device):
     """flashlab.MultiheadAttention (with a padding mask) and flashlab.Attention (GQA, rotary) trace whole."""
     torch.manual_seed(10)
@@ -144,8 +167,18 @@ def test_layers_compile_fullgraph(device):
     x = torch.randn(2, 12, 32, dtype=torch.float16, device=device, requires_grad=True)
     padding = torch.zeros(2, 12, dtype=torch.bool, device=device)
     padding[1, 9:] = True
-    _same_as_eager(lambda x: mha(x, x, x, key_padding_mask=padding, need_weights=False)[0], (x,))
-    _same_as_eager(layer, (x,))
+
+    def with_padding(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m(x, x, x, key_padding_mask=padding.to(x.device), need_weights=False)[0]
+
+    def plain(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m(x)
+
+    for module, call in ((mha, with_padding), (layer, plain)):
+        if BACKEND == "inductor":
+            _close_to_eager(module, call, x)
+        else:
+            _same_as_eager(functools.partial(call, module), (x,))
 
 
 class _TinyBlock(torch.nn.Module):

@@ -21,10 +21,12 @@ def cpu_path(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=["fp16", "fp32", "fp64"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_flash_attn_func_on_cpu_path(cpu_path, causal):
+def test_flash_attn_func_on_cpu_path(cpu_path, causal, dtype):
+    """The CPU path also takes fp32 and fp64 (the kernels fp16/bf16 only), e.g. for a module's fp64 reference."""
     torch.manual_seed(0)
-    q, k, v = make_qkv(2, 113, 203, 6, 2, 80, torch.float16, "cpu")
+    q, k, v = make_qkv(2, 113, 203, 6, 2, 80, dtype, "cpu")
     out = flashlab.flash_attn_func(q, k, v, causal=causal)
     check_against_reference(out, q, k, v, causal=causal)
 

@@ -10,6 +10,12 @@ import torch
 
 MAX_HEAD_DIM = 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+CPU_PATH_DTYPES = KERNEL_DTYPES + (torch.float32, torch.float64)
+
+
+def accepted_dtypes(on_kernels: bool) -> tuple[torch.dtype, ...]:
+    """The Triton kernels take fp16/bf16; the CPU path (PyTorch ops) also fp32 and fp64."""
+    return KERNEL_DTYPES if on_kernels else CPU_PATH_DTYPES
 
 
 def check_qkv(q: object, k: object, v: object, names: tuple[str, str, str], rank: int, head_axis: int,

@@ -19,10 +19,10 @@ import math
 import torch
 from torch.library import wrap_triton
 
+from flashlab.checks import accepted_dtypes
 from flashlab.kernels.configs import TileConfig, cdiv, interpreting, next_power_of_2, padded_head_dim
 from flashlab.library import kernel_op, kvcache_append_fake, kvcache_attn_fake
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256
 MAX_SPLITS = 128
@@ -312,7 +312,7 @@ def flash_attn_with_kvcache(
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}: they must share a device")
     on_torch_path = q.device.type == "cpu" and not interpreting()
-    dtypes = KERNEL_DTYPES + ((torch.float32, torch.float64) if on_torch_path else ())
+    dtypes = accepted_dtypes(not on_torch_path)
     if q.dtype not in dtypes:
         raise TypeError(f"q has dtype {q.dtype}; accepted: {', '.join(str(d) for d in dtypes)}")
     if tuple(window_size) != (-1, -1):

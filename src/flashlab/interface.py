@@ -37,7 +37,8 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def _uses_kernels(t: torch.Tensor) -> bool:
-    return t.is_cuda or interpreting()
+    # Called before the argument checks: a non-tensor gets the kernels' dtypes, then check_qkv's TypeError.
+    return not isinstance(t, torch.Tensor) or t.is_cuda or interpreting()
 
 
 def _dropout_seed(dropout_p: float) -> int:
@@ -127,7 +128,8 @@ def flash_attn_func(
     Any seqlen ≥ 0 and head_dim 1..256 work; inputs may be strided views (e.g. slices of a packed
     qkv tensor) and are not copied unless the head dim is not unit-stride.
     """
-    checks.check_qkv(q, k, v, ("q", "k", "v"), rank=4, head_axis=2, allowed_dtypes=checks.KERNEL_DTYPES)
+    checks.check_qkv(q, k, v, ("q", "k", "v"), rank=4, head_axis=2,
+                     allowed_dtypes=checks.accepted_dtypes(_uses_kernels(q)))
     scale = checks.resolve_scale(softmax_scale, q.shape[-1], "softmax_scale")
     options = _feature_options(q, q.shape[0], window_size, softcap, alibi_slopes, dropout_p)
     if block_mask is not None:
@@ -179,8 +181,8 @@ def flash_attn_varlen_func(
     Returns ``out`` (total_q, heads, head_dim), or ``(out, softmax_lse, None)`` with
     ``softmax_lse`` (heads, total_q) when ``return_attn_probs``. No padding is materialized.
     """
-    checks.check_qkv(q, k, v, ("q", "k", "v"), rank=3, head_axis=1, allowed_dtypes=checks.KERNEL_DTYPES,
-                     batch_axis=None)
+    checks.check_qkv(q, k, v, ("q", "k", "v"), rank=3, head_axis=1,
+                     allowed_dtypes=checks.accepted_dtypes(_uses_kernels(q)), batch_axis=None)
     cu_q, _ = checks.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q",
                                       q.device)
     cu_k, _ = checks.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k",
@@ -244,9 +246,8 @@ def scaled_dot_product_attention(
         raise ValueError(f"leading (batch) dims of query {tuple(lead)}, key {tuple(key.shape[:-3])} and "
                          f"value {tuple(value.shape[:-3])} differ")
     q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
-    on_cpu_path = not _uses_kernels(q)
-    dtypes = checks.KERNEL_DTYPES + ((torch.float32, torch.float64) if on_cpu_path else ())
-    checks.check_qkv(q, k, v, ("query", "key", "value"), rank=4, head_axis=1, allowed_dtypes=dtypes)
+    checks.check_qkv(q, k, v, ("query", "key", "value"), rank=4, head_axis=1,
+                     allowed_dtypes=checks.accepted_dtypes(_uses_kernels(q)))
     batch, heads, seqlen_q, _ = q.shape
     if heads != k.shape[1] and not enable_gqa:
         raise ValueError(f"query has {heads} heads and key/value {k.shape[1]}: pass enable_gqa=True "

@@ -132,8 +132,7 @@ def _prepare(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, win
                    sparse_kv, sparse_q, sparse_kv_strides, sparse_q_strides, scalars, flags)
 
 
-@kernel_op("flashlab::attn_fwd", mutates_args=(), fake=attn_fwd_fake, opaque=True)
-def attn_fwd(
+def _launch_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
     softmax_scale: float, causal: bool, bottom_right: bool, window_left: int, window_right: int,
@@ -163,8 +162,10 @@ def attn_fwd(
     return out, lse
 
 
-@kernel_op("flashlab::attn_bwd", mutates_args=(), fake=attn_bwd_fake, opaque=True)
-def attn_bwd(
+attn_fwd = kernel_op("flashlab::attn_fwd", mutates_args=(), fake=attn_fwd_fake, opaque=True)(_launch_fwd)
+
+
+def _launch_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     dlse: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
@@ -216,6 +217,8 @@ def attn_bwd(
     return dq, dk, dv
 
 
+attn_bwd = kernel_op("flashlab::attn_bwd", mutates_args=(), fake=attn_bwd_fake, opaque=True)(_launch_bwd)
+
 _FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale",
              "causal", "bottom_right", "window_left", "window_right", "softcap", "alibi_slopes", "attn_mask",
              "dropout_p", "seed", "block_tiles", "block_kv", "block_q")
@@ -233,7 +236,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.scalars = {name: args[name] for name in _FWD_ARGS[5:] if name in args and name not in _SAVED}
 
 
-def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
+def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None, launch=attn_bwd):
     q, k, v, out, lse, cu_q, cu_k, slopes, mask, block_tiles, block_kv, block_q = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
@@ -242,13 +245,38 @@ def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
     if dlse is not None:
         dlse = dlse.contiguous()  # the kernel reads it with the LSE's strides (e.g. not an expanded sum's grad)
     s = ctx.scalars
-    dq, dk, dv = attn_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, s["max_seqlen_q"], s["max_seqlen_k"],
+    dq, dk, dv = launch(dout, q, k, v, out, lse, dlse, cu_q, cu_k, s["max_seqlen_q"], s["max_seqlen_k"],
                           s["softmax_scale"], s["causal"], s["bottom_right"], s["window_left"], s["window_right"],
                           s["softcap"], slopes, mask, s["dropout_p"], s["seed"], block_tiles, block_kv, block_q)
     return (dq, dk, dv) + (None,) * (len(_FWD_ARGS) - 3)
 
 
 torch.library.register_autograd("flashlab::attn_fwd", _backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """Eager autograd around the launchers, bypassing the dispatcher. The op's registered autograd
+    costs ~90 µs of host time per forward (torch 2.13, CPU), this ~8 µs: at short sequences the
+    host, not the GPU, sets the pace (docs/perf-notes.md, round 4). Traced code uses the op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        ctx.set_materialize_grads(False)
+        out, lse = _launch_fwd(*inputs)
+        _setup_context(ctx, inputs, (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse, launch=_launch_bwd)
+
+
+def _plain_eager(*tensors: torch.Tensor | None) -> bool:
+    """True when the launchers may run directly: not tracing, no dispatch mode or functorch
+    transform active, and only plain tensors (not fake tensors or other subclasses)."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._are_functorch_transforms_active()
+            and all(t is None or type(t) is torch.Tensor for t in tensors))
 
 
 @dataclass(frozen=True)
@@ -287,8 +315,12 @@ def attention_forward(
     contiguous, lse fp32 (batch, heads, seqlen_q); varlen: out (total_q, heads, head_dim), lse
     (heads, total_q). LSE is the natural log, -inf for rows that see no key."""
     options = options or AttentionOptions()
-    return torch.ops.flashlab.attn_fwd(q, k, v, *options.args(), softmax_scale, causal, bottom_right,
-                                       *options.tail())
+    args = (q, k, v, *options.args(), softmax_scale, causal, bottom_right, *options.tail())
+    if not _plain_eager(q, k, v, options.attn_mask, options.alibi_slopes):
+        return torch.ops.flashlab.attn_fwd(*args)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerAttention.apply(*args)
+    return _launch_fwd(*args)
 
 
 def attention_backward(
@@ -299,8 +331,8 @@ def attention_backward(
     """Gradients (dq, dk, dv) from an output and LSE computed elsewhere (same layouts as forward).
     ``dlse`` is the gradient flowing into the LSE, if any."""
     options = options or AttentionOptions()
-    return torch.ops.flashlab.attn_bwd(dout, q, k, v, out, lse, dlse, *options.args(), softmax_scale, causal,
-                                       bottom_right, *options.tail())
+    args = (dout, q, k, v, out, lse, dlse, *options.args(), softmax_scale, causal, bottom_right, *options.tail())
+    return (_launch_bwd if _plain_eager(dout, q, k, v, out, lse) else torch.ops.flashlab.attn_bwd)(*args)
 
 
 def dropout_pattern(batch: int, heads: int, seqlen_q: int, seqlen_k: int, options: AttentionOptions,

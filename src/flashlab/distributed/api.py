@@ -7,13 +7,13 @@ import math
 import torch
 import torch.distributed as dist
 
+from flashlab.checks import accepted_dtypes
 from flashlab.distributed._local import uses_kernels
 from flashlab.distributed.plan import METHODS, Plan, build_plan
 from flashlab.distributed.ring import Ring, RingAttention
 from flashlab.distributed.sharding import check_sharding
 
 MAX_HEAD_DIM = 256
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check_group(group: dist.ProcessGroup | None) -> None:
@@ -34,7 +34,7 @@ def _check_tensors(q: object, k: object, v: object, ndim: int, layout: str) -> N
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    allowed = _KERNEL_DTYPES if uses_kernels(q) else _KERNEL_DTYPES + (torch.float32, torch.float64)
+    allowed = accepted_dtypes(uses_kernels(q))
     if q.dtype not in allowed:
         raise TypeError(f"q has dtype {q.dtype}; accepted on {q.device.type}: {', '.join(map(str, allowed))}")
     if k.shape != v.shape:
