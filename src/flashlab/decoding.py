@@ -21,6 +21,7 @@ from torch.library import wrap_triton
 
 from flashlab.checks import accepted_dtypes
 from flashlab.kernels.configs import TileConfig, cdiv, interpreting, next_power_of_2, padded_head_dim
+from flashlab.kernels.launch import launch
 from flashlab.library import kernel_op, kvcache_append_fake, kvcache_attn_fake
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -77,13 +78,22 @@ def _index_args(cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | Non
             block_table.stride(0) if block_table is not None else 0)
 
 
+class _DirectLaunch:
+    """``kernel[grid](...)`` through kernels/launch.py's cache of compiled kernels."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid: tuple[int, ...]):
+        return functools.partial(launch, self.kernel, grid)
+
+
 def _launcher(kernel, like: torch.Tensor):
-    """The kernel itself in an eager call; ``wrap_triton(kernel)`` while the op is traced (fake or
+    """A direct launch in an eager call; ``wrap_triton(kernel)`` while the op is traced (fake or
     functional tensors, torch.compile). Through wrap_triton (on by default outside a triton_op) an
-    eager launch goes through a higher-order op every time: the suspected part of the ~0.5 ms
-    per-call host floor benchmarks/decode_bench.py measured on an H200 (to be re-measured)."""
+    eager launch would go through a higher-order op every time."""
     if type(like) is torch.Tensor and not torch.compiler.is_compiling():
-        return kernel
+        return _DirectLaunch(kernel)
     return wrap_triton(kernel)
 
 

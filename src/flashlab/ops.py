@@ -30,6 +30,7 @@ from flashlab.kernels.configs import (
     preprocess_block_m,
     tile_aligned,
 )
+from flashlab.kernels.launch import launch
 from flashlab.library import attn_bwd_fake, attn_fwd_fake, kernel_op
 
 LOG2E = 1.4426950408889634
@@ -152,7 +153,8 @@ def _launch_fwd(
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg = _clamp_tiles(forward_config(block_d, run.flags["HAS_UPPER"], q.device, aligned), run)
     grid = (cdiv(run.seqlen_q, cfg.block_m), run.heads, run.batch)
-    fwd_kernels.attn_fwd_kernel[grid](
+    launch(
+        fwd_kernels.attn_fwd_kernel, grid,
         run.q4, run.k4, run.v4, _as4d(out), lse, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
         *_strides3(_as4d(out), varlen), *run.lse_strides, *run.slope_strides, *run.mask_strides,
@@ -190,7 +192,8 @@ def _launch_bwd(
     consts = dict(HEAD_DIM=run.head_dim, BLOCK_D=block_d, **run.flags)
 
     pre_m = preprocess_block_m(block_d)
-    bwd_kernels.attn_bwd_preprocess_kernel[(cdiv(run.seqlen_q, pre_m), run.heads, run.batch)](
+    launch(
+        bwd_kernels.attn_bwd_preprocess_kernel, (cdiv(run.seqlen_q, pre_m), run.heads, run.batch),
         # Without dlse, lse stands in as the unread pointer (never delta, which this kernel writes).
         o4, do4, dlse if dlse is not None else lse, delta, run.cu_q,
         *_strides3(o4, varlen), *_strides3(do4, varlen), *run.lse_strides, run.seqlen_q,
@@ -200,15 +203,16 @@ def _launch_bwd(
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg_kv, cfg_q = (_clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,
                                                                     aligned))
-    bwd_kernels.attn_bwd_dkdv_kernel[(cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads,
-                                                   run.batch)](
+    launch(
+        bwd_kernels.attn_bwd_dkdv_kernel, (cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads, run.batch),
         run.q4, run.k4, run.v4, do4, lse, delta, dk4, dv4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_q,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
         *_strides3(do4, varlen), *_strides3(dk4, varlen), *_strides3(dv4, varlen), *head, *run.sparse_q_strides,
         *common,
         **consts, **cfg_kv.launch_kwargs(), **FP_FUSION,
     )
-    bwd_kernels.attn_bwd_dq_kernel[(cdiv(run.seqlen_q, cfg_q.block_m), run.heads, run.batch)](
+    launch(
+        bwd_kernels.attn_bwd_dq_kernel, (cdiv(run.seqlen_q, cfg_q.block_m), run.heads, run.batch),
         run.q4, run.k4, run.v4, do4, lse, delta, dq4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
         *_strides3(do4, varlen), *_strides3(dq4, varlen), *head, *run.sparse_kv_strides, *common,

@@ -1,0 +1,62 @@
+"""A cheaper launch for the attention kernels than ``kernel[grid](...)``.
+
+Triton's launch binds and specializes every argument (~45 for the attention kernels), looks up its
+cache and reads its runtime knobs on every call: tens of microseconds of host time per launch, the
+floor of a short-sequence call (docs/perf-notes.md, round 4). ``launch`` keys a cache of compiled
+kernels by what Triton specializes on — each tensor's dtype and 16-byte alignment, each int's value
+being 1, its divisibility by 16 and its width, None — plus the constexprs, launch options and the
+current device; on a hit it calls the compiled kernel directly. A miss goes through Triton's own
+launch (which compiles if needed) and caches the kernel it returns. The key is never coarser than
+Triton's specialization, so a hit runs the kernel Triton would have picked.
+
+Under the interpreter, or with ``FLASHLAB_TRITON_LAUNCH=1`` (to rule this module out when
+debugging), every launch goes through Triton.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from flashlab.kernels.configs import interpreting
+
+_compiled: dict[tuple, tuple[object, tuple]] = {}
+
+
+def _spec(arg: object) -> object:
+    # What Triton's specialization reads from a runtime argument (native_specialize_impl, 3.6–3.9).
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, bool) or arg is None:
+        return arg
+    if isinstance(arg, int):
+        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg < 2**63
+    if isinstance(arg, float):
+        return float
+    return type(arg), arg
+
+
+def _direct_enabled() -> bool:
+    return not interpreting() and os.environ.get("FLASHLAB_TRITON_LAUNCH", "0") in ("", "0")
+
+
+def launch(kernel, grid: Sequence[int], *args: object, **named: object) -> None:
+    """``kernel[grid](*args, **named)``, through a cache of compiled kernels (module docstring).
+
+    ``args`` are the kernel's leading parameters (tensors, ints, floats, bools, None); ``named``
+    holds the rest (constexprs; absent ones take their defaults) and launch options (num_warps, ...)."""
+    if not _direct_enabled():
+        kernel[grid](*args, **named)
+        return
+    key = (kernel, torch.cuda.current_device(), tuple(named.items()), tuple(_spec(a) for a in args))
+    hit = _compiled.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, **named)
+        params = list(kernel.signature.parameters.values())[len(args):]
+        tail = tuple(named.get(p.name, p.default) for p in params)
+        _compiled[key] = (compiled, tail)
+        return
+    compiled, tail = hit
+    compiled[grid](*args, *tail)
