@@ -152,7 +152,8 @@ def _close_to_eager(module: torch.nn.Module, call, x: torch.Tensor) -> None:
     out, dx = _run_with_grad(_compiled(functools.partial(call, module)), x, g)
     eager_out, eager_dx = _run_with_grad(functools.partial(call, module), x, g)
     ref = copy.deepcopy(module).to("cpu", torch.float64)
-    ref_out, ref_dx = _run_with_grad(functools.partial(call, ref), x.cpu().double(), g.cpu())
+    ref_out, ref_dx = (t.to(x.device) for t in _run_with_grad(functools.partial(call, ref), x.cpu().double(),
+                                                               g.cpu()))
     check = accuracy_check(out, ref_out, eager_out)
     assert check.ok, f"output: {check}"
     check = accuracy_check(dx, ref_dx, eager_dx, factor=3.0)

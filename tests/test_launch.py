@@ -49,6 +49,8 @@ def test_second_launch_runs_the_compiled_kernel_with_every_parameter(direct):
     assert [entry[0] for entry in kernel.log] == ["triton", "direct"]
     # constexprs in parameter order after the runtime arguments, defaults filled in; options dropped
     assert kernel.log[1] == ("direct", (3, 1, 1), (x, 48, 0.25, 16, False))
+    launch_module.launch(kernel, (5,), x, 64, 0.5, BLOCK=16, num_warps=4)  # a 1-D grid gets its other two dims
+    assert kernel.log[2] == ("direct", (5, 1, 1), (x, 64, 0.5, 16, False))
 
 
 @pytest.mark.parametrize("change", ["int is 1", "int not multiple of 16", "int64", "misaligned pointer", "dtype",
