@@ -62,12 +62,16 @@ def entries() -> dict[str, object]:
     q, k, v = (torch.randn(1, 128, 8, 64, device=dev, dtype=dt) for _ in range(3))
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    qtg, ktg, vtg = (t.clone().requires_grad_() for t in (qt, kt, vt))
     kc = torch.randn(1, 1024, 8, 64, device=dev, dtype=dt)
     lens = torch.full((1,), 1024, dtype=torch.int32, device=dev)
     q1 = torch.randn(1, 1, 8, 64, device=dev, dtype=dt)
 
     def fwd_bwd() -> None:
         flashlab.flash_attn_func(qg, kg, vg, causal=True).sum().backward()
+
+    def sdpa_fwd_bwd() -> None:
+        F.scaled_dot_product_attention(qtg, ktg, vtg, is_causal=True).sum().backward()
 
     def op_fwd_bwd() -> None:  # the op's registered autograd (what traced code uses), called eagerly
         op_fwd(qg, kg, vg)[0].sum().backward()
@@ -86,6 +90,7 @@ def entries() -> dict[str, object]:
         "flashlab sdpa layout": lambda: flashlab.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
         "flashlab kvcache": lambda: flash_attn_with_kvcache(q1, kc, kc, cache_seqlens=lens),
         "torch sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
+        "torch sdpa fwd+bwd": sdpa_fwd_bwd,
         "torch matmul (launch floor)": lambda: torch.matmul(qt, kt.transpose(-1, -2)),
         "triton tiny kernel (3 args)": lambda: _tiny_kernel[(1,)](lens, 1, BLOCK=16),
     }
