@@ -51,7 +51,7 @@ for stage in "$@"; do
       tail -40 "$dir/tune.log"
       ;;
     lab)
-      lab=("$py" -m flashlab.lab.cli bench --memory inprocess --rep-ms 100)
+      lab=("$py" -m flashlab.lab.cli bench --rep-ms 100)
       timeout 150 "${lab[@]}" --suite varlen --providers flashlab,flashlab-loop,sdpa-flash --out "$dir/varlen" \
         > "$dir/varlen.log" 2>&1
       timeout 150 "${lab[@]}" --suite sliding-window --providers flashlab,flex --out "$dir/window" \

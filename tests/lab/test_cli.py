@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FAST
 
 from flashlab.lab import runner
@@ -145,6 +146,15 @@ def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, capsys:
     err = capsys.readouterr().err.strip()
     assert err.startswith("flashlab: error: ") and message in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cpu_memory_methods_are_refused_on_a_gpu(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    from flashlab.lab import env
+
+    monkeypatch.setattr(env, "pick_device", lambda name: torch.device("cuda"))
+    assert main(["bench", "--memory", "inprocess", *FAST]) == 2
+    assert "--memory inprocess measures CPU runs; on cuda use --memory auto" in capsys.readouterr().err
 
 
 def test_malformed_suite_file_through_the_console_script(tmp_path: Path) -> None:

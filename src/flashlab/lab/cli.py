@@ -92,7 +92,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-repeats", type=int, default=3, help="CPU: minimum timed repeats")
     g.add_argument("--cpu-budget", type=float, default=0.3, metavar="S", help="CPU: seconds of repeats per row")
     g.add_argument("--memory", choices=("auto", "subprocess", "inprocess", "off"), default="auto",
-                   help="peak memory method (auto: CUDA allocator stats; on CPU a fresh subprocess per row)")
+                   help="peak memory method (auto: CUDA allocator stats on a GPU; on CPU a fresh subprocess per "
+                   "row; subprocess / inprocess: CPU only)")
     g.add_argument("--no-accuracy", action="store_true", help="skip the accuracy checks")
     g.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
     o = p.add_argument_group("output")
@@ -130,6 +131,11 @@ def _execute(args: argparse.Namespace, argv: list[str], kind: str, name: str, ca
     from flashlab.lab.runner import Runner, RunOptions, apply_memory_cap
 
     device = pick_device(args.device)
+    if device.type == "cuda" and args.memory in ("subprocess", "inprocess"):
+        # They measure a CPU run's RSS: on a GPU they would rerun every row on the CPU (once breaking
+        # the compiled FlexAttention of later GPU rows; perf-notes.md, round 4).
+        raise LabError(f"--memory {args.memory} measures CPU runs; on {device} use --memory auto (CUDA "
+                       "allocator stats) or off")
     modes = tuple(_choices(args.modes, MODES, "--modes") or default_modes)
     providers = resolve_providers(_split(args.providers) or default_providers, device)
     if not providers:

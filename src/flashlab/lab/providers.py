@@ -188,10 +188,7 @@ def _build_flashlab(case: Case, device: torch.device) -> Attn:
 def _check_flashlab(case: Case, device: torch.device) -> str | None:
     if device.type == "cuda" and case.dtype not in ("fp16", "bf16"):
         return f"flashlab's GPU kernels take fp16/bf16, not {case.dtype}"
-    if has_features(case) and case.dtype not in ("fp16", "bf16"):
-        # feature cases go through flash_attn_func, which takes fp16/bf16 on every path
-        return f"flashlab's flash_attn_func takes fp16/bf16, not {case.dtype}"
-    return None
+    return None  # the CPU path takes every lab dtype, feature cases included
 
 
 def _check_flashlab_loop(case: Case, device: torch.device) -> str | None:
@@ -310,11 +307,14 @@ def _raise_recompile_limits() -> None:
 def _build_flex(case: Case, device: torch.device) -> Attn:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if "fn" not in _FLEX:
+    fn_key = ("fn", device.type)
+    if fn_key not in _FLEX:
         _raise_recompile_limits()
-        # one compiled function: dynamo compiles it once per shape (dynamic=False) and caches it
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    compiled = _FLEX["fn"]
+        # one compiled function per device type: dynamo compiles it once per shape (dynamic=False) and
+        # caches it; a failure while compiling for one device must not send the other's calls to
+        # flex's eager path, which materializes the scores
+        _FLEX[fn_key] = torch.compile(flex_attention, dynamic=False)
+    compiled = _FLEX[fn_key]
     block_mask, score_mod, layout = None, None, "bhsd"
     if has_features(case):
         key = ("features", case, str(device))
