@@ -22,9 +22,9 @@ from torch.library import wrap_triton
 from flashlab.checks import accepted_dtypes
 from flashlab.kernels.configs import TileConfig, cdiv, interpreting, next_power_of_2, padded_head_dim
 from flashlab.kernels.launch import launch
+from flashlab.kvcache_checks import check_index, check_tensor, check_values, not_yet
 from flashlab.library import kernel_op, kvcache_append_fake, kvcache_attn_fake
 
-INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256
 MAX_SPLITS = 128
 MIN_SPLIT_KEYS = 256  # the heuristic never gives a split fewer keys than this (GPU)
@@ -166,56 +166,6 @@ def _op(name: str, impl):
     return getattr(torch.ops.flashlab, name) if torch.compiler.is_compiling() else impl
 
 
-def _not_yet(option: str, value: object) -> NotImplementedError:
-    return NotImplementedError(f"flash_attn_with_kvcache does not support {option}={value!r} yet "
-                               "(planned: feature-parity issue)")
-
-
-def _check_tensor(name: str, t: object, dims: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
-
-
-def _check_index(name: str, t: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    _check_tensor(name, t, len(shape))
-    if t.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{name} must be an int32 tensor, got {t.dtype}")
-    if any(want not in (-1, got) for want, got in zip(shape, t.shape)):
-        want = "(" + ", ".join("max_blocks" if n == -1 else str(n) for n in shape) + ")"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, q on {device}: they must share a device")
-    return t if t.dtype == torch.int32 and t.stride(-1) == 1 else t.to(torch.int32).contiguous()
-
-
-def _check_values(seqlens: torch.Tensor, seqlen_new: int, capacity: int, cache_batch_idx: torch.Tensor | None,
-                  batch_cache: int, block_table: torch.Tensor | None, page_size: int, num_pages: int) -> int:
-    """Range checks that read the index tensors (a device sync if they are on a GPU). Returns the
-    longest total key length."""
-    lens = seqlens.cpu().long()
-    if (lens < 0).any():
-        raise ValueError(f"cache_seqlens must be >= 0, got {lens.min().item()}")
-    if (lens + seqlen_new > capacity).any():
-        b = int((lens + seqlen_new > capacity).nonzero()[0, 0])
-        raise ValueError(f"cache too small: sequence {b} holds {lens[b].item()} tokens + {seqlen_new} new > "
-                         f"capacity {capacity} (cache_seqlens[b] + k.shape[1] must be <= capacity)")
-    if cache_batch_idx is not None:
-        idx = cache_batch_idx.cpu().long()
-        if ((idx < 0) | (idx >= batch_cache)).any():
-            raise ValueError(f"cache_batch_idx entries must be in [0, {batch_cache}), got {idx.tolist()}")
-    if block_table is not None:
-        bt = block_table.cpu().long()
-        used = torch.arange(bt.shape[1])[None, :] < ((lens + seqlen_new + page_size - 1) // page_size)[:, None]
-        bad = used & ((bt < 0) | (bt >= num_pages))
-        if bad.any():
-            b, j = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"block_table[{b}, {j}] = {bt[b, j].item()} is out of range: k_cache has "
-                             f"{num_pages} blocks")
-    return int(lens.max().item()) + seqlen_new if lens.numel() else 0
-
-
 def _append_torch(k, v, k_cache, v_cache, seqlens, cache_batch_idx, block_table) -> None:
     pos = seqlens.long()[:, None] + torch.arange(k.shape[1], device=k.device)[None, :]
     if block_table is not None:
@@ -306,15 +256,15 @@ def flash_attn_with_kvcache(
         out (batch, seqlen_q, heads, head_dim) in q's dtype, or ``(out, softmax_lse)``. Not
         differentiable (inference only).
     """
-    _check_tensor("q", q, 4)
-    _check_tensor("k_cache", k_cache, 4)
-    _check_tensor("v_cache", v_cache, 4)
+    check_tensor("q", q, 4)
+    check_tensor("k_cache", k_cache, 4)
+    check_tensor("v_cache", v_cache, 4)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new tokens to append) or both be None")
     tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
     if k is not None:
-        _check_tensor("k", k, 4)
-        _check_tensor("v", v, 4)
+        check_tensor("k", k, 4)
+        check_tensor("v", v, 4)
         tensors.update(k=k, v=v)
     for name, t in tensors.items():
         if t.dtype != q.dtype:
@@ -326,11 +276,11 @@ def flash_attn_with_kvcache(
     if q.dtype not in dtypes:
         raise TypeError(f"q has dtype {q.dtype}; accepted: {', '.join(str(d) for d in dtypes)}")
     if tuple(window_size) != (-1, -1):
-        raise _not_yet("window_size", tuple(window_size))
+        raise not_yet("window_size", tuple(window_size))
     if softcap != 0.0:
-        raise _not_yet("softcap", softcap)
+        raise not_yet("softcap", softcap)
     if alibi_slopes is not None:
-        raise _not_yet("alibi_slopes", "<tensor>")
+        raise not_yet("alibi_slopes", "<tensor>")
 
     batch, seqlen_q, heads, head_dim = q.shape
     if k_cache.shape != v_cache.shape:
@@ -358,11 +308,11 @@ def flash_attn_with_kvcache(
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be combined with block_table (a paged cache is addressed "
                              "through the block table only)")
-        block_table = _check_index("block_table", block_table, (batch, -1), q.device)
+        block_table = check_index("block_table", block_table, (batch, -1), q.device)
         if cache_len < 1:
             raise ValueError("paged k_cache must have block_size >= 1")
     elif cache_batch_idx is not None:
-        cache_batch_idx = _check_index("cache_batch_idx", cache_batch_idx, (batch,), q.device)
+        cache_batch_idx = check_index("cache_batch_idx", cache_batch_idx, (batch,), q.device)
     elif k_cache.shape[0] != batch:
         raise ValueError(f"k_cache has {k_cache.shape[0]} sequences but q has batch {batch}; pass "
                          "cache_batch_idx to map batch rows to cache rows")
@@ -383,7 +333,7 @@ def flash_attn_with_kvcache(
         seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
         lens_host = torch.full((batch,), cache_seqlens, dtype=torch.int32)
     else:
-        seqlens = lens_host = _check_index("cache_seqlens", cache_seqlens, (batch,), q.device)
+        seqlens = lens_host = check_index("cache_seqlens", cache_seqlens, (batch,), q.device)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
     if softmax_scale is None:
@@ -396,7 +346,7 @@ def flash_attn_with_kvcache(
     capturing = torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
     max_keys = capacity
     if (check_inputs or (check_inputs is None and host_known)) and not capturing:
-        max_keys = _check_values(lens_host, seqlen_new, capacity, cache_batch_idx, k_cache.shape[0], block_table,
+        max_keys = check_values(lens_host, seqlen_new, capacity, cache_batch_idx, k_cache.shape[0], block_table,
                                  cache_len, k_cache.shape[0])
 
     if k is not None and on_torch_path:
