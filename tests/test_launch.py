@@ -5,6 +5,7 @@ every GPU test."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import pytest
@@ -77,6 +78,26 @@ def test_what_triton_specializes_on_misses_the_cache(direct, change):
         args[0] = None
     launch_module.launch(kernel, (1,), *args, **named)
     assert [entry[0] for entry in kernel.log] == ["triton", "triton"]
+
+
+def test_launches_on_the_device_of_the_first_tensor(direct, monkeypatch):
+    """A tensor on cuda:1 while cuda:0 is current: the launch (and its cache entry) is on cuda:1."""
+    current = [0]
+
+    @contextlib.contextmanager
+    def on(device):
+        before, current[0] = current[0], device.index
+        yield
+        current[0] = before
+
+    class OnSecondGpu:  # what launch reads of a tensor on cuda:1, without a GPU here
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", on)
+    kernel = _Kernel()
+    launch_module.launch(kernel, (1,), OnSecondGpu(), 16, 1.0, BLOCK=16)
+    assert [key[1] for key in launch_module._compiled] == [1] and current == [0]
 
 
 def test_interpreter_always_launches_through_triton(monkeypatch):

@@ -49,7 +49,13 @@ def launch(kernel, grid: Sequence[int], *args: object, **named: object) -> None:
     """``kernel[grid](*args, **named)``, through a cache of compiled kernels (module docstring).
 
     ``args`` are the kernel's leading parameters (tensors, ints, floats, bools, None); ``named``
-    holds the rest (constexprs; absent ones take their defaults) and launch options (num_warps, ...)."""
+    holds the rest (constexprs; absent ones take their defaults) and launch options (num_warps, ...).
+    The kernel runs on the device of ``args[0]`` (Triton would use the current device)."""
+    device = getattr(args[0], "device", None)
+    if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            launch(kernel, grid, *args, **named)
+        return
     if not _direct_enabled():
         kernel[grid](*args, **named)
         return
