@@ -98,7 +98,7 @@ def flash_attn_func(
     """Exact attention, flash-attn's ``flash_attn_func`` signature and semantics.
 
     Args:
-        q: (batch, seqlen_q, heads, head_dim), fp16 or bf16.
+        q: (batch, seqlen_q, heads, head_dim), fp16 or bf16 (CPU path: also fp32, fp64).
         k, v: (batch, seqlen_k, kv_heads, head_dim); ``heads % kv_heads == 0`` (GQA/MQA: query
             head ``h`` attends with kv head ``h // (heads // kv_heads)``; k/v are never expanded).
         dropout_p: probability of dropping an attention weight (training); the pattern comes from
