@@ -2,13 +2,16 @@
 PyTorch's SDPA backends and compiled FlexAttention, measured in the same run.
 
     PYTHONPATH=src python3 benchmarks/decode_bench.py --out DIR [--batches 1 4 16 64]
-        [--cache-lens 1024 8192 32768 131072] [--skip-tune] [--budget-s 330]
+        [--cache-lens 1024 8192 32768 131072] [--skip-tune] [--budget-s 330] [--cudagraph]
 
 One new token per sequence (seqlen_q = 1), head dim 128, GQA 32:8, bf16, full caches of the given
 length. Decoding is memory-bound, so the figure of merit is the achieved bandwidth: bytes of K and V
 read (2 · batch · cache_len · kv_heads · head_dim · 2 B) per second, against a device-to-device copy
 measured here ((read + write bytes) / time of a 1 GiB ``copy_``). Times are medians of
-``triton.testing.do_bench`` (L2 flushed before each call). Providers:
+``triton.testing.do_bench`` (L2 flushed before each call); with ``--cudagraph``, of replays of a
+captured CUDA graph (``do_bench_cudagraph``): the kernels without the host's launch time, as a server
+that captures its decode step sees them — but without L2 flushes, so a cache that fits in L2 (50 MB)
+reads faster than memory allows. Providers:
 
 * ``flashlab``: the flash-attn cache layout (batch, seqlen, kv_heads, dim); ``flashlab-paged16``:
   the same bytes as 16-token pages in shuffled order through a block table; ``flashlab-bhsd``: our
@@ -57,7 +60,12 @@ TUNE_CONFIGS = [(32, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 2), (12
 MATH_MAX_KEYS = 4 * 8192  # batch × cache_len above which the math backend (expands k/v 4×) is skipped
 
 
+CUDA_GRAPHS = False  # --cudagraph: time replays of a captured CUDA graph (the kernels, no host launch cost)
+
+
 def bench(fn, rep: int = 100) -> float:
+    if CUDA_GRAPHS:
+        return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
@@ -299,14 +307,19 @@ def main() -> None:
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--skip-tune", action="store_true")
     ap.add_argument("--budget-s", type=float, default=330.0, help="wall-clock budget; flex and tuning stop early")
+    ap.add_argument("--cudagraph", action="store_true",
+                    help="time every provider as CUDA graph replays (no host time; L2 not flushed)")
     args = ap.parse_args()
+    global CUDA_GRAPHS
+    CUDA_GRAPHS = args.cudagraph
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     dtype = torch.bfloat16
     rows: list[dict] = [{"kind": "env", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                          "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(),
                          "sms": decoding._num_sms(0), "time": time.ctime(), "dtype": str(dtype),
-                         "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "seqlen_q": 1}]
+                         "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "seqlen_q": 1,
+                         "cudagraph": CUDA_GRAPHS}]
     dump = lambda: (args.out / "decode_bench.json").write_text(json.dumps(rows, indent=1))  # noqa: E731
     copy_gbs = copy_bandwidth()
     rows.append({"kind": "copy", "gbs": copy_gbs})
