@@ -1,7 +1,9 @@
 """torch.library ops around the Triton kernels: the only place that launches them.
 
 ``flashlab::attn_fwd`` and ``flashlab::attn_bwd`` are opaque ops with explicit fakes (library.py
-says why they are not ``triton_op``s), and autograd is registered on the forward. The caller checks
+says why they are not ``triton_op``s), and autograd is registered on the forward: traced code
+(torch.compile, export, fake tensors) goes through them. Eager calls skip the dispatcher: a
+``torch.autograd.Function`` calls the launchers directly (``_EagerAttention``). The caller checks
 arguments (interface.py). Tensors are either dense — q (batch, seqlen_q, heads, head_dim), k/v
 (batch, seqlen_k, kv_heads, head_dim), any strides with a unit-stride head dim, LSE (batch, heads,
 seqlen_q) — or packed variable-length — q (total_q, heads, head_dim) with int32 ``cu_seqlens_q``
@@ -240,7 +242,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.scalars = {name: args[name] for name in _FWD_ARGS[5:] if name in args and name not in _SAVED}
 
 
-def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None, launch=attn_bwd):
+def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None, run_bwd=attn_bwd):
     q, k, v, out, lse, cu_q, cu_k, slopes, mask, block_tiles, block_kv, block_q = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
@@ -249,9 +251,9 @@ def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None, launch=
     if dlse is not None:
         dlse = dlse.contiguous()  # the kernel reads it with the LSE's strides (e.g. not an expanded sum's grad)
     s = ctx.scalars
-    dq, dk, dv = launch(dout, q, k, v, out, lse, dlse, cu_q, cu_k, s["max_seqlen_q"], s["max_seqlen_k"],
-                          s["softmax_scale"], s["causal"], s["bottom_right"], s["window_left"], s["window_right"],
-                          s["softcap"], slopes, mask, s["dropout_p"], s["seed"], block_tiles, block_kv, block_q)
+    dq, dk, dv = run_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, s["max_seqlen_q"], s["max_seqlen_k"],
+                         s["softmax_scale"], s["causal"], s["bottom_right"], s["window_left"], s["window_right"],
+                         s["softcap"], slopes, mask, s["dropout_p"], s["seed"], block_tiles, block_kv, block_q)
     return (dq, dk, dv) + (None,) * (len(_FWD_ARGS) - 3)
 
 
@@ -259,9 +261,10 @@ torch.library.register_autograd("flashlab::attn_fwd", _backward, setup_context=_
 
 
 class _EagerAttention(torch.autograd.Function):
-    """Eager autograd around the launchers, bypassing the dispatcher. The op's registered autograd
-    costs ~90 µs of host time per forward (torch 2.13, CPU), this ~8 µs: at short sequences the
-    host, not the GPU, sets the pace (docs/perf-notes.md, round 4). Traced code uses the op."""
+    """Eager autograd around the launchers, bypassing the dispatcher: with inputs that require grad,
+    the op's registered autograd costs ~90 µs of host time per forward more than the launch itself
+    (torch 2.13, CPU), this ~8 µs. At short sequences the host, not the GPU, sets the pace
+    (docs/perf-notes.md, round 4). Traced code uses the op."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -272,7 +275,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return _backward(ctx, dout, dlse, launch=_launch_bwd)
+        return _backward(ctx, dout, dlse, run_bwd=_launch_bwd)
 
 
 def _plain_eager(*tensors: torch.Tensor | None) -> bool:
