@@ -232,3 +232,17 @@ def test_gpu_compiled_training_step_real_size():
     for i, got in enumerate(got_grads):
         check = accuracy_check(got, results["high"][1][i], results["low"][1][i], factor=3.0)
         assert check.ok, f"parameter {i}: {check}"
+
+
+def test_fake_tensors_take_the_op_and_its_shape_function(device):
+    """Under FakeTensorMode (shape propagation, torch.export's tracing) the eager fast path must not
+    launch: the op's fake implementation gives the output shapes, gradients included."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 24, 6, 40, dtype=torch.float16, device=device, requires_grad=True)
+        k, v = (torch.empty(2, 30, 2, 40, dtype=torch.float16, device=device, requires_grad=True) for _ in range(2))
+        out, lse, _ = flashlab.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+        dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert out.shape == q.shape and lse.shape == (2, 6, 24) and lse.dtype == torch.float32
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
