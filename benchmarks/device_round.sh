@@ -8,6 +8,8 @@
 #   host    host time per call (host_overhead.py), graph replays at short sequences, small and odd
 #           shapes (odd_shapes.py: batch 1, head dims 80/96/192, GQA 8:1)
 #   tune    Triton 3.6's resource report, then the tile sweep with the fewest-spill candidates
+#   tma     the TMA forward experiment (FLASHLAB_FWD_TMA=1) checked, its tests, and timed beside the
+#           standard forward and the SDPA backends
 #   lab     the feature suites, one after the other (2.5 min each; rerun with a kept OUT and --resume
 #           by hand to finish one)
 set -uo pipefail
@@ -50,6 +52,14 @@ for stage in "$@"; do
         --tune-head-dims 64 128 256 --seqlens 2048 > "$dir/tune.log" 2>&1
       tail -40 "$dir/tune.log"
       ;;
+    tma)
+      timeout 200 "$py" -m pytest -q -p no:cacheprovider tests/test_forward_tma.py > "$dir/tests.log" 2>&1
+      tail -1 "$dir/tests.log"
+      timeout 360 "$py" benchmarks/kernel_check.py --out "$dir" --fwd-tma --seqlens 1024 2048 8192 16384 \
+        --head-dims 64 128 256 --modes fwd fwd+bwd > "$dir/tma.log" 2>&1
+      grep -E "FAIL|correctness" "$dir/tma.log"
+      tail -50 "$dir/tma.log"
+      ;;
     lab)
       lab=("$py" -m flashlab.lab.cli bench --rep-ms 100)
       timeout 150 "${lab[@]}" --suite varlen --providers flashlab,flashlab-loop,sdpa-flash --out "$dir/varlen" \
@@ -61,7 +71,7 @@ for stage in "$@"; do
       tail -8 "$dir"/*.log
       ;;
     *)
-      echo "unknown stage: $stage (verify, host, tune, lab)"
+      echo "unknown stage: $stage (verify, host, tune, tma, lab)"
       exit 2
       ;;
   esac

@@ -1,10 +1,11 @@
 """GPU check of flashlab's kernels: correctness at real sizes, then speed against PyTorch's SDPA
 backends measured in the same run (the FlashAttention grid: 16k tokens, heads × head_dim = 2048).
 
-    python benchmarks/kernel_check.py --out DIR [--tune] [--seqlens 2048 8192 16384]
+    python benchmarks/kernel_check.py --out DIR [--tune] [--seqlens 2048 8192 16384] [--fwd-tma]
 
-``--tune`` also times tile-config variants of flashlab (monkeypatched, same run). Prints a short
-table last; full rows go to DIR/kernel_check.json.
+``--tune`` also times tile-config variants of flashlab (monkeypatched, same run); ``--fwd-tma``
+checks and times the TMA forward experiment (``FLASHLAB_FWD_TMA=1``, kernels/forward_tma.py) as
+the provider ``flashlab-tma``. Prints a short table last; full rows go to DIR/kernel_check.json.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -27,7 +29,22 @@ from flashlab.kernels.configs import TileConfig
 from flashlab.reference import accuracy_check, naive_attention, reference_attention
 
 
-def check_correctness(rows: list[dict]) -> bool:
+def with_env(fn, name: str, value: str):
+    """``fn`` run with the environment variable ``name`` set to ``value`` (restored after)."""
+    def run():
+        before = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
+    return run
+
+
+def check_correctness(rows: list[dict], label: str = "") -> bool:
     ok_all = True
     cases = [  # B, Sq, Sk, H, Hk, D, causal, dtype
         (2, 1024, 1024, 8, 8, 64, False, torch.bfloat16),
@@ -55,7 +72,7 @@ def check_correctness(rows: list[dict]) -> bool:
         ]
         ok = all(c.ok for c in checks)
         ok_all &= ok
-        name = f"B{b}-S{sq}x{sk}-H{h}:{hk}-D{d}-{'causal' if causal else 'full'}-{str(dtype)[6:]}"
+        name = f"{label}B{b}-S{sq}x{sk}-H{h}:{hk}-D{d}-{'causal' if causal else 'full'}-{str(dtype)[6:]}"
         print(f"{'ok  ' if ok else 'FAIL'} {name}: " + "; ".join(f"{c.max_error:.2e}/{c.allowed:.2e}" for c in checks))
         rows.append({"kind": "correctness", "case": name, "ok": ok, "checks": [str(c) for c in checks]})
     return ok_all
@@ -82,6 +99,9 @@ def bench(fn, mode: str, out_grad: torch.Tensor | None, inputs) -> float:
     return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
 
 
+FWD_TMA = False  # --fwd-tma: also the TMA forward experiment, as the provider "flashlab-tma"
+
+
 def providers(q, k, v, causal):
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
 
@@ -91,11 +111,14 @@ def providers(q, k, v, causal):
                 return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
         return run
 
-    return {
+    found = {
         "flashlab": lambda: flashlab.flash_attn_func(q, k, v, causal=causal),
         "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
     }
+    if FWD_TMA:
+        found["flashlab-tma"] = with_env(found["flashlab"], "FLASHLAB_FWD_TMA", "1")
+    return found
 
 
 def time_grid(rows: list[dict], seqlens: list[int], head_dims: list[int], modes: list[str], dtype) -> None:
@@ -105,7 +128,7 @@ def time_grid(rows: list[dict], seqlens: list[int], head_dims: list[int], modes:
         g = torch.randn(b, s, h, d, device="cuda", dtype=dtype)
         for name, fn in providers(q, k, v, causal).items():
             try:
-                grad = g if name == "flashlab" else g.transpose(1, 2)
+                grad = g if name.startswith("flashlab") else g.transpose(1, 2)
                 ms = bench(fn, mode, grad, (q, k, v))
                 rows.append({"kind": "time", "provider": name, "d": d, "causal": causal, "seqlen": s, "mode": mode,
                              "ms": ms, "tflops": tflops(b, h, s, d, causal, mode, ms)})
@@ -178,9 +201,10 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--cudagraph", action="store_true", help="time forwards as CUDA graph replays")
+    ap.add_argument("--fwd-tma", action="store_true", help="also check and time the TMA forward experiment")
     args = ap.parse_args()
-    global CUDA_GRAPHS
-    CUDA_GRAPHS = args.cudagraph
+    global CUDA_GRAPHS, FWD_TMA
+    CUDA_GRAPHS, FWD_TMA = args.cudagraph, args.fwd_tma
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = [{"kind": "env", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                          "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(), "time": time.ctime()}]
@@ -188,6 +212,8 @@ def main() -> None:
     t0 = time.time()
     if not args.skip_correctness:
         ok = check_correctness(rows)
+        if FWD_TMA:
+            ok &= with_env(lambda: check_correctness(rows, "tma "), "FLASHLAB_FWD_TMA", "1")()
         print("correctness:", "PASS" if ok else "FAIL", f"({time.time() - t0:.0f}s)")
     dump()
     if args.tune:
@@ -200,8 +226,9 @@ def main() -> None:
         print(f"tune done ({time.time() - t0:.0f}s)")
     time_grid(rows, args.seqlens, args.head_dims, args.modes, torch.float16)
     dump()
-    print(f"{'d':>4} {'mask':>6} {'seqlen':>6} {'mode':>8} | " + " ".join(f"{p:>10}" for p in
-          ("flashlab", "sdpa-flash", "sdpa-cudnn")) + " | vs flash")
+    shown = ("flashlab", "flashlab-tma", "sdpa-flash", "sdpa-cudnn") if FWD_TMA else (
+        "flashlab", "sdpa-flash", "sdpa-cudnn")
+    print(f"{'d':>4} {'mask':>6} {'seqlen':>6} {'mode':>8} | " + " ".join(f"{p:>12}" for p in shown) + " | vs flash")
     table: dict[tuple, dict[str, float]] = {}
     for r in rows:
         if r["kind"] == "time":
@@ -210,7 +237,7 @@ def main() -> None:
     for (d, causal, s, mode), vals in table.items():
         ratio = vals.get("flashlab", math.nan) / vals.get("sdpa-flash", math.nan)
         print(f"{d:>4} {'causal' if causal else 'full':>6} {s:>6} {mode:>8} | "
-              + " ".join(f"{vals.get(p, math.nan):>10.0f}" for p in ("flashlab", "sdpa-flash", "sdpa-cudnn"))
+              + " ".join(f"{vals.get(p, math.nan):>12.0f}" for p in shown)
               + f" | {ratio:.2f}x")
     print(f"total {time.time() - t0:.0f}s")
 

@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from flashlab.kernels import backward, configs, forward
+from flashlab.kernels import backward, configs, forward, forward_tma
 
 POINTERS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "O": "*fp16", "DO": "*fp16", "DQ": "*fp16", "DK": "*fp16",
             "DV": "*fp16", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32"}
@@ -98,8 +98,11 @@ def ptxas_resources(ptx: str, arch: int) -> str:
 
 
 def _jobs() -> list[tuple[int, int, str, str]]:
-    return [(arch, head_dim, feature, kernel) for arch, head_dims in ((90, (64, 128, 192, 256)), (80, (128, 192)))
+    jobs = [(arch, head_dim, feature, kernel) for arch, head_dims in ((90, (64, 128, 192, 256)), (80, (128, 192)))
             for head_dim in head_dims for feature in FEATURES for kernel in ("fwd", "dkdv", "dq")]
+    # the TMA forward experiment (Hopper, the plain dense case only)
+    return jobs + [(90, head_dim, feature, "fwd-tma") for head_dim in (64, 128, 192, 256)
+                   for feature in ("plain", "causal")]
 
 
 def _compile_job(job: tuple[int, int, str, str]) -> str:
@@ -112,12 +115,15 @@ def _compile_job(job: tuple[int, int, str, str]) -> str:
     causal = flags.get("HAS_UPPER", False)
     aligned = head_dim == 256 and not flags.get("IS_VARLEN", False)
     kv_cfg, dq_cfg = configs.backward_config(block_d, causal, device, aligned)
-    kernel, cfg = {"fwd": (forward.attn_fwd_kernel, configs.forward_config(block_d, causal, device, aligned)),
+    fwd_cfg = configs.forward_config(block_d, causal, device, aligned)
+    kernel, cfg = {"fwd": (forward.attn_fwd_kernel, fwd_cfg), "fwd-tma": (forward_tma.attn_fwd_tma_kernel, fwd_cfg),
                    "dkdv": (backward.attn_bwd_dkdv_kernel, kv_cfg), "dq": (backward.attn_bwd_dq_kernel, dq_cfg)}[
         kernel_name]
     consts = {**FLAGS, **flags, "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": cfg.block_m,
               "BLOCK_N": cfg.block_n}
-    where = f"sm_{arch} d{head_dim} {feature:<12} {kernel_name:<4} {cfg}"
+    params = inspect.signature(kernel.fn).parameters
+    consts = {name: value for name, value in consts.items() if name in params}
+    where = f"sm_{arch} d{head_dim} {feature:<12} {kernel_name:<7} {cfg}"
     try:
         return f"ok   {where} {compile_kernel(kernel, consts, cfg, arch)}"
     except Exception as exc:  # noqa: BLE001 - report every failure, then exit 1

@@ -34,6 +34,7 @@ from flashlab.kernels.configs import (
 )
 from flashlab.kernels.launch import launch
 from flashlab.library import attn_bwd_fake, attn_fwd_fake, kernel_op
+from flashlab.tma_forward import launch_fwd_tma, tma_eligible
 
 LOG2E = 1.4426950408889634
 
@@ -154,6 +155,10 @@ def _launch_fwd(
     block_d = padded_head_dim(run.head_dim)
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg = _clamp_tiles(forward_config(block_d, run.flags["HAS_UPPER"], q.device, aligned), run)
+    if tma_eligible(run.flags, run.head_dim, run.q4, run.k4, run.v4, out):
+        launch_fwd_tma(run.q4, run.k4, run.v4, out, lse, run.lse_strides, run.seqlen_q, run.seqlen_k, run.heads,
+                       run.kv_heads, run.head_dim, block_d, run.scalars, run.flags, cfg)
+        return out, lse
     grid = (cdiv(run.seqlen_q, cfg.block_m), run.heads, run.batch)
     launch(
         fwd_kernels.attn_fwd_kernel, grid,
