@@ -55,8 +55,9 @@ FEATURES = {
 
 
 def compile_kernel(kernel: triton.JITFunction, consts: dict, cfg: configs.TileConfig | None, arch: int) -> str:
-    """Compile for ``sm_{arch}``; returns what it uses: shared memory (bytes) and, with
-    KERNEL_COMPILE_PTXAS=1, ptxas's registers per thread and spill bytes."""
+    """Compile for ``sm_{arch}`` as a launch with 16-divisible pointers, strides and lengths is
+    specialized; returns what it uses: shared memory (bytes) and, with KERNEL_COMPILE_PTXAS=1,
+    ptxas's registers per thread and spill bytes."""
     sig: dict[str, str] = {}
     for name in inspect.signature(kernel.fn).parameters:
         if name in consts:
@@ -66,7 +67,12 @@ def compile_kernel(kernel: triton.JITFunction, consts: dict, cfg: configs.TileCo
         else:
             sig[name] = "fp32" if name in FLOATS else "i32"
     names = list(sig)
-    src = ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    # A launch specializes arguments that are multiples of 16 (tt.divisibility): pointers from torch's
+    # allocator, and the strides and lengths of the common shapes. Without it Triton cannot prove the
+    # loads aligned, does not pipeline them, and the report describes a kernel no launch runs.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+             if sig[name] != "constexpr" and (name.isupper() or name.startswith(("stride", "seqlen")))}
+    src = ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages} if cfg else {"num_warps": 4}
     options.update(configs.FP_FUSION)  # as ops.py launches them
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
