@@ -245,7 +245,8 @@ def scaled_dot_product_attention(
     if key.shape[:-3] != lead or value.shape[:-3] != lead:
         raise ValueError(f"leading (batch) dims of query {tuple(lead)}, key {tuple(key.shape[:-3])} and "
                          f"value {tuple(value.shape[:-3])} differ")
-    q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
+    four_d = query.dim() == 4  # the common case needs no reshapes (each costs host time at short sequences)
+    q, k, v = (query, key, value) if four_d else (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
     checks.check_qkv(q, k, v, ("query", "key", "value"), rank=4, head_axis=1,
                      allowed_dtypes=checks.accepted_dtypes(_uses_kernels(q)))
     batch, heads, seqlen_q, _ = q.shape
@@ -271,4 +272,4 @@ def scaled_dot_product_attention(
     out, _ = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale, bool(is_causal),
                        False, options)
     out = out.transpose(1, 2)
-    return out.reshape(*lead, *out.shape[1:])
+    return out if four_d else out.reshape(*lead, *out.shape[1:])
