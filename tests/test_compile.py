@@ -269,3 +269,10 @@ def test_gpu_reduce_overhead_replays_match_eager():
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     for got, ref in zip(grads, want_grads):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_torch_func_transforms_get_a_clear_error(device):
+    """The kernels' autograd is torch.autograd's; torch.func transforms are refused by name."""
+    q, k, v = (torch.randn(1, 16, 2, 16, dtype=torch.float16, device=device) for _ in range(3))
+    with pytest.raises(NotImplementedError, match="does not support torch.func transforms"):
+        torch.func.grad(lambda q: flashlab.flash_attn_func(q, k, v).float().sum())(q)

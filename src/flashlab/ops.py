@@ -328,6 +328,9 @@ def attention_forward(
     (heads, total_q). LSE is the natural log, -inf for rows that see no key."""
     options = options or AttentionOptions()
     args = (q, k, v, *options.args(), softmax_scale, causal, bottom_right, *options.tail())
+    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        raise NotImplementedError("flashlab attention does not support torch.func transforms (grad, vjp, jvp, "
+                                  "vmap); differentiate with torch.autograd (loss.backward() / torch.autograd.grad)")
     if not _plain_eager(q, k, v, options.attn_mask, options.alibi_slopes):
         return torch.ops.flashlab.attn_fwd(*args)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
