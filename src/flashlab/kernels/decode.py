@@ -25,9 +25,7 @@ natural log, -inf for rows that see no key (their output is 0).
 import triton
 import triton.language as tl
 
-M_INIT = tl.constexpr(-1.0e30)  # finite: exp2(-inf - M_INIT) = 0, never exp2(-inf + inf) = NaN
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+from flashlab.kernels.forward import LN2, LOG2E, M_INIT, online_softmax_step
 
 
 @triton.jit
@@ -89,10 +87,7 @@ def _decode_inner(acc, l_i, m_i, q, k_base, v_base, bt_row, stride_kb, stride_ks
         else:
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             qk = qk * qk_scale - m_ij[:, None]
-        p = tl.math.exp2(qk)
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, l_i, acc = online_softmax_step(qk, m_i, m_ij, l_i, acc)
         v = _load_rows(v_base + v_rows[:, None] + offs_d[None, :], cols, n_keys, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_ij

@@ -40,6 +40,16 @@ def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
+def online_softmax_step(s, m_i, m_ij, l_i, acc):
+    """One key tile of the online softmax: ``s`` holds the tile's scores already shifted by the new
+    row max ``m_ij`` (log2 domain). Returns P = exp2(s), and l_i and acc rescaled from the old max
+    ``m_i`` to ``m_ij`` (l_i with this tile's row sums added; acc still waits for P·V)."""
+    p = tl.math.exp2(s)
+    alpha = tl.math.exp2(m_i - m_ij)
+    return p, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo, hi,
                seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope,
                mask_base, stride_mq, stride_mk, seed, drop_base, drop_stride, dropout_p, sp_row,
@@ -72,10 +82,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
             # Plain scores: fold the scale into one FMA after the row max.
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             s = qk * qk_scale - m_ij[:, None]
-        p = tl.math.exp2(s)
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, l_i, acc = online_softmax_step(s, m_i, m_ij, l_i, acc)
         v = _load_tile(v_base + cols[:, None] * stride_vn + offs_d[None, :], cols, seqlen_k, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)
         if HAS_DROPOUT:

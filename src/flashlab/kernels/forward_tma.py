@@ -17,7 +17,7 @@ allocator for the descriptors themselves (ops.py sets one before the launch).
 import triton
 import triton.language as tl
 
-from flashlab.kernels.forward import LN2, LOG2E, M_INIT
+from flashlab.kernels.forward import LN2, LOG2E, M_INIT, online_softmax_step
 from flashlab.kernels.masking import key_block_ranges, phase_range, visible
 
 
@@ -39,10 +39,7 @@ def _tma_inner(acc, l_i, m_i, q, k_desc, v_desc, offs_m, lo, hi, seqlen_k, diag,
         else:
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             s = qk * qk_scale - m_ij[:, None]
-        p = tl.math.exp2(s)
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, l_i, acc = online_softmax_step(s, m_i, m_ij, l_i, acc)
         v = v_desc.load([start_n, 0])
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_ij
