@@ -279,6 +279,7 @@ class _EagerAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' gradients have no gradient of their own
     def backward(ctx, dout, dlse):
         return _backward(ctx, dout, dlse, run_bwd=_launch_bwd)
 
