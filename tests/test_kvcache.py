@@ -179,6 +179,44 @@ def test_empty_batch_and_no_queries(device):
     assert torch.equal(k_cache[1, 7:9], k[1])  # the new tokens are appended even without queries
 
 
+# batch, seqlen_q, heads, kv_heads, cache lengths, seqlen_new, capacity, causal, window, softcap, alibi
+FEATURE_CASES = [
+    (3, 1, 6, 2, [0, 17, 40], 1, 48, True, (9, -1), 0.0, None),  # sliding window, one new token
+    (2, 5, 4, 2, [3, 33], 5, 45, True, (6, 0), 0.0, None),  # window narrower than the new tokens
+    (2, 4, 4, 4, [20, 7], 0, 30, False, (5, 2), 0.0, None),  # two-sided window, not causal
+    (2, 3, 4, 1, [19, 50], 2, 53, True, (-1, -1), 4.0, None),  # softcap
+    (2, 2, 6, 3, [11, 40], 1, 41, False, (-1, -1), 0.0, "heads"),  # ALiBi (heads,)
+    (3, 1, 4, 2, [0, 5, 37], 1, 40, True, (12, -1), 3.0, "batch"),  # all three, ALiBi (batch, heads)
+]
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged16"])
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["splits1", "splits3"])
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=[f"case{i}" for i in range(len(FEATURE_CASES))])
+def test_window_softcap_alibi_match_reference(case, num_splits, paged, device):
+    """flash-attn's window_size / softcap / alibi_slopes, aligned like causal over the cache length."""
+    b, sq, h, hk, lens, new, cap, causal, window, softcap, alibi = case
+    torch.manual_seed(len(lens) + sq + h)
+    q, k_cache, v_cache, k, v, seqlens = make_case(b, sq, h, hk, 16, lens, new, cap, torch.float16, device)
+    slopes = None
+    if alibi:
+        slopes = torch.rand(h if alibi == "heads" else (b, h), dtype=torch.float32, device=device) * 0.5
+    table = None
+    if paged:
+        k_cache, table = to_paged(k_cache, 16)
+        v_cache, _ = to_paged(v_cache, 16)
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table,
+                                       causal=causal, window_size=window, softcap=softcap, alibi_slopes=slopes,
+                                       num_splits=num_splits, return_softmax_lse=True)
+    for i, n in enumerate(n + new for n in lens):
+        kb, vb = gather(k_cache, i, n, table), gather(v_cache, i, n, table)
+        row_slopes = slopes[i:i + 1] if slopes is not None and slopes.dim() == 2 else slopes
+        opts = dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=row_slopes)
+        check_against_reference(out[i:i + 1], q[i:i + 1], kb, vb, grads=False, **opts)
+        _, ref_lse = reference_attention(q[i:i + 1], kb, vb, dtype=torch.float64, return_lse=True, **opts)
+        assert torch.equal(lse[i:i + 1].isinf(), ref_lse.isinf())
+
+
 def _args(**over):
     q = torch.randn(2, 1, 4, 16, dtype=torch.float16)
     kc, vc = torch.randn(2, 20, 2, 16, dtype=torch.float16), torch.randn(2, 20, 2, 16, dtype=torch.float16)
@@ -224,9 +262,10 @@ ERRORS = [
     ("rank", _args(q=torch.randn(2, 4, 16, dtype=torch.float16)), ValueError, "q must have 4 dimensions"),
     ("not-tensor", _args(k_cache=[1.0]), TypeError, "k_cache must be a torch.Tensor"),
     ("num-splits", _args(num_splits=-1), ValueError, "num_splits must be an int >= 0"),
-    ("window", _args(window_size=(8, 0)), NotImplementedError, "window_size"),
-    ("softcap", _args(softcap=30.0), NotImplementedError, "softcap"),
-    ("alibi", _args(alibi_slopes=torch.ones(4)), NotImplementedError, "alibi_slopes"),
+    ("window", _args(window_size=(-2, 0)), ValueError, "window_size left must be an int ≥ -1"),
+    ("softcap", _args(softcap=-1.0), ValueError, "softcap must be a finite float ≥ 0"),
+    ("alibi-shape", _args(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(4,\) or \(2, 4\)"),
+    ("alibi-dtype", _args(alibi_slopes=torch.ones(4, dtype=torch.float16)), TypeError, "alibi_slopes must be float32"),
 ]
 
 

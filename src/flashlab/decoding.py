@@ -19,10 +19,10 @@ import math
 import torch
 from torch.library import wrap_triton
 
-from flashlab.checks import accepted_dtypes
+from flashlab import checks
 from flashlab.kernels.configs import TileConfig, cdiv, interpreting, next_power_of_2, padded_head_dim
 from flashlab.kernels.launch import launch
-from flashlab.kvcache_checks import check_index, check_tensor, check_values, not_yet
+from flashlab.kvcache_checks import check_index, check_tensor, check_values
 from flashlab.library import kernel_op, kvcache_append_fake, kvcache_attn_fake
 
 MAX_HEAD_DIM = 256
@@ -117,7 +117,8 @@ def _append_impl(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, seqlen_new: int,
-               softmax_scale: float, causal: bool, num_splits: int, min_chunk: int
+               softmax_scale: float, causal: bool, num_splits: int, min_chunk: int, window_left: int = -1,
+               window_right: int = -1, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (batch, seqlen_q, heads, head_dim) in q's dtype, lse fp32 (batch, heads, seqlen_q))."""
     from flashlab.kernels import decode as kernels
@@ -137,12 +138,21 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     lse_part = torch.empty((num_splits, batch, rows) if split else (0,), dtype=torch.float32, device=q.device)
     batch_idx, bt, stride_btb = _index_args(cache_seqlens, cache_batch_idx, block_table)
     capacity = _capacity(k_cache, block_table)
+    # ALiBi slopes (heads,) or (batch, heads); absent, cache_seqlens stands in as the unread pointer.
+    slopes, slope_strides = cache_seqlens, (0, 0)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes
+        slope_strides = (alibi_slopes.stride(0), alibi_slopes.stride(1)) if alibi_slopes.dim() == 2 else (
+            0, alibi_slopes.stride(0))
+    right = 0 if causal else window_right
     _launcher(kernels.decode_attn_kernel, q)[(num_splits, kv_heads * m_blocks, batch)](
-        q, k_cache, v_cache, out, lse, o_part, lse_part, cache_seqlens, batch_idx, bt,
-        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3], stride_btb,
+        q, k_cache, v_cache, out, lse, o_part, lse_part, cache_seqlens, batch_idx, bt, slopes,
+        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3], stride_btb, *slope_strides,
         batch, seqlen_q, seqlen_new, capacity, heads, heads // kv_heads, num_splits, min_chunk, softmax_scale,
+        window_left, right, softmax_scale / softcap if softcap > 0 else 0.0, softcap * math.log2(math.e),
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size, PAGED=block_table is not None,
-        HAS_BATCH_IDX=cache_batch_idx is not None, IS_CAUSAL=causal, SPLIT=split, **cfg.launch_kwargs(),
+        HAS_BATCH_IDX=cache_batch_idx is not None, HAS_UPPER=causal or right >= 0, HAS_LOWER=window_left >= 0,
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, SPLIT=split, **cfg.launch_kwargs(),
     )
     if split:
         _launcher(kernels.decode_combine_kernel, q)[(rows, batch)](
@@ -179,7 +189,8 @@ def _append_torch(k, v, k_cache, v_cache, seqlens, cache_batch_idx, block_table)
     v_cache[index] = v
 
 
-def _attend_torch(q, k_cache, v_cache, seqlens, seqlen_new, cache_batch_idx, block_table, scale, causal):
+def _attend_torch(q, k_cache, v_cache, seqlens, seqlen_new, cache_batch_idx, block_table, scale, causal,
+                  window=(-1, -1), softcap=0.0, alibi_slopes=None):
     from flashlab.blockwise import blockwise_attention
 
     outs, lses = [], []
@@ -193,8 +204,10 @@ def _attend_torch(q, k_cache, v_cache, seqlens, seqlen_new, cache_batch_idx, blo
             outs.append(torch.zeros_like(q[b:b + 1]))
             lses.append(torch.full((1, q.shape[2], q.shape[1]), float("-inf")))
             continue
+        slopes = alibi_slopes[b:b + 1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         o, lse = blockwise_attention(q[b:b + 1], k_cache[where][None], v_cache[where][None], softmax_scale=scale,
-                                     causal=causal, causal_offset=n - q.shape[1])
+                                     causal=causal, causal_offset=n - q.shape[1], window_size=window,
+                                     softcap=softcap, alibi_slopes=slopes)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses).float()
@@ -244,7 +257,8 @@ def flash_attn_with_kvcache(
             log-sum-exp; 0 picks it from batch, kv heads, SM count and the longest cache (at most
             128). Each sequence uses fewer splits when its own cache is short.
         return_softmax_lse: also return the LSE, fp32 (batch, heads, seqlen_q), natural log.
-        window_size, softcap, alibi_slopes: only their defaults (``NotImplementedError``).
+        window_size, softcap, alibi_slopes: as in :func:`flash_attn_func`, aligned like causal (query
+            i sits at key position i + n - seqlen_q); alibi_slopes fp32 (heads,) or (batch, heads).
         check_inputs: range checks on the *values* of cache_seqlens / cache_batch_idx / block_table
             (cache too small for the new tokens, indices out of range). They need those values on the
             host: None (default) checks them when all are on the host (CPU tensors, an int length)
@@ -272,17 +286,14 @@ def flash_attn_with_kvcache(
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}: they must share a device")
     on_torch_path = q.device.type == "cpu" and not interpreting()
-    dtypes = accepted_dtypes(not on_torch_path)
+    dtypes = checks.accepted_dtypes(not on_torch_path)
     if q.dtype not in dtypes:
         raise TypeError(f"q has dtype {q.dtype}; accepted: {', '.join(str(d) for d in dtypes)}")
-    if tuple(window_size) != (-1, -1):
-        raise not_yet("window_size", tuple(window_size))
-    if softcap != 0.0:
-        raise not_yet("softcap", softcap)
-    if alibi_slopes is not None:
-        raise not_yet("alibi_slopes", "<tensor>")
+    window_left, window_right = checks.check_window(window_size)
+    softcap = checks.check_softcap(softcap)
 
     batch, seqlen_q, heads, head_dim = q.shape
+    alibi_slopes = checks.check_alibi(alibi_slopes, batch, heads, q.device)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
@@ -360,7 +371,8 @@ def flash_attn_with_kvcache(
         return (out, lse) if return_softmax_lse else out
     if on_torch_path:
         out, lse = _attend_torch(q, k_cache, v_cache, seqlens, seqlen_new, cache_batch_idx, block_table,
-                                 float(softmax_scale), bool(causal))
+                                 float(softmax_scale), bool(causal), (window_left, window_right), softcap,
+                                 alibi_slopes)
         return (out, lse) if return_softmax_lse else out
     q = q if q.stride(-1) == 1 else q.contiguous()
     cfg = decode_config(_grid_rows(q, kv_heads), padded_head_dim(head_dim), block_table is not None, q.device)
@@ -371,5 +383,5 @@ def flash_attn_with_kvcache(
         num_splits = choose_num_splits(batch, kv_heads, m_blocks, max_keys, _num_sms(q.device.index), min_split_keys)
     out, lse = _op("kvcache_attn", _attn_impl)(
         q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, seqlen_new, float(softmax_scale), bool(causal),
-        min(num_splits, MAX_SPLITS), min_split_keys if auto else 1)
+        min(num_splits, MAX_SPLITS), min_split_keys if auto else 1, window_left, window_right, softcap, alibi_slopes)
     return (out, lse) if return_softmax_lse else out

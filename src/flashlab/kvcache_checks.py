@@ -9,12 +9,6 @@ import torch
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def not_yet(option: str, value: object) -> NotImplementedError:
-    """The error for a flash-attn option the decoding path does not implement."""
-    return NotImplementedError(f"flash_attn_with_kvcache does not support {option}={value!r} yet "
-                               "(planned: feature-parity issue)")
-
-
 def check_tensor(name: str, t: object, dims: int) -> None:
     """``t`` is a tensor of ``dims`` dimensions."""
     if not isinstance(t, torch.Tensor):

@@ -18,14 +18,18 @@ byte is tiny. Three choices follow from that:
   multiple of ``BLOCK_N`` a whole key tile shares one page and one table read).
 
 Causal masking is bottom-right over the total key length ``n_keys``: query ``t`` sees key ``j`` iff
-``j <= t + n_keys - seqlen_q``. Scores live in the log2 domain (``exp2``); LSEs written out are
-natural log, -inf for rows that see no key (their output is 0).
+``j <= t + n_keys - seqlen_q``; a sliding window ``(left, right)``, softcap and ALiBi follow the
+training kernels (masking.py, scores.py) with the same alignment, and keys outside the band are
+never loaded. Scores live in the log2 domain (``exp2``); LSEs written out are natural log, -inf for
+rows that see no key (their output is 0).
 """
 
 import triton
 import triton.language as tl
 
 from flashlab.kernels.forward import LN2, LOG2E, M_INIT, online_softmax_step
+from flashlab.kernels.masking import visible
+from flashlab.kernels.scores import modified_scores
 
 
 @triton.jit
@@ -66,10 +70,13 @@ def _load_rows(ptrs, cols, n_keys, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 @triton.jit
 def _decode_inner(acc, l_i, m_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb, stride_vs,
-                  t, offs_d, lo, hi, n_keys, diag, qk_scale,
+                  t, offs_d, lo, hi, n_keys, seqlen_q, diag, left, right, qk_scale, cap_in, cap_out, slope,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                  PAGED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr):
-    """Fold key tiles [lo, hi) into the running (acc, l_i, m_i). ``t``: query position per row."""
+                  PAGED: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr):
+    """Fold key tiles [lo, hi) into the running (acc, l_i, m_i). ``t``: query position per row;
+    ``slope``: the ALiBi slope per row ([BLOCK_M, 1]). MASKED tiles check the key bound and the
+    causal / window band (masking.visible); softcap and ALiBi apply to every tile (scores.py)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -77,11 +84,12 @@ def _decode_inner(acc, l_i, m_i, q, k_base, v_base, bt_row, stride_kb, stride_ks
                                       PAGE_SIZE, PAGED, BLOCK_N, MASKED)
         k = _load_rows(k_base + k_rows[:, None] + offs_d[None, :], cols, n_keys, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         qk = tl.dot(q, tl.trans(k))
-        if MASKED:
-            keep = cols[None, :] < n_keys
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= t[:, None] + diag)
-            qk = tl.where(keep, qk * qk_scale, float("-inf"))
+        if HAS_SOFTCAP or HAS_ALIBI or MASKED:
+            qi, kj = t[:, None], cols[None, :]
+            qk, _ = modified_scores(qk, qi, kj, seqlen_q, n_keys, diag, qk_scale, cap_in, cap_out, slope, k_base, 0,
+                                    0, HAS_SOFTCAP, HAS_ALIBI, 0)
+            if MASKED:
+                qk = tl.where(visible(qi, kj, n_keys, diag, left, right, HAS_UPPER, HAS_LOWER), qk, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             qk = qk - m_ij[:, None]
         else:
@@ -96,16 +104,17 @@ def _decode_inner(acc, l_i, m_i, q, k_base, v_base, bt_row, stride_kb, stride_ks
 
 @triton.jit
 def decode_attn_kernel(
-    Q, K, V, O, LSE, O_PART, LSE_PART, SEQLENS, BATCH_IDX, BT,
+    Q, K, V, O, LSE, O_PART, LSE_PART, SEQLENS, BATCH_IDX, BT, SLOPES,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
-    stride_btb,
+    stride_btb, stride_sb, stride_sh,
     batch, seqlen_q, seqlen_new, capacity, heads, group_size, num_splits, min_chunk, softmax_scale,
+    window_left, window_right, cap_in, cap_out,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    SPLIT: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_UPPER: tl.constexpr,
+    HAS_LOWER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One (split, kv head × row block, sequence). Without SPLIT: O[b, t, h] (q's dtype) and
     LSE[b, h, t]. With SPLIT: the split's normalized partial O_PART[s, b, t·heads + h, :] and its
@@ -128,15 +137,21 @@ def decode_attn_kernel(
             return  # an idle split: the combine kernel never reads it
     hi = tl.minimum(lo + chunk, n_keys)
     diag = n_keys - seqlen_q
-    if IS_CAUSAL:
-        # Keys after the last row's diagonal are hidden from the whole tile; keys up to the first
-        # row's diagonal are visible to all of it.
-        last_t = tl.minimum((start_m + BLOCK_M - 1) // group_size, seqlen_q - 1)
-        hi = tl.minimum(hi, last_t + diag + 1)
-        open_hi = tl.minimum(hi, start_m // group_size + diag + 1)
-    else:
-        open_hi = hi
-    full_hi = lo + tl.maximum(open_hi - lo, 0) // BLOCK_N * BLOCK_N
+    # The band (masking.py) of this tile's query positions [first_t, last_t]: keys past the last
+    # row's upper edge or before the first row's lower edge are hidden from the whole tile; keys
+    # inside [last row's lower edge, first row's upper edge] are visible to all of it (no mask).
+    first_t = start_m // group_size
+    last_t = tl.minimum((start_m + BLOCK_M - 1) // group_size, seqlen_q - 1)
+    open_hi = hi
+    if HAS_UPPER:
+        hi = tl.minimum(hi, last_t + diag + window_right + 1)
+        open_hi = tl.minimum(hi, first_t + diag + window_right + 1)
+    full_lo = lo
+    if HAS_LOWER:
+        lo = tl.maximum(lo, tl.maximum(first_t + diag - window_left, 0) // BLOCK_N * BLOCK_N)
+        full_lo = tl.minimum(tl.maximum(lo, tl.cdiv(tl.maximum(last_t + diag - window_left, 0), BLOCK_N) * BLOCK_N),
+                             hi)
+    full_hi = full_lo + tl.maximum(open_hi - full_lo, 0) // BLOCK_N * BLOCK_N
 
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q * group_size
@@ -163,15 +178,27 @@ def decode_attn_kernel(
     # Inductor types Python floats fp64 in the launches it generates (this kernel's op is a
     # triton_op, traced by torch.compile): keep the arithmetic fp32.
     qk_scale = tl.cast(softmax_scale, tl.float32) * LOG2E
+    cap_in = tl.cast(cap_in, tl.float32)
+    cap_out = tl.cast(cap_out, tl.float32)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + b * stride_sb + h * stride_sh)[:, None]
     m_i = tl.full([BLOCK_M], M_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_LOWER:  # the band's lower edge: masked tiles first
+        acc, l_i, m_i = _decode_inner(acc, l_i, m_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb,
+                                      stride_vs, t, offs_d, lo, full_lo, n_keys, seqlen_q, diag, window_left,
+                                      window_right, qk_scale, cap_in, cap_out, slope, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                      PAGE_SIZE, PAGED, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, True)
     acc, l_i, m_i = _decode_inner(acc, l_i, m_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb,
-                                  stride_vs, t, offs_d, lo, full_hi, n_keys, diag, qk_scale,
-                                  BLOCK_N, HEAD_DIM, BLOCK_D, PAGE_SIZE, PAGED, IS_CAUSAL, False)
+                                  stride_vs, t, offs_d, full_lo, full_hi, n_keys, seqlen_q, diag, window_left,
+                                  window_right, qk_scale, cap_in, cap_out, slope, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                  PAGE_SIZE, PAGED, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, False)
     acc, l_i, m_i = _decode_inner(acc, l_i, m_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb,
-                                  stride_vs, t, offs_d, full_hi, hi, n_keys, diag, qk_scale,
-                                  BLOCK_N, HEAD_DIM, BLOCK_D, PAGE_SIZE, PAGED, IS_CAUSAL, True)
+                                  stride_vs, t, offs_d, full_hi, hi, n_keys, seqlen_q, diag, window_left,
+                                  window_right, qk_scale, cap_in, cap_out, slope, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                  PAGE_SIZE, PAGED, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, True)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
