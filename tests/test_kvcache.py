@@ -195,6 +195,16 @@ FEATURE_CASES = [
 @pytest.mark.parametrize("case", FEATURE_CASES, ids=[f"case{i}" for i in range(len(FEATURE_CASES))])
 def test_window_softcap_alibi_match_reference(case, num_splits, paged, device):
     """flash-attn's window_size / softcap / alibi_slopes, aligned like causal over the cache length."""
+    _check_feature_case(case, num_splits, paged, device)
+
+
+@pytest.mark.parametrize("case", FEATURE_CASES[-2:], ids=["alibi-heads", "all-three"])
+def test_window_softcap_alibi_on_the_torch_path(case, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors then take the PyTorch path
+    _check_feature_case(case, 0, True, "cpu")
+
+
+def _check_feature_case(case, num_splits, paged, device):
     b, sq, h, hk, lens, new, cap, causal, window, softcap, alibi = case
     torch.manual_seed(len(lens) + sq + h)
     q, k_cache, v_cache, k, v, seqlens = make_case(b, sq, h, hk, 16, lens, new, cap, torch.float16, device)
