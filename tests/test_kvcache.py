@@ -187,6 +187,7 @@ FEATURE_CASES = [
     (2, 3, 4, 1, [19, 50], 2, 53, True, (-1, -1), 4.0, None),  # softcap
     (2, 2, 6, 3, [11, 40], 1, 41, False, (-1, -1), 0.0, "heads"),  # ALiBi (heads,)
     (3, 1, 4, 2, [0, 5, 37], 1, 40, True, (12, -1), 3.0, "batch"),  # all three, ALiBi (batch, heads)
+    (2, 2, 4, 2, [70, 100], 1, 104, True, (10, -1), 0.0, None),  # splits cut only the window's keys
 ]
 
 
@@ -198,7 +199,7 @@ def test_window_softcap_alibi_match_reference(case, num_splits, paged, device):
     _check_feature_case(case, num_splits, paged, device)
 
 
-@pytest.mark.parametrize("case", FEATURE_CASES[-2:], ids=["alibi-heads", "all-three"])
+@pytest.mark.parametrize("case", FEATURE_CASES[-3:-1], ids=["alibi-heads", "all-three"])
 def test_window_softcap_alibi_on_the_torch_path(case, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors then take the PyTorch path
     _check_feature_case(case, 0, True, "cpu")

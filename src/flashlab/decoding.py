@@ -157,8 +157,9 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     if split:
         _launcher(kernels.decode_combine_kernel, q)[(rows, batch)](
             out, lse, o_part, lse_part, cache_seqlens, *out.stride()[:3],
-            batch, seqlen_q, seqlen_new, capacity, heads, num_splits, min_chunk,
+            batch, seqlen_q, seqlen_new, capacity, heads, num_splits, min_chunk, window_left,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n, SPLITS_P2=next_power_of_2(num_splits),
+            HAS_LOWER=window_left >= 0,
             num_warps=8 if next_power_of_2(num_splits) * block_d > 8192 else 4,  # the [splits, dim] tile
         )
     return out, lse
@@ -379,6 +380,8 @@ def flash_attn_with_kvcache(
     auto = num_splits == 0
     min_split_keys = cfg.block_n if interpreting() else MIN_SPLIT_KEYS
     if auto:
+        if window_left >= 0:  # the kernels split only the keys inside the window (kernels/decode.py)
+            max_keys = min(max_keys, window_left + seqlen_q + cfg.block_n)
         m_blocks = cdiv(_grid_rows(q, kv_heads), cfg.block_m)
         num_splits = choose_num_splits(batch, kv_heads, m_blocks, max_keys, _num_sms(q.device.index), min_split_keys)
     out, lse = _op("kvcache_attn", _attn_impl)(

@@ -33,11 +33,17 @@ from flashlab.kernels.scores import modified_scores
 
 
 @triton.jit
-def split_chunk(n_keys, num_splits, min_chunk, BLOCK_N: tl.constexpr):
-    """Keys per split for a sequence of ``n_keys``: a multiple of BLOCK_N, at least ``min_chunk``.
-    Splits ``s >= cdiv(n_keys, chunk)`` have no keys (the host and both kernels agree on this)."""
-    chunk = tl.cdiv(tl.cdiv(n_keys, num_splits), BLOCK_N) * BLOCK_N
-    return tl.maximum(chunk, min_chunk)
+def split_range(n_keys, seqlen_q, window_left, num_splits, min_chunk, BLOCK_N: tl.constexpr,
+                HAS_LOWER: tl.constexpr):
+    """(first key, keys per split) of a sequence of ``n_keys``: splits cut [key_lo, n_keys), where
+    key_lo is 0, or with a window the first key its first query sees (rounded down to BLOCK_N).
+    The chunk is a multiple of BLOCK_N, at least ``min_chunk``; splits ``s >= cdiv(n_keys - key_lo,
+    chunk)`` have no keys (both kernels agree on this)."""
+    key_lo = 0
+    if HAS_LOWER:
+        key_lo = tl.maximum(n_keys - seqlen_q - window_left, 0) // BLOCK_N * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(n_keys - key_lo, num_splits), BLOCK_N) * BLOCK_N
+    return key_lo, tl.maximum(chunk, min_chunk)
 
 
 @triton.jit
@@ -130,8 +136,8 @@ def decode_attn_kernel(
 
     # Clamped to the capacity so a bad cache_seqlens can never read outside the cache.
     n_keys = tl.minimum(tl.load(SEQLENS + b) + seqlen_new, capacity)
-    chunk = split_chunk(n_keys, num_splits, min_chunk, BLOCK_N)
-    lo = split * chunk
+    key_lo, chunk = split_range(n_keys, seqlen_q, window_left, num_splits, min_chunk, BLOCK_N, HAS_LOWER)
+    lo = key_lo + split * chunk
     if SPLIT:
         if lo >= n_keys:
             return  # an idle split: the combine kernel never reads it
@@ -219,8 +225,9 @@ def decode_attn_kernel(
 def decode_combine_kernel(
     O, LSE, O_PART, LSE_PART, SEQLENS,
     stride_ob, stride_os, stride_oh,
-    batch, seqlen_q, seqlen_new, capacity, heads, num_splits, min_chunk,
+    batch, seqlen_q, seqlen_new, capacity, heads, num_splits, min_chunk, window_left,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_P2: tl.constexpr,
+    HAS_LOWER: tl.constexpr,
 ):
     """Merge the active splits of one output row (query position t, head h) by log-sum-exp:
     O = Σ_s w_s O_s / Σ_s w_s with w_s = 2^(lse_s - max lse). Grid: (seqlen_q · heads, batch)."""
@@ -229,7 +236,8 @@ def decode_combine_kernel(
     t = row // heads
     h = row % heads
     n_keys = tl.minimum(tl.load(SEQLENS + b) + seqlen_new, capacity)
-    n_active = tl.cdiv(n_keys, split_chunk(n_keys, num_splits, min_chunk, BLOCK_N))
+    key_lo, chunk = split_range(n_keys, seqlen_q, window_left, num_splits, min_chunk, BLOCK_N, HAS_LOWER)
+    n_active = tl.cdiv(n_keys - key_lo, chunk)
 
     offs_s = tl.arange(0, SPLITS_P2)
     s_ok = offs_s < n_active
