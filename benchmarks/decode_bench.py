@@ -2,7 +2,7 @@
 PyTorch's SDPA backends and compiled FlexAttention, measured in the same run.
 
     PYTHONPATH=src python3 benchmarks/decode_bench.py --out DIR [--batches 1 4 16 64]
-        [--cache-lens 1024 8192 32768 131072] [--skip-tune] [--budget-s 330] [--cudagraph]
+        [--cache-lens 1024 8192 32768 131072] [--skip-tune] [--budget-s 330] [--cudagraph] [--window W]
 
 One new token per sequence (seqlen_q = 1), head dim 128, GQA 32:8, bf16, full caches of the given
 length. Decoding is memory-bound, so the figure of merit is the achieved bandwidth: bytes of K and V
@@ -61,6 +61,7 @@ MATH_MAX_KEYS = 4 * 8192  # batch × cache_len above which the math backend (exp
 
 
 CUDA_GRAPHS = False  # --cudagraph: time replays of a captured CUDA graph (the kernels, no host launch cost)
+WINDOW = 0  # --window W: also flashlab with window_size=(W, -1) (GB/s over the W + 1 keys it reads)
 
 
 def bench(fn, rep: int = 100) -> float:
@@ -136,11 +137,12 @@ def check_correctness(rows: list[dict]) -> bool:
     return ok_all
 
 
-def time_row(rows, provider, batch, cache_len, dtype, fn, copy_gbs, **extra) -> None:
+def time_row(rows, provider, batch, cache_len, dtype, fn, copy_gbs, keys_read: int | None = None, **extra) -> None:
+    """One timed row; ``keys_read`` (default: the whole cache) sizes the bytes behind the GB/s."""
     row = {"kind": "time", "provider": provider, "batch": batch, "cache_len": cache_len, **extra}
     try:
         ms = bench(fn)
-        gbs = kv_bytes(batch, cache_len, dtype) / ms / 1e6
+        gbs = kv_bytes(batch, min(cache_len, keys_read or cache_len), dtype) / ms / 1e6
         row.update(us=ms * 1e3, gbs=gbs, pct_copy=100 * gbs / copy_gbs)
     except Exception as e:  # a backend that cannot run this case (unsupported, OOM): recorded, sweep goes on
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -166,6 +168,10 @@ def time_ours(rows, batch, cache_len, dtype, copy_gbs) -> None:
     splits = decoding.choose_num_splits(batch, KV_HEADS, 1, cache_len, decoding._num_sms(0), decoding.MIN_SPLIT_KEYS)
     time_row(rows, "flashlab", batch, cache_len, dtype, copy_gbs=copy_gbs, auto_splits=splits,
              fn=lambda: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens))
+    if WINDOW:  # a sliding window reads only its keys (and the new one)
+        time_row(rows, f"flashlab-window{WINDOW}", batch, cache_len, dtype, copy_gbs=copy_gbs, keys_read=WINDOW + 1,
+                 fn=lambda: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens, causal=True,
+                                                    window_size=(WINDOW, -1)))
     kp, table = paged_view(kc, 16)
     vp, _ = paged_view(vc, 16, table)
     time_row(rows, "flashlab-paged16", batch, cache_len, dtype, copy_gbs=copy_gbs,
@@ -309,9 +315,10 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=330.0, help="wall-clock budget; flex and tuning stop early")
     ap.add_argument("--cudagraph", action="store_true",
                     help="time every provider as CUDA graph replays (no host time; L2 not flushed)")
+    ap.add_argument("--window", type=int, default=0, help="also time flashlab with a sliding window of this size")
     args = ap.parse_args()
-    global CUDA_GRAPHS
-    CUDA_GRAPHS = args.cudagraph
+    global CUDA_GRAPHS, WINDOW
+    CUDA_GRAPHS, WINDOW = args.cudagraph, args.window
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     dtype = torch.bfloat16
@@ -344,6 +351,10 @@ def main() -> None:
         if r["kind"] == "loop":
             print(f"host-bound loop (B1, 1k, no flush): {r['provider']} {r['us_per_call']:.1f} us/call")
     print_table(rows, copy_gbs)
+    for r in rows:
+        if r["kind"] == "time" and r["provider"].startswith("flashlab-window") and "us" in r:
+            print(f"{r['provider']} B{r['batch']} cache {r['cache_len']}: {r['us']:.1f} us, {r['gbs']:.0f} GB/s "
+                  f"over the window's keys ({r['pct_copy']:.0f}% of copy)")
     print(f"total {time.time() - t0:.0f}s")
 
 
