@@ -23,6 +23,7 @@ from flashlab import checks
 from flashlab.kernels.configs import TileConfig, cdiv, interpreting, next_power_of_2, padded_head_dim
 from flashlab.kernels.launch import launch
 from flashlab.kvcache_checks import check_index, check_tensor, check_values
+from flashlab.kvcache_torch import append_torch, attend_torch
 from flashlab.library import kernel_op, kvcache_append_fake, kvcache_attn_fake
 
 MAX_HEAD_DIM = 256
@@ -177,43 +178,6 @@ def _op(name: str, impl):
     return getattr(torch.ops.flashlab, name) if torch.compiler.is_compiling() else impl
 
 
-def _append_torch(k, v, k_cache, v_cache, seqlens, cache_batch_idx, block_table) -> None:
-    pos = seqlens.long()[:, None] + torch.arange(k.shape[1], device=k.device)[None, :]
-    if block_table is not None:
-        page_size = k_cache.shape[1]
-        pages = block_table.long().gather(1, pos // page_size)
-        index = (pages, pos % page_size)
-    else:
-        rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(k.shape[0])
-        index = (rows[:, None].expand_as(pos), pos)
-    k_cache[index] = k
-    v_cache[index] = v
-
-
-def _attend_torch(q, k_cache, v_cache, seqlens, seqlen_new, cache_batch_idx, block_table, scale, causal,
-                  window=(-1, -1), softcap=0.0, alibi_slopes=None):
-    from flashlab.blockwise import blockwise_attention
-
-    outs, lses = [], []
-    for b, n in enumerate((seqlens.long() + seqlen_new).tolist()):
-        pos = torch.arange(n)
-        if block_table is not None:
-            where = (block_table[b].long()[pos // k_cache.shape[1]], pos % k_cache.shape[1])
-        else:
-            where = (int(cache_batch_idx[b]) if cache_batch_idx is not None else b, pos)
-        if n == 0:
-            outs.append(torch.zeros_like(q[b:b + 1]))
-            lses.append(torch.full((1, q.shape[2], q.shape[1]), float("-inf")))
-            continue
-        slopes = alibi_slopes[b:b + 1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-        o, lse = blockwise_attention(q[b:b + 1], k_cache[where][None], v_cache[where][None], softmax_scale=scale,
-                                     causal=causal, causal_offset=n - q.shape[1], window_size=window,
-                                     softcap=softcap, alibi_slopes=slopes)
-        outs.append(o)
-        lses.append(lse)
-    return torch.cat(outs), torch.cat(lses).float()
-
-
 def flash_attn_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -362,7 +326,7 @@ def flash_attn_with_kvcache(
                                  cache_len, k_cache.shape[0])
 
     if k is not None and on_torch_path:
-        _append_torch(k, v, k_cache, v_cache, seqlens, cache_batch_idx, block_table)
+        append_torch(k, v, k_cache, v_cache, seqlens, cache_batch_idx, block_table)
     elif k is not None:
         k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
         _op("kvcache_append", _append_impl)(k, v, k_cache, v_cache, seqlens, cache_batch_idx, block_table)
@@ -371,7 +335,7 @@ def flash_attn_with_kvcache(
         lse = torch.full((batch, heads, 0), float("-inf"), dtype=torch.float32, device=q.device)
         return (out, lse) if return_softmax_lse else out
     if on_torch_path:
-        out, lse = _attend_torch(q, k_cache, v_cache, seqlens, seqlen_new, cache_batch_idx, block_table,
+        out, lse = attend_torch(q, k_cache, v_cache, seqlens, seqlen_new, cache_batch_idx, block_table,
                                  float(softmax_scale), bool(causal), (window_left, window_right), softcap,
                                  alibi_slopes)
         return (out, lse) if return_softmax_lse else out
