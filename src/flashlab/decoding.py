@@ -22,9 +22,10 @@ from torch.library import wrap_triton
 from flashlab import checks
 from flashlab.kernels.configs import TileConfig, cdiv, interpreting, next_power_of_2, padded_head_dim
 from flashlab.kernels.launch import launch
-from flashlab.kvcache_checks import check_index, check_tensor, check_values
+from flashlab.kvcache_checks import check_index, check_rotary, check_tensor, check_values
 from flashlab.kvcache_torch import append_torch, attend_torch
 from flashlab.library import kernel_op, kvcache_append_fake, kvcache_attn_fake
+from flashlab.rotary import rotate_at_positions
 
 MAX_HEAD_DIM = 256
 MAX_SPLITS = 128
@@ -196,6 +197,9 @@ def flash_attn_with_kvcache(
     return_softmax_lse: bool = False,
     *,
     check_inputs: bool | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    rotary_interleaved: bool = True,
 ):
     """Attention of new queries against a KV cache, appending new keys/values in place
     (flash-attn's ``flash_attn_with_kvcache`` semantics).
@@ -224,6 +228,11 @@ def flash_attn_with_kvcache(
         return_softmax_lse: also return the LSE, fp32 (batch, heads, seqlen_q), natural log.
         window_size, softcap, alibi_slopes: as in :func:`flash_attn_func`, aligned like causal (query
             i sits at key position i + n - seqlen_q); alibi_slopes fp32 (heads,) or (batch, heads).
+        rotary_cos, rotary_sin: keyword-only, flash-attn's rotary tables (seqlen_ro, rotary_dim / 2):
+            the new k is rotated at positions cache_seqlens[b] + i before it is appended, q likewise
+            when causal or windowed, else every query at cache_seqlens[b]; the first rotary_dim
+            channels are rotated, pairs (i, i + rotary_dim / 2), or (2i, 2i + 1) with
+            ``rotary_interleaved`` (flash-attn's default, True). Needs k and v.
         check_inputs: range checks on the *values* of cache_seqlens / cache_batch_idx / block_table
             (cache too small for the new tokens, indices out of range). They need those values on the
             host: None (default) checks them when all are on the host (CPU tensors, an int length)
@@ -259,6 +268,7 @@ def flash_attn_with_kvcache(
 
     batch, seqlen_q, heads, head_dim = q.shape
     alibi_slopes = checks.check_alibi(alibi_slopes, batch, heads, q.device)
+    check_rotary(rotary_cos, rotary_sin, head_dim, q.device, k is not None)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
@@ -324,6 +334,18 @@ def flash_attn_with_kvcache(
     if (check_inputs or (check_inputs is None and host_known)) and not capturing:
         max_keys = check_values(lens_host, seqlen_new, capacity, cache_batch_idx, k_cache.shape[0], block_table,
                                  cache_len, k_cache.shape[0])
+        reach = max_keys - seqlen_new + max(seqlen_new, seqlen_q)  # one past the last rotated position
+        if rotary_cos is not None and reach > rotary_cos.shape[0]:
+            raise ValueError(f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions; the new tokens reach "
+                             f"position {reach - 1}")
+    if rotary_cos is not None:
+        # flash-attn's convention: new keys at cache_seqlens + i; queries likewise when causal or windowed,
+        # else all at cache_seqlens.
+        pos = seqlens.long()[:, None] + torch.arange(max(seqlen_new, seqlen_q), device=q.device)[None, :]
+        k = rotate_at_positions(k, rotary_cos, rotary_sin, pos[:, :seqlen_new], bool(rotary_interleaved))
+        banded = causal or (window_left, window_right) != (-1, -1)
+        q = rotate_at_positions(q, rotary_cos, rotary_sin, pos[:, :seqlen_q] if banded else pos[:, :1].expand(
+            batch, seqlen_q), bool(rotary_interleaved))
 
     if k is not None and on_torch_path:
         append_torch(k, v, k_cache, v_cache, seqlens, cache_batch_idx, block_table)

@@ -54,3 +54,23 @@ def check_values(seqlens: torch.Tensor, seqlen_new: int, capacity: int, cache_ba
             raise ValueError(f"block_table[{b}, {j}] = {bt[b, j].item()} is out of range: k_cache has "
                              f"{num_pages} blocks")
     return int(lens.max().item()) + seqlen_new if lens.numel() else 0
+
+
+def check_rotary(cos: object, sin: object, head_dim: int, device: torch.device, has_new_keys: bool) -> None:
+    """flash-attn's rotary tables: (seqlen_ro, rotary_dim / 2) each, rotary_dim even and ≤ head_dim,
+    float, on q's device, and only with new k/v (the tokens they rotate)."""
+    if (cos is None) != (sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if cos is None:
+        return
+    if not has_new_keys:
+        raise ValueError("rotary_cos/rotary_sin rotate the new tokens: they need k and v")
+    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+        check_tensor(name, t, 2)
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, q on {device}")
+    if cos.shape != sin.shape or not 1 <= 2 * cos.shape[1] <= head_dim:
+        raise ValueError(f"rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2) with rotary_dim ≤ "
+                         f"head_dim ({head_dim}), got {tuple(cos.shape)} and {tuple(sin.shape)}")

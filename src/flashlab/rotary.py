@@ -41,3 +41,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[..., None, :] + rotated * sin[..., None, :]
+
+
+def rotate_at_positions(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                        interleaved: bool) -> torch.Tensor:
+    """flash-attn's rotary convention (its ``rotary_cos`` / ``rotary_sin`` tables): rotate the first
+    ``rotary_dim = 2 · cos.shape[1]`` channels of ``x`` (batch, seqlen, heads, head_dim) by the table
+    rows ``positions`` (batch, seqlen); the other channels pass through. Pairs are channels
+    (i, i + rotary_dim / 2) (GPT-NeoX) or, with ``interleaved``, (2i, 2i + 1) (GPT-J). Computed in
+    fp32, returned in x's dtype."""
+    rot = 2 * cos.shape[1]
+    c = cos.float()[positions][:, :, None, :]  # (batch, seqlen, 1, rot / 2)
+    s = sin.float()[positions][:, :, None, :]
+    xr = x[..., :rot].float()
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
+        rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., rot:]), dim=-1)
