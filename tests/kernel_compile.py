@@ -114,7 +114,7 @@ def _jobs() -> list[tuple[int, int, str, str]]:
 def _compile_job(job: tuple[int, int, str, str]) -> str:
     """One compile with the config kernels/configs.py ships for that architecture; a report line."""
     arch, head_dim, feature, kernel_name = job
-    configs._capability = lambda device: (arch // 10, arch % 10)
+    configs.device_capability = lambda device: (arch // 10, arch % 10)
     device = torch.device("cuda")
     flags = FEATURES[feature]
     block_d = configs.padded_head_dim(head_dim)

@@ -11,7 +11,7 @@ from flashlab.kernels import configs
 @pytest.fixture
 def hopper(monkeypatch):
     monkeypatch.setattr(configs, "interpreting", lambda: False)
-    monkeypatch.setattr(configs, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(configs, "device_capability", lambda device: (9, 0))
     return torch.device("cuda")
 
 

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from flashlab.kernels import configs
 from flashlab.kernels.configs import TileConfig, cdiv, interpreting
 from flashlab.kernels.launch import launch
 
@@ -30,7 +31,7 @@ def tma_eligible(flags: dict, head_dim: int, *tensors: torch.Tensor) -> bool:
     if flags["MASK_KIND"] != 0 or head_dim * tensors[0].element_size() % 16 != 0:
         return False
     on_gpu = tensors[0].is_cuda and not interpreting()
-    if on_gpu and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+    if on_gpu and configs.device_capability(tensors[0].device)[0] < 9:
         return False
     return all(_aligned(t) for t in tensors)
 

@@ -49,8 +49,9 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 @functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    # Cached: torch.cuda.get_device_capability costs ~10 µs of host time, twice per forward+backward.
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device, (0, 0) otherwise. Cached: torch.cuda.get_device_capability
+    costs ~10 µs of host time, and the configs ask on every launch."""
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
@@ -70,7 +71,7 @@ def tile_aligned(seqlen_q: int, seqlen_k: int, varlen: bool) -> bool:
 def forward_config(block_d: int, causal: bool, device: torch.device, aligned: bool = False) -> TileConfig:
     if interpreting():
         return TileConfig(32, 32, 4, 1)
-    if _capability(device)[0] < 9:
+    if device_capability(device)[0] < 9:
         # Ampere-class parts have 100-164 KB of shared memory: smaller tiles, 2 stages.
         return TileConfig(128, 64, 4, 2) if block_d <= 64 else TileConfig(64, 64, 4, 2)
     # Hopper; measured on H100 at seqlen 8k and 2k (benchmarks/results/h100-kernel-check-round{1,2}.json).
@@ -88,7 +89,7 @@ def backward_config(block_d: int, causal: bool, device: torch.device,
     are the tile each program owns; the other is the tile it streams."""
     if interpreting():
         return TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)
-    hopper = _capability(device)[0] >= 9
+    hopper = device_capability(device)[0] >= 9
     if block_d > 128:
         if hopper and aligned:
             # 64x64 tiles, 8 warps, 2 stages: 2.8x the 32x32 single-stage tiles on H100 (round 2).

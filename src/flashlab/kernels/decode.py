@@ -27,9 +27,7 @@ rows that see no key (their output is 0).
 import triton
 import triton.language as tl
 
-from flashlab.kernels.forward import LN2, LOG2E, M_INIT, online_softmax_step
-from flashlab.kernels.masking import visible
-from flashlab.kernels.scores import modified_scores
+from flashlab.kernels.forward import LN2, LOG2E, M_INIT, online_softmax_step, shifted_scores
 
 
 @triton.jit
@@ -89,19 +87,10 @@ def _decode_inner(acc, l_i, m_i, q, k_base, v_base, bt_row, stride_kb, stride_ks
         k_rows, v_rows = _row_offsets(cols, start_n, n_keys, bt_row, stride_kb, stride_ks, stride_vb, stride_vs,
                                       PAGE_SIZE, PAGED, BLOCK_N, MASKED)
         k = _load_rows(k_base + k_rows[:, None] + offs_d[None, :], cols, n_keys, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        qk = tl.dot(q, tl.trans(k))
-        if HAS_SOFTCAP or HAS_ALIBI or MASKED:
-            qi, kj = t[:, None], cols[None, :]
-            qk, _ = modified_scores(qk, qi, kj, seqlen_q, n_keys, diag, qk_scale, cap_in, cap_out, slope, k_base, 0,
-                                    0, HAS_SOFTCAP, HAS_ALIBI, 0)
-            if MASKED:
-                qk = tl.where(visible(qi, kj, n_keys, diag, left, right, HAS_UPPER, HAS_LOWER), qk, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1))
-            qk = qk - m_ij[:, None]
-        else:
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            qk = qk * qk_scale - m_ij[:, None]
-        p, l_i, acc = online_softmax_step(qk, m_i, m_ij, l_i, acc)
+        s, m_ij = shifted_scores(tl.dot(q, tl.trans(k)), m_i, t[:, None], cols[None, :], seqlen_q, n_keys, diag,
+                                 left, right, qk_scale, cap_in, cap_out, slope, k_base, 0, 0, MASKED, HAS_UPPER,
+                                 HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, 0)
+        p, l_i, acc = online_softmax_step(s, m_i, m_ij, l_i, acc)
         v = _load_rows(v_base + v_rows[:, None] + offs_d[None, :], cols, n_keys, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_ij

@@ -40,6 +40,26 @@ def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
+def shifted_scores(qk, m_i, qi, kj, seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope,
+                   mask_base, stride_mq, stride_mk, MASKED: tl.constexpr, HAS_UPPER: tl.constexpr,
+                   HAS_LOWER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   MASK_KIND: tl.constexpr):
+    """A raw q·k tile → (its scores in log2 units shifted by the new row max, that max ``m_ij``).
+    Score options as in scores.modified_scores; MASKED tiles also hide keys outside seqlen_k and
+    the causal / window band (masking.visible). ``qi`` / ``kj``: [M, 1] / [1, N] indices."""
+    if HAS_SOFTCAP or HAS_ALIBI or MASK_KIND != 0 or MASKED:
+        s, _ = modified_scores(qk, qi, kj, seqlen_q, seqlen_k, diag, qk_scale, cap_in, cap_out, slope, mask_base,
+                               stride_mq, stride_mk, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND)
+        if MASKED:
+            s = tl.where(visible(qi, kj, seqlen_k, diag, left, right, HAS_UPPER, HAS_LOWER), s, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        return s - m_ij[:, None], m_ij
+    # Plain scores: fold the scale into one FMA after the row max.
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    return qk * qk_scale - m_ij[:, None], m_ij
+
+
+@triton.jit
 def online_softmax_step(s, m_i, m_ij, l_i, acc):
     """One key tile of the online softmax: ``s`` holds the tile's scores already shifted by the new
     row max ``m_ij`` (log2 domain). Returns P = exp2(s), and l_i and acc rescaled from the old max
@@ -69,19 +89,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         cols = start_n + offs_n
         k = _load_tile(k_base + cols[:, None] * stride_kn + offs_d[None, :], cols, seqlen_k, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)
-        qk = tl.dot(q, tl.trans(k))
-        if HAS_SOFTCAP or HAS_ALIBI or MASK_KIND != 0 or MASKED:
-            qi, kj = offs_m[:, None], cols[None, :]
-            s, _ = modified_scores(qk, qi, kj, seqlen_q, seqlen_k, diag, qk_scale, cap_in, cap_out, slope,
-                                   tile_base, stride_mq, stride_mk, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND)
-            if MASKED:
-                s = tl.where(visible(qi, kj, seqlen_k, diag, left, right, HAS_UPPER, HAS_LOWER), s, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(s, 1))
-            s = s - m_ij[:, None]
-        else:
-            # Plain scores: fold the scale into one FMA after the row max.
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            s = qk * qk_scale - m_ij[:, None]
+        s, m_ij = shifted_scores(tl.dot(q, tl.trans(k)), m_i, offs_m[:, None], cols[None, :], seqlen_q, seqlen_k,
+                                 diag, left, right, qk_scale, cap_in, cap_out, slope, tile_base, stride_mq, stride_mk,
+                                 MASKED, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND)
         p, l_i, acc = online_softmax_step(s, m_i, m_ij, l_i, acc)
         v = _load_tile(v_base + cols[:, None] * stride_vn + offs_d[None, :], cols, seqlen_k, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)

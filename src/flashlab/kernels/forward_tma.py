@@ -17,8 +17,8 @@ allocator for the descriptors themselves (ops.py sets one before the launch).
 import triton
 import triton.language as tl
 
-from flashlab.kernels.forward import LN2, LOG2E, M_INIT, online_softmax_step
-from flashlab.kernels.masking import key_block_ranges, phase_range, visible
+from flashlab.kernels.forward import LN2, LOG2E, M_INIT, online_softmax_step, shifted_scores
+from flashlab.kernels.masking import key_block_ranges, phase_range
 
 
 @triton.jit
@@ -28,17 +28,11 @@ def _tma_inner(acc, l_i, m_i, q, k_desc, v_desc, offs_m, lo, hi, seqlen_k, diag,
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         k = k_desc.load([start_n, 0])
-        qk = tl.dot(q, tl.trans(k))
-        if MASKED:
-            # Keys past seqlen_k were zero-filled by the descriptor: the mask removes them too.
-            s = qk * qk_scale
-            s = tl.where(visible(offs_m[:, None], start_n + offs_n[None, :], seqlen_k, diag, left, right,
-                                 HAS_UPPER, HAS_LOWER), s, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(s, 1))
-            s = s - m_ij[:, None]
-        else:
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            s = qk * qk_scale - m_ij[:, None]
+        # Keys past seqlen_k were zero-filled by the descriptor: the masked tiles hide them too. No score
+        # options here, so the softcap / ALiBi / mask arguments are unread zeros.
+        s, m_ij = shifted_scores(tl.dot(q, tl.trans(k)), m_i, offs_m[:, None], start_n + offs_n[None, :], 0, seqlen_k,
+                                 diag, left, right, qk_scale, 0.0, 0.0, 0.0, 0, 0, 0, MASKED, HAS_UPPER, HAS_LOWER,
+                                 False, False, 0)
         p, l_i, acc = online_softmax_step(s, m_i, m_ij, l_i, acc)
         v = v_desc.load([start_n, 0])
         acc = tl.dot(p.to(v.dtype), v, acc)
