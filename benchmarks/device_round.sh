@@ -10,6 +10,7 @@
 #   tune    Triton 3.6's resource report, then the tile sweep with the fewest-spill candidates
 #   tma     the TMA forward experiment (FLASHLAB_FWD_TMA=1) checked, its tests, and timed beside the
 #           standard forward and the SDPA backends
+#   decode  first-call time, then decoding (decode_bench.py): eager, as CUDA graph replays, windowed
 #   lab     the feature suites, one after the other (2.5 min each; rerun with a kept OUT and --resume
 #           by hand to finish one)
 set -uo pipefail
@@ -60,6 +61,18 @@ for stage in "$@"; do
       grep -E "FAIL|correctness" "$dir/tma.log"
       tail -50 "$dir/tma.log"
       ;;
+    decode)
+      timeout 80 "$py" benchmarks/first_call.py --out "$dir/first-call" | tail -8
+      timeout 120 "$py" benchmarks/decode_bench.py --out "$dir/eager" --budget-s 100 --skip-tune \
+        > "$dir/eager.log" 2>&1
+      timeout 110 "$py" benchmarks/decode_bench.py --out "$dir/graph" --budget-s 90 --skip-tune --cudagraph \
+        --skip-correctness > "$dir/graph.log" 2>&1
+      timeout 80 "$py" benchmarks/decode_bench.py --out "$dir/window" --budget-s 60 --skip-tune --window 4096 \
+        --skip-correctness --batches 1 8 > "$dir/window.log" 2>&1
+      grep -iE "fail|error" "$dir"/*.log | head -5
+      tail -25 "$dir/eager.log" "$dir/graph.log"
+      tail -15 "$dir/window.log"
+      ;;
     lab)
       lab=("$py" -m flashlab.lab.cli bench --rep-ms 100)
       timeout 150 "${lab[@]}" --suite varlen --providers flashlab,flashlab-loop,sdpa-flash --out "$dir/varlen" \
@@ -71,7 +84,7 @@ for stage in "$@"; do
       tail -8 "$dir"/*.log
       ;;
     *)
-      echo "unknown stage: $stage (verify, host, tune, tma, lab)"
+      echo "unknown stage: $stage (verify, host, tune, tma, decode, lab)"
       exit 2
       ;;
   esac

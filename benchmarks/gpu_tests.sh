@@ -29,7 +29,7 @@ shard gpu-kvcache-dist-compile -m gpu tests/test_kvcache.py tests/test_distribut
 shard gpu-mask-hf-model -m gpu tests/test_block_mask.py tests/test_transformers.py tests/test_model_bench.py
 shard kernels-on-gpu -m "not gpu" tests/test_kernels.py
 shard features-mask-on-gpu -m "not gpu" tests/test_features.py tests/test_block_mask.py
-shard kvcache-modules-on-gpu -m "not gpu" tests/test_kvcache.py tests/test_modules.py tests/test_compile.py \
+shard kvcache-modules-on-gpu -m "not gpu" tests/test_kvcache.py tests/test_kvcache_rotary.py tests/test_modules.py tests/test_compile.py \
   tests/test_transformers.py
 shard philox-cpu-path tests/test_philox.py tests/test_cpu_path.py tests/test_interface_errors.py
 shard packed-tma-launch-on-gpu tests/test_packed.py tests/test_forward_tma.py tests/test_launch.py
