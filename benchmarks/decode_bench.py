@@ -53,7 +53,7 @@ CORRECTNESS_CASES = [  # batch, seqlen_q, heads, kv_heads, head_dim, max cache l
 ]
 # Tuning: split counts per (batch, cache_len); page sizes and tile configs at the first two / all points.
 TUNE_SPLITS = {(1, 32768): [8, 16, 24, 32, 48, 64, 96, 128], (4, 32768): [2, 4, 8, 12, 16, 32], (64, 8192): [1, 2, 3],
-               (1, 1024): [1, 2, 4, 8, 16], (16, 8192): [1, 2, 4, 8]}
+               (1, 1024): [1, 2, 4, 8, 16], (16, 8192): [1, 2, 4, 8], (64, 32768): [1, 2, 3]}
 TUNE_PAGES = (16, 64, 256)
 TUNE_PAGED_STAGES = (3, 4, 5)
 TUNE_CONFIGS = [(32, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (64, 2, 3)]

@@ -135,9 +135,11 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     split = num_splits > 1
     rows = seqlen_q * heads
-    o_part = torch.empty((num_splits, batch, rows, head_dim) if split else (0,), dtype=torch.float32,
-                         device=q.device)
-    lse_part = torch.empty((num_splits, batch, rows) if split else (0,), dtype=torch.float32, device=q.device)
+    if split:
+        o_part = torch.empty((num_splits, batch, rows, head_dim), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((num_splits, batch, rows), dtype=torch.float32, device=q.device)
+    else:  # unread without SPLIT: lse (fp32 too) stands in, two allocations fewer on the decoding step
+        o_part = lse_part = lse
     batch_idx, bt, stride_btb = _index_args(cache_seqlens, cache_batch_idx, block_table)
     capacity = _capacity(k_cache, block_table)
     # ALiBi slopes (heads,) or (batch, heads); absent, cache_seqlens stands in as the unread pointer.
