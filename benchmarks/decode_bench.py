@@ -257,6 +257,15 @@ def tune(rows, dtype, copy_gbs, deadline: float) -> None:
                                                                                      num_splits=n))
     original = decoding.decode_config
     try:
+        for bn, warps, stages in TUNE_CONFIGS:
+            decoding.decode_config = lambda *a, c=(bn, warps, stages): TileConfig(16, *c)
+            for batch, cache_len in points[:3]:
+                if time.time() > deadline:
+                    return
+                q, kc, vc, s = data[batch, cache_len]
+                time_row(rows, "flashlab", batch, cache_len, dtype, copy_gbs=copy_gbs, tune="config",
+                         config=f"BN{bn} w{warps} s{stages}",
+                         fn=lambda q=q, kc=kc, vc=vc, s=s: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=s))
         for page in TUNE_PAGES:
             for stages in TUNE_PAGED_STAGES:
                 decoding.decode_config = lambda *a, st=stages: TileConfig(16, 64, 4, st)
@@ -270,15 +279,6 @@ def tune(rows, dtype, copy_gbs, deadline: float) -> None:
                              config=f"BN64 w4 s{stages}",
                              fn=lambda q=q, kp=kp, vp=vp, s=s, t=table: flash_attn_with_kvcache(
                                  q, kp, vp, cache_seqlens=s, block_table=t))
-        for bn, warps, stages in TUNE_CONFIGS:
-            decoding.decode_config = lambda *a, c=(bn, warps, stages): TileConfig(16, *c)
-            for batch, cache_len in points[:3]:
-                if time.time() > deadline:
-                    return
-                q, kc, vc, s = data[batch, cache_len]
-                time_row(rows, "flashlab", batch, cache_len, dtype, copy_gbs=copy_gbs, tune="config",
-                         config=f"BN{bn} w{warps} s{stages}",
-                         fn=lambda q=q, kc=kc, vc=vc, s=s: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=s))
     finally:
         decoding.decode_config = original
 
