@@ -33,18 +33,27 @@ MIN_SPLIT_KEYS = 256  # the heuristic never gives a split fewer keys than this (
 CTAS_PER_SM = 2  # split until batch × kv_heads × splits programs fill this many per SM
 
 
-def decode_config(rows: int, block_d: int, paged: bool, device: torch.device) -> TileConfig:
-    """Tile for ``rows = seqlen_q × group`` query rows per kv head (BLOCK_M ≥ 16 for tl.dot).
+FEW_SPLITS = 4  # up to this many splits per sequence, a contiguous cache streams with 2 stages
 
-    A 64 × 128 K tile and its V tile are 32 KB; 3 stages keep two of them in flight. Paged loads
-    are indirect (the page index is loaded first), so Triton's pipeliner needs 2 more stages for
-    the same depth (checked on the sm_90 TTGIR: 5 stages paged = 3 contiguous = 72 KB of shared)."""
+
+def decode_config(rows: int, block_d: int, paged: bool, device: torch.device, num_splits: int = 0) -> TileConfig:
+    """Tile for ``rows = seqlen_q × group`` query rows per kv head (BLOCK_M ≥ 16 for tl.dot).
+    ``num_splits`` (0: not yet chosen; the block sizes do not depend on it) picks the stages.
+
+    A 64 × 128 K tile and its V tile are 32 KB; 3 stages keep two of them in flight. With few
+    splits the grid is large (batch × kv heads programs already fill the SMs) and 2 stages are
+    faster (H200, CUDA graphs, GQA 32:8 d128: B64 × 8k 554 → 483 µs, B32 × 4k 141 → 128, B64 × 1k
+    72 → 65); with many (a short batch, long caches) 3 (B1 × 32k 39 vs 42 µs; perf-notes round 5).
+    Paged loads are indirect (the page index is loaded first), so Triton's pipeliner needs 2 more
+    stages for the same depth (checked on the sm_90 TTGIR: 5 stages paged = 3 contiguous = 72 KB
+    of shared)."""
     if interpreting():
         return TileConfig(16 if rows <= 16 else 32, 32, 4, 1)
     block_m = min(64, max(16, next_power_of_2(rows)))
     if block_d > 128:  # 256-wide rows: half the keys per tile, 8 warps for the accumulator (no spills)
         return TileConfig(block_m, 32, 8, 5 if paged else 3)
-    return TileConfig(block_m, 64, 4, 5 if paged else 3)
+    stages = 5 if paged else (2 if 1 <= num_splits <= FEW_SPLITS else 3)
+    return TileConfig(block_m, 64, 4, stages)
 
 
 @functools.cache
@@ -128,7 +137,7 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     kv_heads = k_cache.shape[2]
     head_dim, page_size = int(q.shape[3]), int(k_cache.shape[1])  # constexprs: specialized under dynamic shapes
     block_d = padded_head_dim(head_dim)
-    cfg = decode_config(int(_grid_rows(q, kv_heads)), block_d, block_table is not None, q.device)
+    cfg = decode_config(int(_grid_rows(q, kv_heads)), block_d, block_table is not None, q.device, num_splits)
     m_blocks = cdiv(_grid_rows(q, kv_heads), cfg.block_m)
     min_chunk = cdiv(max(min_chunk, 1), cfg.block_n) * cfg.block_n
     out = torch.empty((batch, seqlen_q, heads, head_dim), dtype=q.dtype, device=q.device)
