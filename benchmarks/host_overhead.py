@@ -8,6 +8,12 @@ shape without synchronizing (the host's rate). The flashlab forward and forward+
 profiled with cProfile (top functions by own time) and torch.profiler (CPU and CUDA time per op
 and kernel), written to DIR/host_profile.txt. "op ..." entries call ``flashlab::attn_fwd`` through
 the dispatcher with its registered autograd (the traced path) for comparison with the eager one.
+
+A breakdown of the training call follows (``breakdown``): the backward alone (autograd.grad on a
+kept graph, flashlab and SDPA), ``_launch_bwd`` called directly (no autograd), forward + backward
+with every kernel launch replaced by a no-op (the Python and torch part of the host time), and one
+forward launch three ways — Triton's ``kernel[grid](...)``, flashlab's cached ``launch`` and the
+compiled kernel's runner alone (Triton's C launcher).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import triton
 import triton.language as tl
 
 import flashlab
+from flashlab import ops
 from flashlab.decoding import flash_attn_with_kvcache
+from flashlab.kernels import launch as launch_module
 
 CALLS = 300
 
@@ -96,13 +104,60 @@ def entries() -> dict[str, object]:
     }
 
 
+def breakdown() -> dict[str, float]:
+    """Host µs per call of the parts of a training call (module docstring)."""
+    dev, dt = "cuda", torch.bfloat16
+    q, k, v, g = (torch.randn(1, 128, 8, 64, device=dev, dtype=dt) for _ in range(4))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    qt, kt, vt, gt = (t.transpose(1, 2).contiguous() for t in (q, k, v, g))
+    qtg, ktg, vtg = (t.clone().requires_grad_() for t in (qt, kt, vt))
+    out = flashlab.flash_attn_func(qg, kg, vg, causal=True)
+    out_t = F.scaled_dot_product_attention(qtg, ktg, vtg, is_causal=True)
+    o, lse = ops._launch_fwd(q, k, v, None, None, 0, 0, 0.125, True, True, -1, -1, 0.0, None, None, 0.0, 0)
+    rows = {
+        "flashlab bwd only (autograd.grad)": per_call_us(
+            lambda: torch.autograd.grad(out, (qg, kg, vg), g, retain_graph=True)),
+        "torch sdpa bwd only (autograd.grad)": per_call_us(
+            lambda: torch.autograd.grad(out_t, (qtg, ktg, vtg), gt, retain_graph=True)),
+        "flashlab _launch_bwd direct": per_call_us(
+            lambda: ops._launch_bwd(g, q, k, v, o, lse, None, None, None, 0, 0, 0.125, True, True, -1, -1, 0.0,
+                                    None, None, 0.0, 0)),
+    }
+    real_launch = ops.launch
+    calls = []
+    try:
+        ops.launch = lambda *a, **kw: None
+        rows["flashlab fwd+bwd, launches stubbed"] = per_call_us(
+            lambda: torch.autograd.grad(flashlab.flash_attn_func(qg, kg, vg, causal=True), (qg, kg, vg), g))
+        ops.launch = lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw))
+        ops._launch_fwd(q, k, v, None, None, 0, 0, 0.125, True, True, -1, -1, 0.0, None, None, 0.0, 0)
+    finally:
+        ops.launch = real_launch
+    kernel, grid, a, kw = calls[0]
+    rows["one fwd launch: kernel[grid](...)"] = per_call_us(lambda: kernel[grid](*a, **kw))
+    rows["one fwd launch: flashlab launch"] = per_call_us(lambda: launch_module.launch(kernel, grid, *a, **kw))
+    key = (kernel, torch.cuda.current_device(), tuple(kw.items()), tuple(map(launch_module._spec, a)))
+    hit = launch_module._compiled.get(key)  # filled by the launches just timed (unless FLASHLAB_TRITON_LAUNCH=1)
+    if hit is not None:
+        compiled, tail = hit
+        grid3 = (*grid, 1, 1)[:3]
+        rows["one fwd launch: compiled runner only"] = per_call_us(lambda: compiled[grid3](*a, *tail))
+        rows["one fwd launch: its key only"] = per_call_us(
+            lambda: (kernel, torch.cuda.current_device(), tuple(kw.items()), tuple(map(launch_module._spec, a))))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     rows = [{"name": name, "host_us_per_call": per_call_us(fn)} for name, fn in entries().items()]
+    try:
+        rows += [{"name": name, "host_us_per_call": us} for name, us in breakdown().items()]
+    except Exception as e:  # a diagnostic: keep the rest of the run
+        print(f"breakdown failed: {type(e).__name__}: {e}")
     for r in rows:
-        print(f"{r['name']:<28} {r['host_us_per_call']:8.1f} µs/call")
+        print(f"{r['name']:<36} {r['host_us_per_call']:8.1f} µs/call")
     text = io.StringIO()
     for name in ("flashlab fwd", "flashlab fwd+bwd"):
         fn = entries()[name]
