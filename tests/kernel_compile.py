@@ -103,24 +103,28 @@ def ptxas_resources(ptx: str, arch: int) -> str:
             f"spill-ld {spills.group(2) if spills else '?'}")
 
 
-def _jobs() -> list[tuple[int, int, str, str]]:
-    jobs = [(arch, head_dim, feature, kernel) for arch, head_dims in ((90, (64, 128, 192, 256)), (80, (128, 192)))
+def _jobs() -> list[tuple[int, int, str, str, int]]:
+    """(arch, head dim, feature set, kernel, seqlen_k given to the config choice: 0 = unknown)."""
+    jobs = [(arch, head_dim, feature, kernel, 0) for arch, head_dims in ((90, (64, 128, 192, 256)), (80, (128, 192)))
             for head_dim in head_dims for feature in FEATURES for kernel in ("fwd", "dkdv", "dq")]
+    # the short-sequence causal backward tiles (configs.SHORT_CAUSAL_KEYS)
+    jobs += [(90, head_dim, "causal", kernel, configs.SHORT_CAUSAL_KEYS) for head_dim in (80, 128)
+             for kernel in ("dkdv", "dq")]
     # the TMA forward experiment (Hopper, the plain dense case only)
-    return jobs + [(90, head_dim, feature, "fwd-tma") for head_dim in (64, 128, 192, 256)
+    return jobs + [(90, head_dim, feature, "fwd-tma", 0) for head_dim in (64, 128, 192, 256)
                    for feature in ("plain", "causal")]
 
 
-def _compile_job(job: tuple[int, int, str, str]) -> str:
+def _compile_job(job: tuple[int, int, str, str, int]) -> str:
     """One compile with the config kernels/configs.py ships for that architecture; a report line."""
-    arch, head_dim, feature, kernel_name = job
+    arch, head_dim, feature, kernel_name, seqlen_k = job
     configs.device_capability = lambda device: (arch // 10, arch % 10)
     device = torch.device("cuda")
     flags = FEATURES[feature]
     block_d = configs.padded_head_dim(head_dim)
     causal = flags.get("HAS_UPPER", False)
     aligned = head_dim == 256 and not flags.get("IS_VARLEN", False)
-    kv_cfg, dq_cfg = configs.backward_config(block_d, causal, device, aligned)
+    kv_cfg, dq_cfg = configs.backward_config(block_d, causal, device, aligned, seqlen_k)
     fwd_cfg = configs.forward_config(block_d, causal, device, aligned)
     kernel, cfg = {"fwd": (forward.attn_fwd_kernel, fwd_cfg), "fwd-tma": (forward_tma.attn_fwd_tma_kernel, fwd_cfg),
                    "dkdv": (backward.attn_bwd_dkdv_kernel, kv_cfg), "dq": (backward.attn_bwd_dq_kernel, dq_cfg)}[
@@ -129,7 +133,8 @@ def _compile_job(job: tuple[int, int, str, str]) -> str:
               "BLOCK_N": cfg.block_n}
     params = inspect.signature(kernel.fn).parameters
     consts = {name: value for name, value in consts.items() if name in params}
-    where = f"sm_{arch} d{head_dim} {feature:<12} {kernel_name:<7} {cfg}"
+    short = f" seqlen_k {seqlen_k}" if seqlen_k else ""
+    where = f"sm_{arch} d{head_dim} {feature:<12} {kernel_name:<7} {cfg}{short}"
     try:
         return f"ok   {where} {compile_kernel(kernel, consts, cfg, arch)}"
     except Exception as exc:  # noqa: BLE001 - report every failure, then exit 1

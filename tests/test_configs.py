@@ -53,3 +53,13 @@ def test_decode_stages_follow_the_split_count(monkeypatch):
     # The block sizes (which the split heuristic reads) never depend on the split count.
     tiles = {(c.block_m, c.block_n) for n in (0, 1, 33) for c in [decoding.decode_config(4, 128, False, cpu, n)]}
     assert tiles == {(16, 64)}
+
+
+def test_short_causal_d128_backward_takes_smaller_tiles(hopper):
+    """Round 5's tune: 32x64 / 64x32 tiles at 2k keys (+8%), the 64x128 / 128x64 ones from 8k."""
+    short = configs.backward_config(128, True, hopper, True, seqlen_k=configs.SHORT_CAUSAL_KEYS)
+    long = configs.backward_config(128, True, hopper, True, seqlen_k=8192)
+    assert (short[0].block_n, short[1].block_m) == (64, 64) and (long[0].block_n, long[1].block_m) == (128, 128)
+    assert configs.backward_config(128, True, hopper, True) == long  # length unknown: the long-sequence tiles
+    assert configs.backward_config(128, False, hopper, True, seqlen_k=1024) == configs.backward_config(
+        128, False, hopper, True, seqlen_k=8192)  # not causal: unchanged
