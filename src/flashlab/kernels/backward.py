@@ -174,12 +174,16 @@ def attn_bwd_dkdv_kernel(
                                      HAS_DROPOUT, True, SPARSE_M, SPARSE_N)
         else:
             for phase in tl.static_range(3):
-                a, b = phase_range(phase, lo, full_lo, full_hi, hi)
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, LSE, DELTA, row_base,
-                                     offs_n, offs_d, a, b, seqlen_q, seqlen_k, diag, window_left, window_right,
-                                     qk_scale, cap_in, cap_out, slope, mask_base, stride_mq, stride_mk, seed,
-                                     drop_stride, dropout_p, SPARSE_TABLE, BLOCK_M, HEAD_DIM, BLOCK_D, phase != 1,
-                                     HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
+                # Query rows walk the band: a masked head only under an upper edge (causal), a masked
+                # tail only under a lower one (query tails need no mask: their rows are zero-padded).
+                if phase == 1 or (phase == 0 and HAS_UPPER) or (phase == 2 and HAS_LOWER):
+                    a, b = phase_range(phase, lo, full_lo, full_hi, hi)
+                    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, LSE, DELTA,
+                                         row_base, offs_n, offs_d, a, b, seqlen_q, seqlen_k, diag, window_left,
+                                         window_right, qk_scale, cap_in, cap_out, slope, mask_base, stride_mq,
+                                         stride_mk, seed, drop_stride, dropout_p, SPARSE_TABLE, BLOCK_M, HEAD_DIM,
+                                         BLOCK_D, phase != 1, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI,
+                                         MASK_KIND, HAS_DROPOUT)
 
     dk *= softmax_scale
     row_ok = offs_n[:, None] < seqlen_k
@@ -280,12 +284,15 @@ def attn_bwd_dq_kernel(
         lo, full_lo, full_hi, hi = key_block_ranges(start_m, seqlen_k, diag, window_left, window_right,
                                                     BLOCK_M, BLOCK_N, HAS_UPPER, HAS_LOWER)
         for phase in tl.static_range(3):
-            a, b = phase_range(phase, lo, full_lo, full_hi, hi)
-            dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, a, b,
-                           seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, cap_in, cap_out, slope,
-                           mask_base, stride_mq, stride_mk, seed, row_base * drop_stride, drop_stride, dropout_p,
-                           SPARSE_TABLE, BLOCK_N, HEAD_DIM, BLOCK_D, phase != 1, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP,
-                           HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
+            # Keys walk the band: a masked head only under a lower edge (window); the masked tail
+            # also covers a ragged last key block, so it is always compiled.
+            if phase != 0 or HAS_LOWER:
+                a, b = phase_range(phase, lo, full_lo, full_hi, hi)
+                dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, a, b,
+                               seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, cap_in, cap_out,
+                               slope, mask_base, stride_mq, stride_mk, seed, row_base * drop_stride, drop_stride,
+                               dropout_p, SPARSE_TABLE, BLOCK_N, HEAD_DIM, BLOCK_D, phase != 1, HAS_UPPER,
+                               HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
 
     dq *= softmax_scale
     row_ok = offs_m[:, None] < seqlen_q

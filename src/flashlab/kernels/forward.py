@@ -187,13 +187,16 @@ def attn_fwd_kernel(
         lo, full_lo, full_hi, hi = key_block_ranges(start_m, seqlen_k, diag, window_left, window_right,
                                                     BLOCK_M, BLOCK_N, HAS_UPPER, HAS_LOWER)
         for phase in tl.static_range(3):
-            # Phase 1 is the mask-free middle; 0 and 2 are the masked edges of the band.
-            a, b = phase_range(phase, lo, full_lo, full_hi, hi)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, a, b,
-                                       seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, cap_in,
-                                       cap_out, slope, mask_base, stride_mq, stride_mk, seed, drop_base,
-                                       drop_stride, dropout_p, SPARSE_TABLE, BLOCK_N, HEAD_DIM, BLOCK_D, phase != 1,
-                                       HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
+            # Phase 1 is the mask-free middle; 0 and 2 are the masked edges of the band. The head
+            # exists only under a lower edge (window); the tail also covers a ragged last key block.
+            if phase != 0 or HAS_LOWER:
+                a, b = phase_range(phase, lo, full_lo, full_hi, hi)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
+                                           a, b, seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale,
+                                           cap_in, cap_out, slope, mask_base, stride_mq, stride_mk, seed, drop_base,
+                                           drop_stride, dropout_p, SPARSE_TABLE, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                           phase != 1, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND,
+                                           HAS_DROPOUT)
 
     # A row that saw no key has l = 0: output zeros and LSE = -inf rather than 0/0.
     empty = l_i == 0.0
