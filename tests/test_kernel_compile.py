@@ -21,5 +21,6 @@ def test_kernels_compile_for_hopper_and_ampere() -> None:
     lines = proc.stdout.splitlines()
     failures = [line for line in lines if not line.startswith("ok ")]
     assert proc.returncode == 0 and not failures, "\n".join(failures) + proc.stderr[-2000:]
-    # (sm_90 + sm_80 head dims) x features x kernels, and the TMA forward: 4 sm_90 head dims x plain/causal
-    assert len(lines) == (4 + 2) * len(FEATURES) * 3 + 4 * 2
+    # (sm_90 + sm_80 head dims) x features x kernels, the short-sequence causal backward tiles (d80/d128 x
+    # dK/dV, dQ), and the TMA forward: 4 sm_90 head dims x plain/causal
+    assert len(lines) == (4 + 2) * len(FEATURES) * 3 + 2 * 2 + 4 * 2
