@@ -11,8 +11,8 @@
 #   tma     the TMA forward experiment (FLASHLAB_FWD_TMA=1) checked, its tests, and timed beside the
 #           standard forward and the SDPA backends
 #   decode  first-call time, then decoding (decode_bench.py): eager, as CUDA graph replays, windowed
-#   lab     the feature suites, one after the other (2.5 min each; rerun with a kept OUT and --resume
-#           by hand to finish one)
+#   lab     the feature suites not yet measured in full (softcap-alibi, sliding-window fwd+bwd; rerun
+#           with a kept OUT and --resume by hand to finish one)
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:?usage: device_round.sh OUT STAGE...}
@@ -74,14 +74,13 @@ for stage in "$@"; do
       tail -15 "$dir/window.log"
       ;;
     lab)
+      # Round 5 ran varlen and block-sparse in full; still open: softcap / ALiBi and the window's fwd+bwd.
       lab=("$py" -m flashlab.lab.cli bench --rep-ms 100)
-      timeout 150 "${lab[@]}" --suite varlen --providers flashlab,flashlab-loop,sdpa-flash --out "$dir/varlen" \
-        > "$dir/varlen.log" 2>&1
-      timeout 150 "${lab[@]}" --suite sliding-window --providers flashlab,flex --out "$dir/window" \
+      timeout 270 "${lab[@]}" --suite softcap-alibi --providers flashlab,flex,sdpa --out "$dir/softcap-alibi" \
+        > "$dir/softcap-alibi.log" 2>&1
+      timeout 200 "${lab[@]}" --suite sliding-window --providers flashlab,flex,sdpa-cudnn --out "$dir/window" \
         > "$dir/window.log" 2>&1
-      timeout 150 "${lab[@]}" --suite block-sparse --modes fwd --providers flashlab,flex --out "$dir/block-sparse" \
-        > "$dir/block-sparse.log" 2>&1
-      tail -8 "$dir"/*.log
+      tail -30 "$dir"/*.log
       ;;
     *)
       echo "unknown stage: $stage (verify, host, tune, tma, decode, lab)"
