@@ -10,9 +10,10 @@ and kernel), written to DIR/host_profile.txt. "op ..." entries call ``flashlab::
 the dispatcher with its registered autograd (the traced path) for comparison with the eager one.
 
 A breakdown of the training call follows (``breakdown``): the backward alone (autograd.grad on a
-kept graph, flashlab and SDPA), ``_launch_bwd`` called directly (no autograd), forward + backward
-with every kernel launch replaced by a no-op (the Python and torch part of the host time), and one
-forward launch three ways — Triton's ``kernel[grid](...)``, flashlab's cached ``launch`` and the
+kept graph, flashlab and SDPA), ``_launch_bwd`` called directly (no autograd), forward and forward +
+backward without launch plans (``FLASHLAB_LAUNCH_PLANS=0``, launch_plans.py), forward + backward with
+every kernel launch replaced by a no-op (the Python and torch part of the host time; with and without
+plans), and one forward launch three ways — Triton's ``kernel[grid](...)``, flashlab's cached ``launch`` and the
 compiled kernel's runner alone (Triton's C launcher).
 """
 
@@ -22,6 +23,7 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import time
 from pathlib import Path
@@ -123,16 +125,26 @@ def breakdown() -> dict[str, float]:
             lambda: ops._launch_bwd(g, q, k, v, o, lse, None, None, None, 0, 0, 0.125, True, True, -1, -1, 0.0,
                                     None, None, 0.0, 0)),
     }
-    real_launch = ops.launch
+
+    def fwd_bwd() -> None:
+        torch.autograd.grad(flashlab.flash_attn_func(qg, kg, vg, causal=True), (qg, kg, vg), g)
+
+    real_launch = launch_module.launch
     calls = []
     try:
-        ops.launch = lambda *a, **kw: None
-        rows["flashlab fwd+bwd, launches stubbed"] = per_call_us(
-            lambda: torch.autograd.grad(flashlab.flash_attn_func(qg, kg, vg, causal=True), (qg, kg, vg), g))
-        ops.launch = lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw))
+        os.environ["FLASHLAB_LAUNCH_PLANS"] = "0"
+        rows["flashlab fwd, no launch plans"] = per_call_us(lambda: flashlab.flash_attn_func(q, k, v, causal=True))
+        rows["flashlab fwd+bwd, no launch plans"] = per_call_us(fwd_bwd)
+        launch_module.launch = lambda *a, **kw: None
+        rows["flashlab fwd+bwd, launches stubbed, no plans"] = per_call_us(fwd_bwd)
+        del os.environ["FLASHLAB_LAUNCH_PLANS"]
+        rows["flashlab fwd+bwd, launches stubbed"] = per_call_us(fwd_bwd)
+        launch_module.launch = lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw))
+        os.environ["FLASHLAB_LAUNCH_PLANS"] = "0"
         ops._launch_fwd(q, k, v, None, None, 0, 0, 0.125, True, True, -1, -1, 0.0, None, None, 0.0, 0)
     finally:
-        ops.launch = real_launch
+        launch_module.launch = real_launch
+        os.environ.pop("FLASHLAB_LAUNCH_PLANS", None)
     kernel, grid, a, kw = calls[0]
     rows["one fwd launch: kernel[grid](...)"] = per_call_us(lambda: kernel[grid](*a, **kw))
     rows["one fwd launch: flashlab launch"] = per_call_us(lambda: launch_module.launch(kernel, grid, *a, **kw))

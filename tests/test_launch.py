@@ -38,7 +38,7 @@ class _Kernel:
 
 @pytest.fixture
 def direct(monkeypatch):
-    monkeypatch.setattr(launch_module, "_direct_enabled", lambda: True)
+    monkeypatch.setattr(launch_module, "direct_enabled", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(launch_module, "_compiled", {})
 

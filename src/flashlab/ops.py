@@ -3,7 +3,8 @@
 ``flashlab::attn_fwd`` and ``flashlab::attn_bwd`` are opaque ops with explicit fakes (library.py
 says why they are not ``triton_op``s), and autograd is registered on the forward: traced code
 (torch.compile, export, fake tensors) goes through them. Eager calls skip the dispatcher: a
-``torch.autograd.Function`` calls the launchers directly (``_EagerAttention``). The caller checks
+``torch.autograd.Function`` calls the launchers directly (``_EagerAttention``). Plain dense calls
+replay the launches recorded for their signature (launch_plans.py). The caller checks
 arguments (interface.py). Tensors are either dense — q (batch, seqlen_q, heads, head_dim), k/v
 (batch, seqlen_k, kv_heads, head_dim), any strides with a unit-stride head dim, LSE (batch, heads,
 seqlen_q) — or packed variable-length — q (total_q, heads, head_dim) with int32 ``cu_seqlens_q``
@@ -17,10 +18,12 @@ Stable entry points (ring attention and split-KV decoding build on them):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
 
+from flashlab import launch_plans
 from flashlab.block_mask import BlockMask
 from flashlab.kernels.configs import (
     FP_FUSION,
@@ -28,11 +31,11 @@ from flashlab.kernels.configs import (
     backward_config,
     cdiv,
     forward_config,
+    interpreting,
     padded_head_dim,
     preprocess_block_m,
     tile_aligned,
 )
-from flashlab.kernels.launch import launch
 from flashlab.library import attn_bwd_fake, attn_fwd_fake, kernel_op
 from flashlab.tma_forward import launch_fwd_tma, tma_eligible
 
@@ -144,31 +147,54 @@ def _launch_fwd(
     dropout_p: float, seed: int, block_tiles: torch.Tensor | None = None, block_kv: torch.Tensor | None = None,
     block_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from flashlab.kernels import forward as fwd_kernels  # here: importing flashlab needs no Triton
-    run = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                   bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p, seed,
-                   block_tiles, block_kv, block_q)
-    varlen = cu_seqlens_q is not None
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, bottom_right,
+            window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p, seed, block_tiles, block_kv,
+            block_q)
+    heads = q.shape[-2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse_shape = (run.heads, q.shape[0]) if varlen else (run.batch, run.heads, run.seqlen_q)
+    lse_shape = (heads, q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], heads, q.shape[1])
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    signature = None
+    if _plannable(args) and os.environ.get("FLASHLAB_FWD_TMA", "0") != "1":
+        signature = (forward_config, *_layout(q, k, v), *args[7:13])
+    launch_plans.run(signature, (q, k, v, out, lse), lambda launch_fn: _fwd_launches(out, lse, args, launch_fn))
+    return out, lse
+
+
+def _plannable(args: tuple) -> bool:
+    """Plain dense calls (launch_plans.py): no varlen, ALiBi, mask, block mask or dropout (a fresh
+    seed each call); the launch arguments then depend only on the layout and the scalar options."""
+    q, _, _, cu_q, _, _, _, _, _, _, _, _, _, slopes, mask, dropout_p, _, tiles = args[:18]
+    return cu_q is None and slopes is None and mask is None and tiles is None and dropout_p == 0 and q.dim() == 4
+
+
+def _layout(*tensors: torch.Tensor) -> tuple:
+    return (tensors[0].dtype, tensors[0].device, interpreting(), *[(t.shape, t.stride()) for t in tensors])
+
+
+def _fwd_launches(out: torch.Tensor, lse: torch.Tensor, args: tuple, launch_fn) -> None:
+    """The forward's launch (or the TMA forward's) into ``out`` / ``lse``; ``args`` as _launch_fwd's."""
+    from flashlab.kernels import forward as fwd_kernels  # here: importing flashlab needs no Triton
+    run = _prepare(*args)
+    q = args[0]
+    varlen = args[3] is not None
     block_d = padded_head_dim(run.head_dim)
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg = _clamp_tiles(forward_config(block_d, run.flags["HAS_UPPER"], q.device, aligned), run)
     if tma_eligible(run.flags, run.head_dim, run.q4, run.k4, run.v4, out):
         launch_fwd_tma(run.q4, run.k4, run.v4, out, lse, run.lse_strides, run.seqlen_q, run.seqlen_k, run.heads,
                        run.kv_heads, run.head_dim, block_d, run.scalars, run.flags, cfg)
-        return out, lse
+        return
     grid = (cdiv(run.seqlen_q, cfg.block_m), run.heads, run.batch)
-    launch(
+    out4 = _as4d(out)
+    launch_fn(
         fwd_kernels.attn_fwd_kernel, grid,
-        run.q4, run.k4, run.v4, _as4d(out), lse, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,
+        run.q4, run.k4, run.v4, out4, lse, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
-        *_strides3(_as4d(out), varlen), *run.lse_strides, *run.slope_strides, *run.mask_strides,
+        *_strides3(out4, varlen), *run.lse_strides, *run.slope_strides, *run.mask_strides,
         *run.sparse_kv_strides, run.seqlen_q, run.seqlen_k, run.heads // run.kv_heads, *run.scalars,
         HEAD_DIM=run.head_dim, BLOCK_D=block_d, **run.flags, **cfg.launch_kwargs(), **FP_FUSION,
     )
-    return out, lse
 
 
 attn_fwd = kernel_op("flashlab::attn_fwd", mutates_args=(), fake=attn_fwd_fake, opaque=True)(_launch_fwd)
@@ -183,23 +209,35 @@ def _launch_bwd(
     dropout_p: float, seed: int, block_tiles: torch.Tensor | None = None, block_kv: torch.Tensor | None = None,
     block_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from flashlab.kernels import backward as bwd_kernels
-    run = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                   bottom_right, window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p, seed,
-                   block_tiles, block_kv, block_q)
-    varlen = cu_seqlens_q is not None
-    block_d = padded_head_dim(run.head_dim)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, bottom_right,
+            window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p, seed, block_tiles, block_kv,
+            block_q)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
+    tensors = (dout, q, k, v, out, lse, dq, dk, dv, delta)
+    signature = None
+    if dlse is None and _plannable(args):
+        signature = (backward_config, *_layout(dout, q, k, v, out, lse), *args[7:13])
+    launch_plans.run(signature, tensors, lambda launch_fn: _bwd_launches(tensors, dlse, args, launch_fn))
+    return dq, dk, dv
+
+
+def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch_fn) -> None:
+    """The backward's three launches; ``tensors`` as _launch_bwd's, ``args`` as _launch_fwd's."""
+    from flashlab.kernels import backward as bwd_kernels
+    dout, q, _, _, out, lse, dq, dk, dv, delta = tensors
+    run = _prepare(*args)
+    varlen = args[3] is not None
+    block_d = padded_head_dim(run.head_dim)
     dq4, dk4, dv4, do4, o4 = (_as4d(t) for t in (dq, dk, dv, dout, out))
     common = (run.seqlen_q, run.seqlen_k, run.heads // run.kv_heads, *run.scalars)
     head = (*run.lse_strides, *run.slope_strides, *run.mask_strides)
     consts = dict(HEAD_DIM=run.head_dim, BLOCK_D=block_d, **run.flags)
 
     pre_m = preprocess_block_m(block_d)
-    launch(
+    launch_fn(
         bwd_kernels.attn_bwd_preprocess_kernel, (cdiv(run.seqlen_q, pre_m), run.heads, run.batch),
         # Without dlse, lse stands in as the unread pointer (never delta, which this kernel writes).
         o4, do4, dlse if dlse is not None else lse, delta, run.cu_q,
@@ -210,7 +248,7 @@ def _launch_bwd(
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg_kv, cfg_q = (_clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,
                                                                     aligned, run.seqlen_k))
-    launch(
+    launch_fn(
         bwd_kernels.attn_bwd_dkdv_kernel, (cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads, run.batch),
         run.q4, run.k4, run.v4, do4, lse, delta, dk4, dv4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_q,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
@@ -218,14 +256,13 @@ def _launch_bwd(
         *common,
         **consts, **cfg_kv.launch_kwargs(), **FP_FUSION,
     )
-    launch(
+    launch_fn(
         bwd_kernels.attn_bwd_dq_kernel, (cdiv(run.seqlen_q, cfg_q.block_m), run.heads, run.batch),
         run.q4, run.k4, run.v4, do4, lse, delta, dq4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,
         *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
         *_strides3(do4, varlen), *_strides3(dq4, varlen), *head, *run.sparse_kv_strides, *common,
         **consts, **cfg_q.launch_kwargs(), **FP_FUSION,
     )
-    return dq, dk, dv
 
 
 attn_bwd = kernel_op("flashlab::attn_bwd", mutates_args=(), fake=attn_bwd_fake, opaque=True)(_launch_bwd)

@@ -41,31 +41,43 @@ def _spec(arg: object) -> object:
     return arg if arg is None or cls is bool else (cls, arg)
 
 
-def _direct_enabled() -> bool:
+def direct_enabled() -> bool:
+    """Whether launches may bypass Triton's ``kernel[grid](...)`` (not under the interpreter, not
+    with ``FLASHLAB_TRITON_LAUNCH=1``)."""
     return not interpreting() and os.environ.get("FLASHLAB_TRITON_LAUNCH", "0") in ("", "0")
 
 
-def launch(kernel, grid: Sequence[int], *args: object, **named: object) -> None:
+Runner = tuple[object, tuple]  # (Triton's compiled kernel, the arguments after the given ones)
+
+
+def launch(kernel, grid: Sequence[int], *args: object, **named: object) -> Runner | None:
     """``kernel[grid](*args, **named)``, through a cache of compiled kernels (module docstring).
 
     ``args`` are the kernel's leading parameters (tensors, ints, floats, bools, None); ``named``
     holds the rest (constexprs; absent ones take their defaults) and launch options (num_warps, ...).
-    The kernel runs on the device of ``args[0]`` (Triton would use the current device)."""
+    The kernel runs on the device of ``args[0]`` (Triton would use the current device). Returns the
+    compiled kernel and its trailing arguments when it launched directly (``run_compiled`` replays
+    it for arguments Triton specializes the same way), else None."""
     device = getattr(args[0], "device", None)
     if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):
             launch(kernel, grid, *args, **named)
-        return
-    if not _direct_enabled():
+        return None
+    if not direct_enabled():
         kernel[grid](*args, **named)
-        return
+        return None
     key = (kernel, torch.cuda.current_device(), tuple(named.items()), tuple(map(_spec, args)))
     hit = _compiled.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **named)
         params = list(kernel.signature.parameters.values())[len(args):]
-        tail = tuple(named.get(p.name, p.default) for p in params)
-        _compiled[key] = (compiled, tail)
-        return
-    compiled, tail = hit
+        hit = _compiled[key] = (compiled, tuple(named.get(p.name, p.default) for p in params))
+        return hit
+    run_compiled(hit, grid, args)
+    return hit
+
+
+def run_compiled(runner: Runner, grid: Sequence[int], args: Sequence[object]) -> None:
+    """Launch a compiled kernel returned by ``launch`` on the current device."""
+    compiled, tail = runner
     compiled[(*grid, 1, 1)[:3]](*args, *tail)  # the compiled kernel's runner reads three grid dims

@@ -1,0 +1,161 @@
+"""launch_plans.py: a replayed call launches exactly what the unplanned call would, for its own tensors.
+
+The launches are logged by a stand-in for ``kernels/launch.launch`` (no GPU, no kernel runs), except
+in the last test, which runs the kernels (interpreter, or the GPU) with and without plans."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashlab
+from flashlab import launch_plans, ops
+from flashlab.kernels import launch as launch_module
+from flashlab.kernels.configs import TileConfig
+
+
+@pytest.fixture
+def logged(monkeypatch):
+    """Launches go to a log instead of Triton; plans start empty."""
+    log: list = []
+    monkeypatch.setattr(launch_module, "launch", lambda kernel, grid, *args, **named: log.append(
+        (kernel, tuple(grid), args, named)))
+    monkeypatch.setattr(launch_plans, "_plans", {})
+    return log
+
+
+def _same_launch(a: tuple, b: tuple) -> bool:
+    (ka, ga, args_a, named_a), (kb, gb, args_b, named_b) = a, b
+    same_args = len(args_a) == len(args_b) and all(
+        x is y if isinstance(x, torch.Tensor) else x == y and type(x) is type(y) for x, y in zip(args_a, args_b))
+    return ka is kb and ga == gb and named_a == named_b and same_args
+
+
+def _qkv(batch=2, sq=113, sk=203, heads=6, kv_heads=2, dim=72, transposed=False):
+    if transposed:  # (batch, heads, seqlen, dim) storage seen as (batch, seqlen, heads, dim)
+        make = lambda s, h: torch.randn(batch, h, s, dim, dtype=torch.float16).transpose(1, 2)  # noqa: E731
+    else:
+        make = lambda s, h: torch.randn(batch, s, h, dim, dtype=torch.float16)  # noqa: E731
+    return make(sq, heads), make(sk, kv_heads), make(sk, kv_heads)
+
+
+def _fwd(q, k, v, causal=True, window=(-1, -1), softcap=0.0, scale=0.125):
+    return ops._launch_fwd(q, k, v, None, None, 0, 0, scale, causal, True, *window, softcap, None, None, 0.0, 0)
+
+
+def _bwd(dout, q, k, v, out, lse, causal=True, window=(-1, -1), softcap=0.0, scale=0.125):
+    return ops._launch_bwd(dout, q, k, v, out, lse, None, None, None, 0, 0, scale, causal, True, *window, softcap,
+                           None, None, 0.0, 0)
+
+
+def _derivation_must_not_run(*args):
+    raise AssertionError("a replayed call derived its launch arguments again")
+
+
+CASES = [dict(), dict(causal=False), dict(window=(17, 3)), dict(softcap=30.0), dict(causal=False, scale=0.3)]
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["bshd", "bhsd-view"])
+@pytest.mark.parametrize("options", CASES, ids=["causal", "full", "window", "softcap", "scale"])
+def test_replayed_forward_and_backward_launch_what_the_unplanned_call_does(logged, monkeypatch, options, transposed):
+    _fwd(*_qkv(transposed=transposed), **options)  # records the plan
+    q, k, v = _qkv(transposed=transposed)
+    prepare = ops._prepare
+    monkeypatch.setattr(ops, "_prepare", _derivation_must_not_run)
+    out, lse = _fwd(q, k, v, **options)  # replays it
+    replayed = logged[-1]
+    monkeypatch.setattr(ops, "_prepare", prepare)
+    monkeypatch.setenv("FLASHLAB_LAUNCH_PLANS", "0")
+    ops._fwd_launches(out, lse, (q, k, v, None, None, 0, 0, options.get("scale", 0.125),
+                                 options.get("causal", True), True, *options.get("window", (-1, -1)),
+                                 options.get("softcap", 0.0), None, None, 0.0, 0, None, None, None),
+                      launch_module.launch)
+    assert _same_launch(replayed, logged[-1])
+
+    monkeypatch.delenv("FLASHLAB_LAUNCH_PLANS")
+    dout = torch.randn_like(q)
+    _bwd(torch.randn_like(q), *_qkv(transposed=transposed), out, lse, **options)  # records
+    n = len(logged)
+    monkeypatch.setattr(ops, "_prepare", _derivation_must_not_run)
+    dq, dk, dv = _bwd(dout, q, k, v, out, lse, **options)  # replays
+    replayed = logged[n:]
+    monkeypatch.setattr(ops, "_prepare", prepare)
+    monkeypatch.setenv("FLASHLAB_LAUNCH_PLANS", "0")
+    n = len(logged)
+    dq2, dk2, dv2 = _bwd(dout, q, k, v, out, lse, **options)
+    unplanned = logged[n:]
+    assert len(replayed) == len(unplanned) == 3
+    # Each call allocates its own gradients and delta (the preprocess kernel's 4th argument): compare
+    # the unplanned launches with the replayed call's buffers swapped in.
+    swap = {id(dq2): dq, id(dk2): dk, id(dv2): dv, id(unplanned[0][2][3]): replayed[0][2][3]}
+    for a, b in zip(replayed, unplanned):
+        assert _same_launch(a, (b[0], b[1], tuple(swap.get(id(x), x) for x in b[2]), b[3]))
+
+
+def test_aliased_inputs_do_not_share_a_plan_with_distinct_ones(logged):
+    q, k, _ = _qkv()
+    _fwd(q, k, k)  # k passed as v: recorded with that aliasing
+    q2, k2, v2 = _qkv()
+    _fwd(q2, k2, v2)
+    args = logged[-1][2]
+    assert args[1] is k2 and args[2] is v2
+
+
+def test_what_changes_the_launch_makes_a_new_plan(logged, monkeypatch):
+    q, k, v = _qkv()
+    _fwd(q, k, v)
+    _fwd(*_qkv())
+    assert len(launch_plans._plans) == 1
+    _fwd(q, k[:, :200], v[:, :200])  # other seqlen_k
+    _fwd(*_qkv(transposed=True))  # other strides
+    _fwd(q, k, v, causal=False)
+    _fwd(q.double(), k.double(), v.double())
+    assert len(launch_plans._plans) == 5
+    # a monkeypatched config function (kernel_check.py's tuning) is part of the signature
+    monkeypatch.setattr(ops, "forward_config", lambda *a: TileConfig(16, 16, 4, 1))
+    _fwd(q, k, v)
+    assert len(launch_plans._plans) == 6 and logged[-1][3]["BLOCK_M"] == 16
+
+
+def test_calls_with_per_call_arguments_are_never_planned(logged):
+    q, k, v = _qkv()
+    slopes = torch.rand(6)
+    ops._launch_fwd(q, k, v, None, None, 0, 0, 0.125, True, True, -1, -1, 0.0, slopes, None, 0.0, 0)
+    ops._launch_fwd(q, k, v, None, None, 0, 0, 0.125, True, True, -1, -1, 0.0, None, None, 0.1, 1234)
+    assert launch_plans._plans == {}
+
+
+def test_direct_replays_reuse_the_compiled_kernel_per_pointer_alignment(monkeypatch):
+    """On a GPU a replay calls the compiled kernel launch() returned, once per alignment pattern."""
+    monkeypatch.setattr(launch_plans, "_plans", {})
+    monkeypatch.setattr(launch_plans, "_direct", lambda device: True)
+    calls = []
+    monkeypatch.setattr(launch_module, "launch", lambda kernel, grid, *args, **named: calls.append("launch") or (
+        "compiled", ()))
+    monkeypatch.setattr(launch_module, "run_compiled", lambda runner, grid, args: calls.append("direct"))
+    x = torch.zeros(64)
+
+    def launcher(launch_fn):
+        launch_fn("kernel", (1,), x_now[0], 3, BLOCK=16)
+
+    for x_now in ([x], [torch.zeros(64)], [torch.zeros(64)], [x[1:]]):
+        launch_plans.run(("sig",), (x_now[0],), launcher)
+    # record (launch), first replay (launch, runner kept), replay (direct), misaligned pointer (launch)
+    assert calls == ["launch", "launch", "direct", "launch"]
+
+
+def test_plans_give_the_unplanned_results(monkeypatch, device):
+    """The kernels run: outputs and gradients with plans equal those without, bit for bit."""
+    monkeypatch.setattr(launch_plans, "_plans", {})
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 37, h, 40, dtype=torch.float16, device=device, requires_grad=True)
+               for h in (4, 2, 2))
+    g = torch.randn(1, 37, 4, 40, dtype=torch.float16, device=device)
+    results = []
+    for plans in ("0", "1", "1"):  # unplanned, recording, replaying
+        monkeypatch.setenv("FLASHLAB_LAUNCH_PLANS", plans)
+        out = flashlab.flash_attn_func(q, k, v, causal=True, window_size=(9, -1))
+        results.append((out, *torch.autograd.grad(out, (q, k, v), g)))
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            assert torch.equal(a, b)
