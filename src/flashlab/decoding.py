@@ -19,9 +19,8 @@ import math
 import torch
 from torch.library import wrap_triton
 
-from flashlab import checks
+from flashlab import checks, launch_plans
 from flashlab.kernels.configs import TileConfig, cdiv, interpreting, next_power_of_2, padded_head_dim
-from flashlab.kernels.launch import launch
 from flashlab.kvcache_checks import check_index, check_rotary, check_tensor, check_values
 from flashlab.kvcache_torch import append_torch, attend_torch
 from flashlab.library import kernel_op, kvcache_append_fake, kvcache_attn_fake
@@ -89,35 +88,47 @@ def _index_args(cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | Non
             block_table.stride(0) if block_table is not None else 0)
 
 
-class _DirectLaunch:
-    """``kernel[grid](...)`` through kernels/launch.py's cache of compiled kernels."""
-
-    def __init__(self, kernel) -> None:
-        self.kernel = kernel
-
-    def __getitem__(self, grid: tuple[int, ...]):
-        return functools.partial(launch, self.kernel, grid)
+def _traced_launch(kernel, grid: tuple[int, ...], *args: object, **named: object) -> None:
+    """A launch inside a traced op (fake or functional tensors, torch.compile): through wrap_triton."""
+    wrap_triton(kernel)[grid](*args, **named)
 
 
-def _launcher(kernel, like: torch.Tensor):
-    """A direct launch in an eager call; ``wrap_triton(kernel)`` while the op is traced (fake or
-    functional tensors, torch.compile). Through wrap_triton (on by default outside a triton_op) an
-    eager launch would go through a higher-order op every time."""
-    if type(like) is torch.Tensor and not torch.compiler.is_compiling():
-        return _DirectLaunch(kernel)
-    return wrap_triton(kernel)
+def _eager(like: torch.Tensor) -> bool:
+    return type(like) is torch.Tensor and not torch.compiler.is_compiling()
+
+
+def _signature(*tensors: torch.Tensor | None) -> tuple:
+    """What the launch arguments derive from besides the scalars: layouts, dtypes, the config function."""
+    return (decode_config, interpreting(), tensors[0].device,
+            *[None if t is None else (t.dtype, t.shape, t.stride()) for t in tensors])
+
+
+def _run(signature: tuple | None, tensors: tuple, launches, like: torch.Tensor) -> None:
+    """``launches(launch_fn)``: replayed from a launch plan in eager calls (launch_plans.py; the
+    dispatcher and Triton's argument binding cost more than a short decoding kernel runs), through
+    wrap_triton while traced."""
+    if _eager(like):
+        launch_plans.run(signature, tuple(t for t in tensors if t is not None), launches)
+    else:
+        launches(_traced_launch)
 
 
 def _append_impl(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | None,
-                   block_table: torch.Tensor | None) -> None:
+                 cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | None,
+                 block_table: torch.Tensor | None) -> None:
     """k_cache/v_cache ← k/v (batch, seqlen_new, kv_heads, head_dim) at cache_seqlens[b] + i."""
+    tensors = (k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table)
+    _run(_signature(*tensors), tensors, lambda launch_fn: _append_launches(*tensors, launch_fn), k)
+
+
+def _append_launches(k, v, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, launch_fn) -> None:
     from flashlab.kernels import decode as kernels  # here: importing flashlab needs no Triton
     batch, seqlen_new, kv_heads, _ = k.shape
     head_dim, page_size = int(k.shape[3]), int(k_cache.shape[1])  # constexprs: specialized under dynamic shapes
     batch_idx, bt, stride_btb = _index_args(cache_seqlens, cache_batch_idx, block_table)
     block_s = 16
-    _launcher(kernels.kvcache_append_kernel, k)[(cdiv(seqlen_new, block_s), kv_heads, batch)](
+    launch_fn(
+        kernels.kvcache_append_kernel, (cdiv(seqlen_new, block_s), kv_heads, batch),
         k, v, k_cache, v_cache, cache_seqlens, batch_idx, bt,
         *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
         stride_btb, seqlen_new, _capacity(k_cache, block_table),
@@ -132,7 +143,30 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
                window_right: int = -1, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (batch, seqlen_q, heads, head_dim) in q's dtype, lse fp32 (batch, heads, seqlen_q))."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    out = torch.empty((batch, seqlen_q, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    if num_splits > 1:
+        rows = seqlen_q * heads
+        o_part = torch.empty((num_splits, batch, rows, head_dim), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((num_splits, batch, rows), dtype=torch.float32, device=q.device)
+    else:  # unread without SPLIT: lse (fp32 too) stands in, two allocations fewer on the decoding step
+        o_part = lse_part = lse
+    tensors = (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, alibi_slopes, out, lse, o_part,
+               lse_part)
+    scalars = (seqlen_new, softmax_scale, causal, num_splits, min_chunk, window_left, window_right, softcap)
+    _run((*_signature(*tensors[:7]), *scalars), tensors,
+         lambda launch_fn: _attn_launches(tensors, scalars, launch_fn), q)
+    return out, lse
+
+
+def _attn_launches(tensors: tuple, scalars: tuple, launch_fn) -> None:
+    """The split-KV attention launch and, with splits, the combine launch (``tensors`` / ``scalars``
+    as _attn_impl builds them)."""
     from flashlab.kernels import decode as kernels
+    q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, alibi_slopes, out, lse, o_part, lse_part = \
+        tensors
+    seqlen_new, softmax_scale, causal, num_splits, min_chunk, window_left, window_right, softcap = scalars
     batch, seqlen_q, heads, _ = q.shape
     kv_heads = k_cache.shape[2]
     head_dim, page_size = int(q.shape[3]), int(k_cache.shape[1])  # constexprs: specialized under dynamic shapes
@@ -140,15 +174,8 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     cfg = decode_config(int(_grid_rows(q, kv_heads)), block_d, block_table is not None, q.device, num_splits)
     m_blocks = cdiv(_grid_rows(q, kv_heads), cfg.block_m)
     min_chunk = cdiv(max(min_chunk, 1), cfg.block_n) * cfg.block_n
-    out = torch.empty((batch, seqlen_q, heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     split = num_splits > 1
     rows = seqlen_q * heads
-    if split:
-        o_part = torch.empty((num_splits, batch, rows, head_dim), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((num_splits, batch, rows), dtype=torch.float32, device=q.device)
-    else:  # unread without SPLIT: lse (fp32 too) stands in, two allocations fewer on the decoding step
-        o_part = lse_part = lse
     batch_idx, bt, stride_btb = _index_args(cache_seqlens, cache_batch_idx, block_table)
     capacity = _capacity(k_cache, block_table)
     # ALiBi slopes (heads,) or (batch, heads); absent, cache_seqlens stands in as the unread pointer.
@@ -158,7 +185,8 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
         slope_strides = (alibi_slopes.stride(0), alibi_slopes.stride(1)) if alibi_slopes.dim() == 2 else (
             0, alibi_slopes.stride(0))
     right = 0 if causal else window_right
-    _launcher(kernels.decode_attn_kernel, q)[(num_splits, kv_heads * m_blocks, batch)](
+    launch_fn(
+        kernels.decode_attn_kernel, (num_splits, kv_heads * m_blocks, batch),
         q, k_cache, v_cache, out, lse, o_part, lse_part, cache_seqlens, batch_idx, bt, slopes,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3], stride_btb, *slope_strides,
         batch, seqlen_q, seqlen_new, capacity, heads, heads // kv_heads, num_splits, min_chunk, softmax_scale,
@@ -168,14 +196,14 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, SPLIT=split, **cfg.launch_kwargs(),
     )
     if split:
-        _launcher(kernels.decode_combine_kernel, q)[(rows, batch)](
+        launch_fn(
+            kernels.decode_combine_kernel, (rows, batch),
             out, lse, o_part, lse_part, cache_seqlens, *out.stride()[:3],
             batch, seqlen_q, seqlen_new, capacity, heads, num_splits, min_chunk, window_left,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n, SPLITS_P2=next_power_of_2(num_splits),
             HAS_LOWER=window_left >= 0,
             num_warps=8 if next_power_of_2(num_splits) * block_d > 8192 else 4,  # the [splits, dim] tile
         )
-    return out, lse
 
 
 # Under torch.compile the kernels are reached through these ops (traced, graph-safe); in eager mode
