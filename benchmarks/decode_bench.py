@@ -165,7 +165,7 @@ def time_ours(rows, batch, cache_len, dtype, copy_gbs) -> None:
     seqlens = torch.full((batch,), cache_len, dtype=torch.int32, device=DEVICE)
     kc, vc = (torch.empty(batch, cache_len, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=dtype).normal_()
               for _ in range(2))
-    splits = decoding.choose_num_splits(batch, KV_HEADS, 1, cache_len, decoding._num_sms(0), decoding.MIN_SPLIT_KEYS)
+    splits = decoding.choose_num_splits(batch, KV_HEADS, 1, cache_len, decoding.num_sms(0), decoding.MIN_SPLIT_KEYS)
     time_row(rows, "flashlab", batch, cache_len, dtype, copy_gbs=copy_gbs, auto_splits=splits,
              fn=lambda: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens))
     if WINDOW:  # a sliding window reads only its keys (and the new one)
@@ -324,7 +324,7 @@ def main() -> None:
     dtype = torch.bfloat16
     rows: list[dict] = [{"kind": "env", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                          "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(),
-                         "sms": decoding._num_sms(0), "time": time.ctime(), "dtype": str(dtype),
+                         "sms": decoding.num_sms(0), "time": time.ctime(), "dtype": str(dtype),
                          "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "seqlen_q": 1,
                          "cudagraph": CUDA_GRAPHS}]
     dump = lambda: (args.out / "decode_bench.json").write_text(json.dumps(rows, indent=1))  # noqa: E731

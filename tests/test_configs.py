@@ -41,17 +41,17 @@ def test_interpreter_tiles_are_small():
 
 def test_decode_stages_follow_the_split_count(monkeypatch):
     """Few splits (a large grid): 2 stages; many, or not yet chosen: 3; paged: 5 (round 5's decode tune)."""
-    from flashlab import decoding
+    from flashlab import decode_tiles
 
-    monkeypatch.setattr(decoding, "interpreting", lambda: False)
+    monkeypatch.setattr(decode_tiles, "interpreting", lambda: False)
     cpu = torch.device("cpu")
-    assert decoding.decode_config(4, 128, False, cpu, num_splits=1).num_stages == 2
-    assert decoding.decode_config(4, 128, False, cpu, num_splits=decoding.FEW_SPLITS).num_stages == 2
-    assert decoding.decode_config(4, 128, False, cpu, num_splits=33).num_stages == 3
-    assert decoding.decode_config(4, 128, False, cpu).num_stages == 3
-    assert decoding.decode_config(4, 128, True, cpu, num_splits=1).num_stages == 5
+    assert decode_tiles.decode_config(4, 128, False, cpu, num_splits=1).num_stages == 2
+    assert decode_tiles.decode_config(4, 128, False, cpu, num_splits=decode_tiles.FEW_SPLITS).num_stages == 2
+    assert decode_tiles.decode_config(4, 128, False, cpu, num_splits=33).num_stages == 3
+    assert decode_tiles.decode_config(4, 128, False, cpu).num_stages == 3
+    assert decode_tiles.decode_config(4, 128, True, cpu, num_splits=1).num_stages == 5
     # The block sizes (which the split heuristic reads) never depend on the split count.
-    tiles = {(c.block_m, c.block_n) for n in (0, 1, 33) for c in [decoding.decode_config(4, 128, False, cpu, n)]}
+    tiles = {(c.block_m, c.block_n) for n in (0, 1, 33) for c in [decode_tiles.decode_config(4, 128, False, cpu, n)]}
     assert tiles == {(16, 64)}
 
 

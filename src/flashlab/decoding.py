@@ -13,63 +13,20 @@ CPU tensors outside Triton's interpreter take a PyTorch path (gather + ``blockwi
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch.library import wrap_triton
 
 from flashlab import checks, launch_plans
-from flashlab.kernels.configs import TileConfig, cdiv, interpreting, next_power_of_2, padded_head_dim
+from flashlab.decode_tiles import MAX_SPLITS, MIN_SPLIT_KEYS, choose_num_splits, decode_config, num_sms
+from flashlab.kernels.configs import cdiv, interpreting, next_power_of_2, padded_head_dim
 from flashlab.kvcache_checks import check_index, check_rotary, check_tensor, check_values
 from flashlab.kvcache_torch import append_torch, attend_torch
 from flashlab.library import kernel_op, kvcache_append_fake, kvcache_attn_fake
 from flashlab.rotary import rotate_at_positions
 
 MAX_HEAD_DIM = 256
-MAX_SPLITS = 128
-MIN_SPLIT_KEYS = 256  # the heuristic never gives a split fewer keys than this (GPU)
-CTAS_PER_SM = 2  # split until batch × kv_heads × splits programs fill this many per SM
-
-
-FEW_SPLITS = 4  # up to this many splits per sequence, a contiguous cache streams with 2 stages
-
-
-def decode_config(rows: int, block_d: int, paged: bool, device: torch.device, num_splits: int = 0) -> TileConfig:
-    """Tile for ``rows = seqlen_q × group`` query rows per kv head (BLOCK_M ≥ 16 for tl.dot).
-    ``num_splits`` (0: not yet chosen; the block sizes do not depend on it) picks the stages.
-
-    A 64 × 128 K tile and its V tile are 32 KB; 3 stages keep two of them in flight. With few
-    splits the grid is large (batch × kv heads programs already fill the SMs) and 2 stages are
-    faster (H200, CUDA graphs, GQA 32:8 d128: B64 × 8k 554 → 483 µs, B32 × 4k 141 → 128, B64 × 1k
-    72 → 65); with many (a short batch, long caches) 3 (B1 × 32k 39 vs 42 µs; perf-notes round 5).
-    Paged loads are indirect (the page index is loaded first), so Triton's pipeliner needs 2 more
-    stages for the same depth (checked on the sm_90 TTGIR: 5 stages paged = 3 contiguous = 72 KB
-    of shared)."""
-    if interpreting():
-        return TileConfig(16 if rows <= 16 else 32, 32, 4, 1)
-    block_m = min(64, max(16, next_power_of_2(rows)))
-    if block_d > 128:  # 256-wide rows: half the keys per tile, 8 warps for the accumulator (no spills)
-        return TileConfig(block_m, 32, 8, 5 if paged else 3)
-    stages = 5 if paged else (2 if 1 <= num_splits <= FEW_SPLITS else 3)
-    return TileConfig(block_m, 64, 4, stages)
-
-
-@functools.cache
-def _num_sms(device_index: int | None) -> int:
-    if device_index is None or not torch.cuda.is_available():
-        return 8  # interpreter: a pretend GPU, small enough that tests exercise the split path
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, max_keys: int, num_sms: int,
-                      min_split_keys: int) -> int:
-    """Splits per (sequence, kv head): enough programs for ``CTAS_PER_SM`` per SM, but no split
-    shorter than ``min_split_keys`` of the longest sequence, and at most ``MAX_SPLITS``."""
-    tiles = batch * kv_heads * m_blocks
-    want = math.ceil(CTAS_PER_SM * num_sms / max(tiles, 1))
-    useful = math.ceil(max(max_keys, 1) / min_split_keys)
-    return max(1, min(want, useful, MAX_SPLITS))
 
 
 def _grid_rows(q: torch.Tensor, kv_heads: int) -> int:
@@ -408,7 +365,7 @@ def flash_attn_with_kvcache(
         if window_left >= 0:  # the kernels split only the keys inside the window (kernels/decode.py)
             max_keys = min(max_keys, window_left + seqlen_q + cfg.block_n)
         m_blocks = cdiv(_grid_rows(q, kv_heads), cfg.block_m)
-        num_splits = choose_num_splits(batch, kv_heads, m_blocks, max_keys, _num_sms(q.device.index), min_split_keys)
+        num_splits = choose_num_splits(batch, kv_heads, m_blocks, max_keys, num_sms(q.device.index), min_split_keys)
     out, lse = _op("kvcache_attn", _attn_impl)(
         q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, seqlen_new, float(softmax_scale), bool(causal),
         min(num_splits, MAX_SPLITS), min_split_keys if auto else 1, window_left, window_right, softcap, alibi_slopes)

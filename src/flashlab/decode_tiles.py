@@ -1,0 +1,56 @@
+"""Tiles and split counts of the decoding kernels (kernels/decode.py), chosen on the host.
+
+The split count spreads each sequence's keys over programs until the GPU is full; the tile's
+pipeline depth follows from it (measurements in docs/perf-notes.md, rounds 2 and 5).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from flashlab.kernels.configs import TileConfig, interpreting, next_power_of_2
+
+MAX_SPLITS = 128
+MIN_SPLIT_KEYS = 256  # the heuristic never gives a split fewer keys than this (GPU)
+CTAS_PER_SM = 2  # split until batch × kv_heads × splits programs fill this many per SM
+FEW_SPLITS = 4  # up to this many splits per sequence, a contiguous cache streams with 2 stages
+
+
+def decode_config(rows: int, block_d: int, paged: bool, device: torch.device, num_splits: int = 0) -> TileConfig:
+    """Tile for ``rows = seqlen_q × group`` query rows per kv head (BLOCK_M ≥ 16 for tl.dot).
+    ``num_splits`` (0: not yet chosen; the block sizes do not depend on it) picks the stages.
+
+    A 64 × 128 K tile and its V tile are 32 KB; 3 stages keep two of them in flight. With few
+    splits the grid is large (batch × kv heads programs already fill the SMs) and 2 stages are
+    faster (H200, CUDA graphs, GQA 32:8 d128: B64 × 8k 554 → 483 µs, B32 × 4k 141 → 128, B64 × 1k
+    72 → 65); with many (a short batch, long caches) 3 (B1 × 32k 39 vs 42 µs; perf-notes round 5).
+    Paged loads are indirect (the page index is loaded first), so Triton's pipeliner needs 2 more
+    stages for the same depth (checked on the sm_90 TTGIR: 5 stages paged = 3 contiguous = 72 KB
+    of shared)."""
+    if interpreting():
+        return TileConfig(16 if rows <= 16 else 32, 32, 4, 1)
+    block_m = min(64, max(16, next_power_of_2(rows)))
+    if block_d > 128:  # 256-wide rows: half the keys per tile, 8 warps for the accumulator (no spills)
+        return TileConfig(block_m, 32, 8, 5 if paged else 3)
+    stages = 5 if paged else (2 if 1 <= num_splits <= FEW_SPLITS else 3)
+    return TileConfig(block_m, 64, 4, stages)
+
+
+@functools.cache
+def num_sms(device_index: int | None) -> int:
+    if device_index is None or not torch.cuda.is_available():
+        return 8  # interpreter: a pretend GPU, small enough that tests exercise the split path
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, max_keys: int, num_sms: int,
+                      min_split_keys: int) -> int:
+    """Splits per (sequence, kv head): enough programs for ``CTAS_PER_SM`` per SM, but no split
+    shorter than ``min_split_keys`` of the longest sequence, and at most ``MAX_SPLITS``."""
+    tiles = batch * kv_heads * m_blocks
+    want = math.ceil(CTAS_PER_SM * num_sms / max(tiles, 1))
+    useful = math.ceil(max(max_keys, 1) / min_split_keys)
+    return max(1, min(want, useful, MAX_SPLITS))
