@@ -156,14 +156,15 @@ def _launch_fwd(
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     signature = None
     if _plannable(args) and os.environ.get("FLASHLAB_FWD_TMA", "0") != "1":
-        signature = (forward_config, *_layout(q, k, v), *args[7:13])
+        signature = (forward_config, *_layout(q, k, v), *args[7:13], args[16])
     launch_plans.run(signature, (q, k, v, out, lse), lambda launch_fn: _fwd_launches(out, lse, args, launch_fn))
     return out, lse
 
 
 def _plannable(args: tuple) -> bool:
     """Plain dense calls (launch_plans.py): no varlen, ALiBi, mask, block mask or dropout (a fresh
-    seed each call); the launch arguments then depend only on the layout and the scalar options."""
+    seed each call); the launch arguments then depend only on the layout and the scalar options
+    (args[7:13]: scale, causal, bottom_right, window, softcap; args[16]: the seed, unread here)."""
     q, _, _, cu_q, _, _, _, _, _, _, _, _, _, slopes, mask, dropout_p, _, tiles = args[:18]
     return cu_q is None and slopes is None and mask is None and tiles is None and dropout_p == 0 and q.dim() == 4
 
@@ -219,7 +220,7 @@ def _launch_bwd(
     tensors = (dout, q, k, v, out, lse, dq, dk, dv, delta)
     signature = None
     if dlse is None and _plannable(args):
-        signature = (backward_config, *_layout(dout, q, k, v, out, lse), *args[7:13])
+        signature = (backward_config, *_layout(dout, q, k, v, out, lse), *args[7:13], args[16])
     launch_plans.run(signature, tensors, lambda launch_fn: _bwd_launches(tensors, dlse, args, launch_fn))
     return dq, dk, dv
 
