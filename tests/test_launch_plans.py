@@ -152,7 +152,8 @@ def test_plans_give_the_unplanned_results(monkeypatch, device):
                for h in (4, 2, 2))
     g = torch.randn(1, 37, 4, 40, dtype=torch.float16, device=device)
     results = []
-    for plans in ("0", "1", "1"):  # unplanned, recording, replaying
+    # unplanned, recording, replaying (on a GPU: through launch(), then the compiled kernel directly)
+    for plans in ("0", "1", "1", "1"):
         monkeypatch.setenv("FLASHLAB_LAUNCH_PLANS", plans)
         out = flashlab.flash_attn_func(q, k, v, causal=True, window_size=(9, -1))
         results.append((out, *torch.autograd.grad(out, (q, k, v), g)))
