@@ -14,7 +14,9 @@ import torch
 from flashlab.kernels.configs import TileConfig, interpreting, next_power_of_2
 
 MAX_SPLITS = 128
-MIN_SPLIT_KEYS = 256  # the heuristic never gives a split fewer keys than this (GPU)
+# The heuristic never gives a split fewer keys than this (GPU): two 64-key tiles. H200, kernel alone,
+# B1 x 1k keys: 8 splits of 128 keys 6.8 us, 4 of 256 8.5 us (perf-notes round 5).
+MIN_SPLIT_KEYS = 128
 CTAS_PER_SM = 2  # split until batch × kv_heads × splits programs fill this many per SM
 FEW_SPLITS = 4  # up to this many splits per sequence, a contiguous cache streams with 2 stages
 
