@@ -125,8 +125,3 @@ def _replay(steps: list[_Step], tensors: Sequence[torch.Tensor]) -> None:
         runner = launch_module.launch(step.kernel, step.grid, *args, **step.named)
         if direct and runner is not None:
             step.runners[aligned] = runner
-
-
-def clear() -> None:
-    """Forget every plan (tests; after changing a setting the signatures do not cover)."""
-    _plans.clear()
