@@ -164,7 +164,7 @@ def _attn_launches(tensors: tuple, scalars: tuple, launch_fn) -> None:
 
 
 # Under torch.compile the kernels are reached through these ops (traced, graph-safe); in eager mode
-# the implementations are called directly (see _launcher): the dispatcher costs ~10-20 µs per op,
+# the implementations are called directly (see _run): the dispatcher costs ~10-20 µs per op,
 # more than a short decoding kernel runs.
 kvcache_append = kernel_op("flashlab::kvcache_append", mutates_args={"k_cache", "v_cache"},
                            fake=kvcache_append_fake)(_append_impl)
