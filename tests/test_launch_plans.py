@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flashlab
-from flashlab import launch_plans, ops
+from flashlab import launch_args, launch_plans, ops
 from flashlab.kernels import launch as launch_module
 from flashlab.kernels.configs import TileConfig
 
@@ -60,11 +60,11 @@ CASES = [dict(), dict(causal=False), dict(window=(17, 3)), dict(softcap=30.0), d
 def test_replayed_forward_and_backward_launch_what_the_unplanned_call_does(logged, monkeypatch, options, transposed):
     _fwd(*_qkv(transposed=transposed), **options)  # records the plan
     q, k, v = _qkv(transposed=transposed)
-    prepare = ops._prepare
-    monkeypatch.setattr(ops, "_prepare", _derivation_must_not_run)
+    prepare = ops.prepare
+    monkeypatch.setattr(ops, "prepare", _derivation_must_not_run)
     out, lse = _fwd(q, k, v, **options)  # replays it
     replayed = logged[-1]
-    monkeypatch.setattr(ops, "_prepare", prepare)
+    monkeypatch.setattr(ops, "prepare", prepare)
     monkeypatch.setenv("FLASHLAB_LAUNCH_PLANS", "0")
     ops._fwd_launches(out, lse, (q, k, v, None, None, 0, 0, options.get("scale", 0.125),
                                  options.get("causal", True), True, *options.get("window", (-1, -1)),
@@ -76,10 +76,10 @@ def test_replayed_forward_and_backward_launch_what_the_unplanned_call_does(logge
     dout = torch.randn_like(q)
     _bwd(torch.randn_like(q), *_qkv(transposed=transposed), out, lse, **options)  # records
     n = len(logged)
-    monkeypatch.setattr(ops, "_prepare", _derivation_must_not_run)
+    monkeypatch.setattr(ops, "prepare", _derivation_must_not_run)
     dq, dk, dv = _bwd(dout, q, k, v, out, lse, **options)  # replays
     replayed = logged[n:]
-    monkeypatch.setattr(ops, "_prepare", prepare)
+    monkeypatch.setattr(ops, "prepare", prepare)
     monkeypatch.setenv("FLASHLAB_LAUNCH_PLANS", "0")
     n = len(logged)
     dq2, dk2, dv2 = _bwd(dout, q, k, v, out, lse, **options)
@@ -117,12 +117,49 @@ def test_what_changes_the_launch_makes_a_new_plan(logged, monkeypatch):
     assert len(launch_plans._plans) == 6 and logged[-1][3]["BLOCK_M"] == 16
 
 
-def test_calls_with_per_call_arguments_are_never_planned(logged):
+def test_dropout_and_varlen_calls_are_never_planned(logged):
+    """A dropout seed changes every call; varlen's 3-D tensors are viewed as 4-D per launch."""
     q, k, v = _qkv()
-    slopes = torch.rand(6)
-    ops._launch_fwd(q, k, v, None, None, 0, 0, 0.125, True, True, -1, -1, 0.0, slopes, None, 0.0, 0)
     ops._launch_fwd(q, k, v, None, None, 0, 0, 0.125, True, True, -1, -1, 0.0, None, None, 0.1, 1234)
+    cu = torch.tensor([0, 113, 226], dtype=torch.int32)
+    ops._launch_fwd(q.flatten(0, 1), k[:, :113].flatten(0, 1), v[:, :113].flatten(0, 1), cu, cu, 113, 113, 0.125,
+                    True, True, -1, -1, 0.0, None, None, 0.0, 0)
     assert launch_plans._plans == {}
+
+
+def _optional_tensors(kind: str, q: torch.Tensor, k: torch.Tensor) -> tuple:
+    """(alibi_slopes, attn_mask, block_tiles, block_kv, block_q) for one kind of optional input."""
+    batch, sq, heads = q.shape[:3]
+    sk = k.shape[1]
+    if kind == "alibi":
+        return torch.rand(batch, heads), None, None, None, None
+    if kind == "bool-mask":
+        return None, torch.rand(batch, 1, sq, sk) > 0.3, None, None, None
+    mask = flashlab.block_mask(lambda b, h, qi, kj: (qi // 50) == (kj // 70), None, None, sq, sk, block_size=32)
+    return None, None, mask.tiles, mask.kv_table, mask.q_table
+
+
+@pytest.mark.parametrize("kind", ["alibi", "bool-mask", "block-mask"])
+def test_optional_tensors_take_slots_in_the_plan(logged, monkeypatch, kind):
+    """ALiBi slopes, masks and block-mask tables are tensors of the call: replays pass the new ones."""
+    def fwd(q, k, v, optional):
+        slopes, mask, tiles, kv_table, q_table = optional
+        return ops._launch_fwd(q, k, v, None, None, 0, 0, 0.125, False, True, -1, -1, 0.0, slopes, mask, 0.0, 0,
+                               tiles, kv_table, q_table)
+
+    q, k, v = _qkv()
+    fwd(q, k, v, _optional_tensors(kind, q, k))  # records
+    q, k, v = _qkv()
+    optional = _optional_tensors(kind, q, k)
+    monkeypatch.setattr(ops, "prepare", _derivation_must_not_run)
+    out, lse = fwd(q, k, v, optional)  # replays
+    replayed = logged[-1]
+    monkeypatch.setattr(ops, "prepare", launch_args.prepare)
+    monkeypatch.setenv("FLASHLAB_LAUNCH_PLANS", "0")
+    ops._fwd_launches(out, lse, (q, k, v, None, None, 0, 0, 0.125, False, True, -1, -1, 0.0, *optional[:2], 0.0, 0,
+                                 *optional[2:]), launch_module.launch)
+    assert _same_launch(replayed, logged[-1])
+    assert len(launch_plans._plans) == 1
 
 
 def test_direct_replays_reuse_the_compiled_kernel_per_pointer_alignment(monkeypatch):

@@ -19,7 +19,8 @@ Stable entry points (ring attention and split-KV decoding build on them):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from operator import itemgetter
 
 import torch
 
@@ -27,7 +28,6 @@ from flashlab import launch_plans
 from flashlab.block_mask import BlockMask
 from flashlab.kernels.configs import (
     FP_FUSION,
-    TileConfig,
     backward_config,
     cdiv,
     forward_config,
@@ -36,107 +36,9 @@ from flashlab.kernels.configs import (
     preprocess_block_m,
     tile_aligned,
 )
+from flashlab.launch_args import as4d, clamp_tiles, prepare, strides3
 from flashlab.library import attn_bwd_fake, attn_fwd_fake, kernel_op
 from flashlab.tma_forward import launch_fwd_tma, tma_eligible
-
-LOG2E = 1.4426950408889634
-
-
-@dataclass(frozen=True)
-class _Launch:
-    """Everything a kernel launch derives from the op's arguments, shared by forward and backward."""
-
-    q4: torch.Tensor  # dense 4-D view (varlen: a leading batch dim of 1 with stride 0)
-    k4: torch.Tensor
-    v4: torch.Tensor
-    batch: int
-    seqlen_q: int  # varlen: the maximum
-    seqlen_k: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    lse_strides: tuple[int, int]
-    cu_q: torch.Tensor
-    cu_k: torch.Tensor
-    slopes: torch.Tensor
-    slope_strides: tuple[int, int]
-    mask: torch.Tensor
-    mask_strides: tuple[int, int, int, int]
-    sparse_kv: torch.Tensor  # block-sparse tables (block_mask.py): per query block / per key block
-    sparse_q: torch.Tensor
-    sparse_kv_strides: tuple[int, int, int]
-    sparse_q_strides: tuple[int, int, int]
-    scalars: tuple  # runtime scalars after the shape arguments
-    flags: dict
-
-
-def _as4d(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dim() == 4 else t.unsqueeze(0)
-
-
-def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    return (0 if varlen else t.stride(0)), t.stride(1), t.stride(2)
-
-
-def _table_strides(table: torch.Tensor) -> tuple[int, int, int]:
-    # A table of batch or heads 1 is the same for every batch element / head: stride 0.
-    return tuple(0 if table.shape[i] == 1 else table.stride(i) for i in (0, 1)) + (table.stride(2),)
-
-
-def _clamp_tiles(cfg: TileConfig, run: _Launch) -> TileConfig:
-    """Kernel tiles must divide a block-sparse mask's blocks (both are powers of two)."""
-    if run.flags["MASK_KIND"] != 3:
-        return cfg
-    return replace(cfg, block_m=min(cfg.block_m, run.flags["SPARSE_M"]),
-                   block_n=min(cfg.block_n, run.flags["SPARSE_N"]))
-
-
-def _prepare(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, window_left, window_right,
-             softcap, alibi_slopes, attn_mask, dropout_p, seed, block_tiles=None, block_kv=None,
-             block_q=None) -> _Launch:
-    varlen = cu_q is not None
-    q4, k4, v4 = _as4d(q), _as4d(k), _as4d(v)
-    heads, head_dim, kv_heads = q4.shape[2], q4.shape[3], k4.shape[2]
-    if varlen:
-        batch, seqlen_q, seqlen_k = cu_q.numel() - 1, max_q, max_k
-        lse_strides = (0, q.shape[0])
-    else:
-        batch, seqlen_q, seqlen_k = q4.shape[0], q4.shape[1], k4.shape[1]
-        lse_strides = (heads * seqlen_q, seqlen_q)
-    dummy = q4
-    slopes, slope_strides = dummy, (0, 0)
-    if alibi_slopes is not None:
-        slopes = alibi_slopes
-        slope_strides = (alibi_slopes.stride(0), alibi_slopes.stride(1)) if alibi_slopes.dim() == 2 else (
-            0, alibi_slopes.stride(0))
-    mask, mask_strides, mask_kind = dummy, (0, 0, 0, 0), 0
-    if attn_mask is not None:
-        # A bool mask goes in as it is (Triton loads it as i1; verified on an H200). A .view(torch.uint8)
-        # here broke Inductor's lowering in torch 2.11 while these ops were triton_ops.
-        mask = attn_mask
-        mask_kind = 1 if attn_mask.dtype == torch.bool else 2
-        mask_strides = tuple(mask.stride())
-    sparse_kv = sparse_q = dummy
-    sparse_kv_strides = sparse_q_strides = (0, 0, 0)
-    sparse_m = sparse_n = 1
-    if block_tiles is not None:
-        mask, mask_kind = block_tiles, 3
-        sparse_m, sparse_n = block_tiles.shape[1], block_tiles.shape[2]
-        mask_strides = (0, 0, sparse_n, 1)
-        sparse_kv, sparse_q = block_kv, block_q
-        sparse_kv_strides, sparse_q_strides = _table_strides(block_kv), _table_strides(block_q)
-    upper = causal or window_right >= 0
-    scalars = (
-        window_left, 0 if causal else window_right, scale,
-        scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
-        seed, dropout_p, seqlen_k,
-    )
-    flags = dict(BOTTOM_RIGHT=bottom_right, HAS_UPPER=upper, HAS_LOWER=window_left >= 0, IS_VARLEN=varlen,
-                 HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
-                 HAS_DROPOUT=dropout_p > 0, SPARSE_M=sparse_m, SPARSE_N=sparse_n)
-    return _Launch(q4, k4, v4, batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, lse_strides,
-                   cu_q if varlen else dummy, cu_k if varlen else dummy, slopes, slope_strides, mask, mask_strides,
-                   sparse_kv, sparse_q, sparse_kv_strides, sparse_q_strides, scalars, flags)
 
 
 def _launch_fwd(
@@ -154,45 +56,51 @@ def _launch_fwd(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse_shape = (heads, q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], heads, q.shape[1])
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    optional = _optional(args)
     signature = None
     if _plannable(args) and os.environ.get("FLASHLAB_FWD_TMA", "0") != "1":
-        signature = (forward_config, *_layout(q, k, v), *args[7:13], args[16])
-    launch_plans.run(signature, (q, k, v, out, lse), lambda launch_fn: _fwd_launches(out, lse, args, launch_fn))
+        signature = (forward_config, *_layout(q, k, v, *optional), *args[7:13], args[16])
+    launch_plans.run(signature, (q, k, v, out, lse, *[t for t in optional if t is not None]),
+                     lambda launch_fn: _fwd_launches(out, lse, args, launch_fn))
     return out, lse
 
 
+_optional = itemgetter(13, 14, 17, 18, 19)  # of the args: ALiBi slopes, attn mask, block-mask tiles and tables
+
+
 def _plannable(args: tuple) -> bool:
-    """Plain dense calls (launch_plans.py): no varlen, ALiBi, mask, block mask or dropout (a fresh
-    seed each call); the launch arguments then depend only on the layout and the scalar options
-    (args[7:13]: scale, causal, bottom_right, window, softcap; args[16]: the seed, unread here)."""
-    q, _, _, cu_q, _, _, _, _, _, _, _, _, _, slopes, mask, dropout_p, _, tiles = args[:18]
-    return cu_q is None and slopes is None and mask is None and tiles is None and dropout_p == 0 and q.dim() == 4
+    """Dense calls without dropout (a fresh seed each call) or varlen (its 3-D tensors are viewed as
+    4-D per launch) replay launch plans (launch_plans.py): their launch arguments depend only on the
+    layouts — the optional tensors' too — and the scalar options (args[7:13]: scale, causal,
+    bottom_right, window, softcap; args[16]: the seed, unread without dropout)."""
+    return args[3] is None and args[15] == 0 and args[0].dim() == 4
 
 
-def _layout(*tensors: torch.Tensor) -> tuple:
-    return (tensors[0].dtype, tensors[0].device, interpreting(), *[(t.shape, t.stride()) for t in tensors])
+def _layout(*tensors: torch.Tensor | None) -> tuple:
+    return (tensors[0].dtype, tensors[0].device, interpreting(),
+            *[None if t is None else (t.dtype, t.shape, t.stride()) for t in tensors])
 
 
 def _fwd_launches(out: torch.Tensor, lse: torch.Tensor, args: tuple, launch_fn) -> None:
     """The forward's launch (or the TMA forward's) into ``out`` / ``lse``; ``args`` as _launch_fwd's."""
     from flashlab.kernels import forward as fwd_kernels  # here: importing flashlab needs no Triton
-    run = _prepare(*args)
+    run = prepare(*args)
     q = args[0]
     varlen = args[3] is not None
     block_d = padded_head_dim(run.head_dim)
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
-    cfg = _clamp_tiles(forward_config(block_d, run.flags["HAS_UPPER"], q.device, aligned), run)
+    cfg = clamp_tiles(forward_config(block_d, run.flags["HAS_UPPER"], q.device, aligned), run)
     if tma_eligible(run.flags, run.head_dim, run.q4, run.k4, run.v4, out):
         launch_fwd_tma(run.q4, run.k4, run.v4, out, lse, run.lse_strides, run.seqlen_q, run.seqlen_k, run.heads,
                        run.kv_heads, run.head_dim, block_d, run.scalars, run.flags, cfg)
         return
     grid = (cdiv(run.seqlen_q, cfg.block_m), run.heads, run.batch)
-    out4 = _as4d(out)
+    out4 = as4d(out)
     launch_fn(
         fwd_kernels.attn_fwd_kernel, grid,
         run.q4, run.k4, run.v4, out4, lse, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,
-        *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
-        *_strides3(out4, varlen), *run.lse_strides, *run.slope_strides, *run.mask_strides,
+        *strides3(run.q4, varlen), *strides3(run.k4, varlen), *strides3(run.v4, varlen),
+        *strides3(out4, varlen), *run.lse_strides, *run.slope_strides, *run.mask_strides,
         *run.sparse_kv_strides, run.seqlen_q, run.seqlen_k, run.heads // run.kv_heads, *run.scalars,
         HEAD_DIM=run.head_dim, BLOCK_D=block_d, **run.flags, **cfg.launch_kwargs(), **FP_FUSION,
     )
@@ -218,10 +126,12 @@ def _launch_bwd(
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
     tensors = (dout, q, k, v, out, lse, dq, dk, dv, delta)
+    optional = _optional(args)
     signature = None
     if dlse is None and _plannable(args):
-        signature = (backward_config, *_layout(dout, q, k, v, out, lse), *args[7:13], args[16])
-    launch_plans.run(signature, tensors, lambda launch_fn: _bwd_launches(tensors, dlse, args, launch_fn))
+        signature = (backward_config, *_layout(dout, q, k, v, out, lse, *optional), *args[7:13], args[16])
+    launch_plans.run(signature, (*tensors, *[t for t in optional if t is not None]),
+                     lambda launch_fn: _bwd_launches(tensors, dlse, args, launch_fn))
     return dq, dk, dv
 
 
@@ -229,10 +139,10 @@ def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch
     """The backward's three launches; ``tensors`` as _launch_bwd's, ``args`` as _launch_fwd's."""
     from flashlab.kernels import backward as bwd_kernels
     dout, q, _, _, out, lse, dq, dk, dv, delta = tensors
-    run = _prepare(*args)
+    run = prepare(*args)
     varlen = args[3] is not None
     block_d = padded_head_dim(run.head_dim)
-    dq4, dk4, dv4, do4, o4 = (_as4d(t) for t in (dq, dk, dv, dout, out))
+    dq4, dk4, dv4, do4, o4 = (as4d(t) for t in (dq, dk, dv, dout, out))
     common = (run.seqlen_q, run.seqlen_k, run.heads // run.kv_heads, *run.scalars)
     head = (*run.lse_strides, *run.slope_strides, *run.mask_strides)
     consts = dict(HEAD_DIM=run.head_dim, BLOCK_D=block_d, **run.flags)
@@ -242,26 +152,26 @@ def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch
         bwd_kernels.attn_bwd_preprocess_kernel, (cdiv(run.seqlen_q, pre_m), run.heads, run.batch),
         # Without dlse, lse stands in as the unread pointer (never delta, which this kernel writes).
         o4, do4, dlse if dlse is not None else lse, delta, run.cu_q,
-        *_strides3(o4, varlen), *_strides3(do4, varlen), *run.lse_strides, run.seqlen_q,
+        *strides3(o4, varlen), *strides3(do4, varlen), *run.lse_strides, run.seqlen_q,
         HEAD_DIM=run.head_dim, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=dlse is not None, IS_VARLEN=varlen,
         **FP_FUSION,
     )
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
-    cfg_kv, cfg_q = (_clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,
+    cfg_kv, cfg_q = (clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,
                                                                     aligned, run.seqlen_k))
     launch_fn(
         bwd_kernels.attn_bwd_dkdv_kernel, (cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads, run.batch),
         run.q4, run.k4, run.v4, do4, lse, delta, dk4, dv4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_q,
-        *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
-        *_strides3(do4, varlen), *_strides3(dk4, varlen), *_strides3(dv4, varlen), *head, *run.sparse_q_strides,
+        *strides3(run.q4, varlen), *strides3(run.k4, varlen), *strides3(run.v4, varlen),
+        *strides3(do4, varlen), *strides3(dk4, varlen), *strides3(dv4, varlen), *head, *run.sparse_q_strides,
         *common,
         **consts, **cfg_kv.launch_kwargs(), **FP_FUSION,
     )
     launch_fn(
         bwd_kernels.attn_bwd_dq_kernel, (cdiv(run.seqlen_q, cfg_q.block_m), run.heads, run.batch),
         run.q4, run.k4, run.v4, do4, lse, delta, dq4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,
-        *_strides3(run.q4, varlen), *_strides3(run.k4, varlen), *_strides3(run.v4, varlen),
-        *_strides3(do4, varlen), *_strides3(dq4, varlen), *head, *run.sparse_kv_strides, *common,
+        *strides3(run.q4, varlen), *strides3(run.k4, varlen), *strides3(run.v4, varlen),
+        *strides3(do4, varlen), *strides3(dq4, varlen), *head, *run.sparse_kv_strides, *common,
         **consts, **cfg_q.launch_kwargs(), **FP_FUSION,
     )
 

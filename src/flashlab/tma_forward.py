@@ -47,7 +47,7 @@ def launch_fwd_tma(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, out4: t
                    lse_strides: tuple[int, int], seqlen_q: int, seqlen_k: int, heads: int, kv_heads: int,
                    head_dim: int, block_d: int, scalars: tuple, flags: dict, cfg: TileConfig) -> None:
     """Launch kernels/forward_tma.py on dense (batch, seqlen, heads, head_dim) views; ``scalars`` and
-    ``flags`` as ops._prepare builds them."""
+    ``flags`` as launch_args.prepare builds them."""
     import triton
 
     from flashlab.kernels.forward_tma import attn_fwd_tma_kernel
