@@ -197,3 +197,32 @@ def test_plans_give_the_unplanned_results(monkeypatch, device):
     for got in results[1:]:
         for a, b in zip(got, results[0]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_decoding_replays_give_the_unplanned_results(monkeypatch, device, paged):
+    """flash_attn_with_kvcache (append + split-KV attention + combine) with plans equals it without."""
+    monkeypatch.setattr(launch_plans, "_plans", {})
+    torch.manual_seed(0)
+    batch, cache_len, heads, kv_heads, dim = 2, 96, 6, 2, 40
+    q = torch.randn(batch, 3, heads, dim, dtype=torch.float16, device=device)
+    k_new, v_new = (torch.randn(batch, 3, kv_heads, dim, dtype=torch.float16, device=device) for _ in range(2))
+    lens = torch.tensor([17, 60], dtype=torch.int32, device=device)
+    if paged:
+        k_cache, v_cache = (torch.randn(12, 16, kv_heads, dim, dtype=torch.float16, device=device) for _ in range(2))
+        table = torch.randperm(12, device=device).to(torch.int32).view(batch, 6)
+    else:
+        k_cache, v_cache = (torch.randn(batch, cache_len, kv_heads, dim, dtype=torch.float16, device=device)
+                            for _ in range(2))
+        table = None
+    results = []
+    for plans in ("0", "1", "1", "1"):
+        monkeypatch.setenv("FLASHLAB_LAUNCH_PLANS", plans)
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out, lse = flashlab.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=lens, block_table=table,
+                                                    causal=True, num_splits=3, return_softmax_lse=True)
+        results.append((out, lse, kc, vc))
+    assert len(launch_plans._plans) == 2  # the append and the attention
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            assert torch.equal(a, b)
