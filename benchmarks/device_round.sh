@@ -62,7 +62,7 @@ for stage in "$@"; do
       tail -50 "$dir/tma.log"
       ;;
     decode)
-      timeout 80 "$py" benchmarks/first_call.py --out "$dir/first-call" | tail -8
+      timeout 150 "$py" benchmarks/first_call.py --out "$dir/first-call" | tail -8
       timeout 120 "$py" benchmarks/decode_bench.py --out "$dir/eager" --budget-s 100 --skip-tune \
         > "$dir/eager.log" 2>&1
       timeout 110 "$py" benchmarks/decode_bench.py --out "$dir/graph" --budget-s 90 --skip-tune --cudagraph \

@@ -10,11 +10,12 @@ and kernel), written to DIR/host_profile.txt. "op ..." entries call ``flashlab::
 the dispatcher with its registered autograd (the traced path) for comparison with the eager one.
 
 A breakdown of the training call follows (``breakdown``): the backward alone (autograd.grad on a
-kept graph, flashlab and SDPA), ``_launch_bwd`` called directly (no autograd), forward and forward +
-backward without launch plans (``FLASHLAB_LAUNCH_PLANS=0``, launch_plans.py), forward + backward with
-every kernel launch replaced by a no-op (the Python and torch part of the host time; with and without
-plans), and one forward launch three ways — Triton's ``kernel[grid](...)``, flashlab's cached ``launch`` and the
-compiled kernel's runner alone (Triton's C launcher).
+kept graph, flashlab and SDPA), ``_launch_bwd`` called directly (no autograd), forward, forward +
+backward and decoding without launch plans (``FLASHLAB_LAUNCH_PLANS=0``, launch_plans.py), forward +
+backward with every kernel launch replaced by a no-op (the Python and torch part of the host time;
+with and without plans), and one forward launch four ways: Triton's ``kernel[grid](...)``,
+flashlab's cached ``launch``, the compiled kernel's runner alone (Triton's C launcher) and the
+cache key alone.
 """
 
 from __future__ import annotations
@@ -129,12 +130,19 @@ def breakdown() -> dict[str, float]:
     def fwd_bwd() -> None:
         torch.autograd.grad(flashlab.flash_attn_func(qg, kg, vg, causal=True), (qg, kg, vg), g)
 
+    kc = torch.randn(1, 1024, 8, 64, device=dev, dtype=dt)
+    lens = torch.full((1,), 1024, dtype=torch.int32, device=dev)
+
+    def decode() -> None:
+        flash_attn_with_kvcache(q[:, :1], kc, kc, cache_seqlens=lens)
+
     real_launch = launch_module.launch
     calls = []
     try:
         os.environ["FLASHLAB_LAUNCH_PLANS"] = "0"
         rows["flashlab fwd, no launch plans"] = per_call_us(lambda: flashlab.flash_attn_func(q, k, v, causal=True))
         rows["flashlab fwd+bwd, no launch plans"] = per_call_us(fwd_bwd)
+        rows["flashlab kvcache, no launch plans"] = per_call_us(decode)
         launch_module.launch = lambda *a, **kw: None
         rows["flashlab fwd+bwd, launches stubbed, no plans"] = per_call_us(fwd_bwd)
         del os.environ["FLASHLAB_LAUNCH_PLANS"]
