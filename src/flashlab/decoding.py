@@ -55,9 +55,8 @@ def _eager(like: torch.Tensor) -> bool:
 
 
 def _signature(*tensors: torch.Tensor | None) -> tuple:
-    """What the launch arguments derive from besides the scalars: layouts, dtypes, the config function."""
-    return (decode_config, interpreting(), tensors[0].device,
-            *[None if t is None else (t.dtype, t.shape, t.stride()) for t in tensors])
+    """What the launch arguments derive from besides the scalars: layouts and the config function."""
+    return (decode_config, *launch_plans.layout(*tensors))
 
 
 def _run(signature: tuple | None, tensors: tuple, launches, like: torch.Tensor) -> None:
@@ -65,7 +64,7 @@ def _run(signature: tuple | None, tensors: tuple, launches, like: torch.Tensor) 
     dispatcher and Triton's argument binding cost more than a short decoding kernel runs), through
     wrap_triton while traced."""
     if _eager(like):
-        launch_plans.run(signature, tuple(t for t in tensors if t is not None), launches)
+        launch_plans.run(signature, tensors, launches)
     else:
         launches(_traced_launch)
 

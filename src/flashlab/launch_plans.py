@@ -27,6 +27,7 @@ from operator import itemgetter
 import torch
 
 from flashlab.kernels import launch as launch_module
+from flashlab.kernels.configs import interpreting
 
 MAX_PLANS = 1024  # signatures kept; a process that exceeds it starts over (shapes that never repeat)
 
@@ -58,14 +59,24 @@ def enabled() -> bool:
     return os.environ.get("FLASHLAB_LAUNCH_PLANS", "1") != "0"
 
 
-def run(signature: tuple | None, tensors: Sequence[torch.Tensor], launcher: Callable[[LaunchFn], None]) -> None:
+def layout(*tensors: torch.Tensor | None) -> tuple:
+    """The part of a signature the tensors give: dtype, shape and strides of each (None when absent),
+    the device and whether Triton's interpreter runs the kernels (it changes the tiles)."""
+    first = tensors[0]
+    return (first.device, interpreting(), *[None if t is None else (t.dtype, t.shape, t.stride()) for t in tensors])
+
+
+def run(signature: tuple | None, tensors: Sequence[torch.Tensor | None],
+        launcher: Callable[[LaunchFn], None]) -> None:
     """``launcher(launch)``, or a replay of what it launched for an earlier call with ``signature``.
 
     ``tensors`` are every tensor the launcher passes to its kernels (inputs and the outputs the
-    caller allocated); ``launcher`` makes its launches through the function it is given."""
+    caller allocated; None for an absent optional one); ``launcher`` makes its launches through
+    the function it is given."""
     if signature is None or not enabled():
         launcher(launch_module.launch)
         return
+    tensors = [t for t in tensors if t is not None]
     # Which of the tensors are the same object is part of the signature: a plan recorded for f(q, x, x)
     # must not serve f(q, k, v).
     ids = tuple(map(id, tensors))

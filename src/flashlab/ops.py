@@ -3,8 +3,8 @@
 ``flashlab::attn_fwd`` and ``flashlab::attn_bwd`` are opaque ops with explicit fakes (library.py
 says why they are not ``triton_op``s), and autograd is registered on the forward: traced code
 (torch.compile, export, fake tensors) goes through them. Eager calls skip the dispatcher: a
-``torch.autograd.Function`` calls the launchers directly (``_EagerAttention``). Plain dense calls
-replay the launches recorded for their signature (launch_plans.py). The caller checks
+``torch.autograd.Function`` calls the launchers directly (``_EagerAttention``). Dense calls without
+dropout replay the launches recorded for their signature (launch_plans.py). The caller checks
 arguments (interface.py). Tensors are either dense — q (batch, seqlen_q, heads, head_dim), k/v
 (batch, seqlen_k, kv_heads, head_dim), any strides with a unit-stride head dim, LSE (batch, heads,
 seqlen_q) — or packed variable-length — q (total_q, heads, head_dim) with int32 ``cu_seqlens_q``
@@ -31,7 +31,6 @@ from flashlab.kernels.configs import (
     backward_config,
     cdiv,
     forward_config,
-    interpreting,
     padded_head_dim,
     preprocess_block_m,
     tile_aligned,
@@ -59,8 +58,8 @@ def _launch_fwd(
     optional = _optional(args)
     signature = None
     if _plannable(args) and os.environ.get("FLASHLAB_FWD_TMA", "0") != "1":
-        signature = (forward_config, *_layout(q, k, v, *optional), *args[7:13], args[16])
-    launch_plans.run(signature, (q, k, v, out, lse, *[t for t in optional if t is not None]),
+        signature = (forward_config, *launch_plans.layout(q, k, v, *optional), *args[7:13], args[16])
+    launch_plans.run(signature, (q, k, v, out, lse, *optional),
                      lambda launch_fn: _fwd_launches(out, lse, args, launch_fn))
     return out, lse
 
@@ -74,11 +73,6 @@ def _plannable(args: tuple) -> bool:
     layouts — the optional tensors' too — and the scalar options (args[7:13]: scale, causal,
     bottom_right, window, softcap; args[16]: the seed, unread without dropout)."""
     return args[3] is None and args[15] == 0 and args[0].dim() == 4
-
-
-def _layout(*tensors: torch.Tensor | None) -> tuple:
-    return (tensors[0].dtype, tensors[0].device, interpreting(),
-            *[None if t is None else (t.dtype, t.shape, t.stride()) for t in tensors])
 
 
 def _fwd_launches(out: torch.Tensor, lse: torch.Tensor, args: tuple, launch_fn) -> None:
@@ -129,8 +123,9 @@ def _launch_bwd(
     optional = _optional(args)
     signature = None
     if dlse is None and _plannable(args):
-        signature = (backward_config, *_layout(dout, q, k, v, out, lse, *optional), *args[7:13], args[16])
-    launch_plans.run(signature, (*tensors, *[t for t in optional if t is not None]),
+        signature = (backward_config, *launch_plans.layout(dout, q, k, v, out, lse, *optional), *args[7:13],
+                     args[16])
+    launch_plans.run(signature, (*tensors, *optional),
                      lambda launch_fn: _bwd_launches(tensors, dlse, args, launch_fn))
     return dq, dk, dv
 
