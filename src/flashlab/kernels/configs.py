@@ -111,5 +111,11 @@ def backward_config(block_d: int, causal: bool, device: torch.device, aligned: b
     return TileConfig(64, 128, 8, 2), TileConfig(128, 64, 8, 2)
 
 
+def atomic_dkdv_config(cfg: TileConfig, block_d: int) -> TileConfig:
+    """The dK/dV tiles with the atomic-dQ experiment (ops.atomic_dq): at head dims over 128 the dS·K
+    operand tiles push two stages past the 227 KB of shared memory, so one stage."""
+    return TileConfig(cfg.block_m, cfg.block_n, cfg.num_warps, 1) if block_d > 128 else cfg
+
+
 def preprocess_block_m(block_d: int) -> int:
     return 32 if interpreting() else 128
