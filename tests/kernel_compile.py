@@ -130,7 +130,7 @@ def _compile_job(job: tuple[int, int, str, str, int]) -> str:
     kv_cfg, dq_cfg = configs.backward_config(block_d, causal, device, aligned, seqlen_k)
     fwd_cfg = configs.forward_config(block_d, causal, device, aligned)
     if kernel_name == "dkdv-atomic":
-        kv_cfg = configs.atomic_dkdv_config(kv_cfg, block_d)
+        kv_cfg = configs.atomic_dkdv_config(kv_cfg, block_d, causal)
     kernel, cfg = {"fwd": (forward.attn_fwd_kernel, fwd_cfg), "fwd-tma": (forward_tma.attn_fwd_tma_kernel, fwd_cfg),
                    "dkdv": (backward.attn_bwd_dkdv_kernel, kv_cfg), "dq": (backward.attn_bwd_dq_kernel, dq_cfg),
                    "dkdv-atomic": (backward.attn_bwd_dkdv_kernel, kv_cfg)}[kernel_name]
