@@ -100,7 +100,6 @@ def bench(fn, mode: str, out_grad: torch.Tensor | None, inputs) -> float:
 
 
 FWD_TMA = False  # --fwd-tma: also the TMA forward experiment, as the provider "flashlab-tma"
-BWD_ATOMIC = False  # --bwd-atomic: also the atomic-dQ backward experiment, as "flashlab-atomic"
 
 
 def providers(q, k, v, causal):
@@ -119,8 +118,6 @@ def providers(q, k, v, causal):
     }
     if FWD_TMA:
         found["flashlab-tma"] = with_env(found["flashlab"], "FLASHLAB_FWD_TMA", "1")
-    if BWD_ATOMIC:
-        found["flashlab-atomic"] = with_env(found["flashlab"], "FLASHLAB_BWD_ATOMIC_DQ", "1")
     return found
 
 
@@ -210,10 +207,9 @@ def main() -> None:
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--cudagraph", action="store_true", help="time forwards as CUDA graph replays")
     ap.add_argument("--fwd-tma", action="store_true", help="also check and time the TMA forward experiment")
-    ap.add_argument("--bwd-atomic", action="store_true", help="also check and time the atomic-dQ backward")
     args = ap.parse_args()
-    global CUDA_GRAPHS, FWD_TMA, BWD_ATOMIC
-    CUDA_GRAPHS, FWD_TMA, BWD_ATOMIC = args.cudagraph, args.fwd_tma, args.bwd_atomic
+    global CUDA_GRAPHS, FWD_TMA
+    CUDA_GRAPHS, FWD_TMA = args.cudagraph, args.fwd_tma
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = [{"kind": "env", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                          "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(), "time": time.ctime()}]
@@ -223,8 +219,6 @@ def main() -> None:
         ok = check_correctness(rows)
         if FWD_TMA:
             ok &= with_env(lambda: check_correctness(rows, "tma "), "FLASHLAB_FWD_TMA", "1")()
-        if BWD_ATOMIC:
-            ok &= with_env(lambda: check_correctness(rows, "atomic "), "FLASHLAB_BWD_ATOMIC_DQ", "1")()
         print("correctness:", "PASS" if ok else "FAIL", f"({time.time() - t0:.0f}s)")
     dump()
     if args.tune:
@@ -237,8 +231,8 @@ def main() -> None:
         print(f"tune done ({time.time() - t0:.0f}s)")
     time_grid(rows, args.seqlens, args.head_dims, args.modes, torch.float16)
     dump()
-    shown = ("flashlab", *(("flashlab-tma",) if FWD_TMA else ()), *(("flashlab-atomic",) if BWD_ATOMIC else ()),
-             "sdpa-flash", "sdpa-cudnn")
+    shown = ("flashlab", "flashlab-tma", "sdpa-flash", "sdpa-cudnn") if FWD_TMA else (
+        "flashlab", "sdpa-flash", "sdpa-cudnn")
     print(f"{'d':>4} {'mask':>6} {'seqlen':>6} {'mode':>8} | " + " ".join(f"{p:>12}" for p in shown) + " | vs flash")
     table: dict[tuple, dict[str, float]] = {}
     for r in rows:

@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 from flashlab.kernels import backward, configs, forward, forward_tma
 
 POINTERS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "O": "*fp16", "DO": "*fp16", "DQ": "*fp16", "DK": "*fp16",
-            "DV": "*fp16", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "DQ_ACC": "*fp32"}
+            "DV": "*fp16", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32"}
 DUMMY = "*fp16"  # ops.py passes q for an absent feature's pointer: compile with that type, as a launch does
 
 
@@ -110,9 +110,6 @@ def _jobs() -> list[tuple[int, int, str, str, int]]:
     # the short-sequence causal backward tiles (configs.SHORT_CAUSAL_KEYS)
     jobs += [(90, head_dim, "causal", kernel, configs.SHORT_CAUSAL_KEYS) for head_dim in (80, 128)
              for kernel in ("dkdv", "dq")]
-    # the atomic-dQ backward experiment (FLASHLAB_BWD_ATOMIC_DQ=1)
-    jobs += [(90, head_dim, feature, "dkdv-atomic", 0) for head_dim in (64, 128, 256)
-             for feature in ("plain", "causal")]
     # the TMA forward experiment (Hopper, the plain dense case only)
     return jobs + [(90, head_dim, feature, "fwd-tma", 0) for head_dim in (64, 128, 192, 256)
                    for feature in ("plain", "causal")]
@@ -129,13 +126,11 @@ def _compile_job(job: tuple[int, int, str, str, int]) -> str:
     aligned = head_dim == 256 and not flags.get("IS_VARLEN", False)
     kv_cfg, dq_cfg = configs.backward_config(block_d, causal, device, aligned, seqlen_k)
     fwd_cfg = configs.forward_config(block_d, causal, device, aligned)
-    if kernel_name == "dkdv-atomic":
-        kv_cfg = configs.atomic_dkdv_config(kv_cfg, block_d, causal)
     kernel, cfg = {"fwd": (forward.attn_fwd_kernel, fwd_cfg), "fwd-tma": (forward_tma.attn_fwd_tma_kernel, fwd_cfg),
-                   "dkdv": (backward.attn_bwd_dkdv_kernel, kv_cfg), "dq": (backward.attn_bwd_dq_kernel, dq_cfg),
-                   "dkdv-atomic": (backward.attn_bwd_dkdv_kernel, kv_cfg)}[kernel_name]
+                   "dkdv": (backward.attn_bwd_dkdv_kernel, kv_cfg), "dq": (backward.attn_bwd_dq_kernel, dq_cfg)}[
+        kernel_name]
     consts = {**FLAGS, **flags, "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": cfg.block_m,
-              "BLOCK_N": cfg.block_n, "ATOMIC_DQ": kernel_name == "dkdv-atomic"}
+              "BLOCK_N": cfg.block_n}
     params = inspect.signature(kernel.fn).parameters
     consts = {name: value for name, value in consts.items() if name in params}
     short = f" seqlen_k {seqlen_k}" if seqlen_k else ""

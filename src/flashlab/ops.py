@@ -28,7 +28,6 @@ from flashlab import launch_plans
 from flashlab.block_mask import BlockMask
 from flashlab.kernels.configs import (
     FP_FUSION,
-    atomic_dkdv_config,
     backward_config,
     cdiv,
     forward_config,
@@ -120,37 +119,25 @@ def _launch_bwd(
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
-    atomic = atomic_dq()
-    # The fp32 dQ the atomic dK/dV kernel adds into (zeroed by the preprocess); else dq stands in, unread.
-    dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
-    tensors = (dout, q, k, v, out, lse, dq, dk, dv, delta, dq_acc)
+    tensors = (dout, q, k, v, out, lse, dq, dk, dv, delta)
     optional = _optional(args)
     signature = None
     if dlse is None and _plannable(args):
-        signature = (backward_config, atomic, *launch_plans.layout(dout, q, k, v, out, lse, *optional),
-                     *args[7:13], args[16])
+        signature = (backward_config, *launch_plans.layout(dout, q, k, v, out, lse, *optional), *args[7:13],
+                     args[16])
     launch_plans.run(signature, (*tensors, *optional),
                      lambda launch_fn: _bwd_launches(tensors, dlse, args, launch_fn))
     return dq, dk, dv
 
 
-DQ_CONVERT_BLOCK = 1024
-
-
-def atomic_dq() -> bool:
-    """The atomic-dQ backward experiment (kernels/backward.py): FLASHLAB_BWD_ATOMIC_DQ=1."""
-    return os.environ.get("FLASHLAB_BWD_ATOMIC_DQ", "0") == "1"
-
-
 def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch_fn) -> None:
     """The backward's three launches; ``tensors`` as _launch_bwd's, ``args`` as _launch_fwd's."""
     from flashlab.kernels import backward as bwd_kernels
-    dout, q, _, _, out, lse, dq, dk, dv, delta, dq_acc = tensors
-    atomic = dq_acc is not dq
+    dout, q, _, _, out, lse, dq, dk, dv, delta = tensors
     run = prepare(*args)
     varlen = args[3] is not None
     block_d = padded_head_dim(run.head_dim)
-    dq4, dk4, dv4, do4, o4, acc4 = (as4d(t) for t in (dq, dk, dv, dout, out, dq_acc))
+    dq4, dk4, dv4, do4, o4 = (as4d(t) for t in (dq, dk, dv, dout, out))
     common = (run.seqlen_q, run.seqlen_k, run.heads // run.kv_heads, *run.scalars)
     head = (*run.lse_strides, *run.slope_strides, *run.mask_strides)
     consts = dict(HEAD_DIM=run.head_dim, BLOCK_D=block_d, **run.flags)
@@ -159,28 +146,22 @@ def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch
     launch_fn(
         bwd_kernels.attn_bwd_preprocess_kernel, (cdiv(run.seqlen_q, pre_m), run.heads, run.batch),
         # Without dlse, lse stands in as the unread pointer (never delta, which this kernel writes).
-        o4, do4, dlse if dlse is not None else lse, delta, run.cu_q, acc4,
-        *strides3(o4, varlen), *strides3(do4, varlen), *run.lse_strides, run.seqlen_q, *strides3(acc4, varlen),
+        o4, do4, dlse if dlse is not None else lse, delta, run.cu_q,
+        *strides3(o4, varlen), *strides3(do4, varlen), *run.lse_strides, run.seqlen_q,
         HEAD_DIM=run.head_dim, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=dlse is not None, IS_VARLEN=varlen,
-        ZERO_DQ=atomic, **FP_FUSION,
+        **FP_FUSION,
     )
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg_kv, cfg_q = (clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,
                                                                     aligned, run.seqlen_k))
-    if atomic:
-        cfg_kv = clamp_tiles(atomic_dkdv_config(cfg_kv, block_d, run.flags["HAS_UPPER"]), run)
     launch_fn(
         bwd_kernels.attn_bwd_dkdv_kernel, (cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads, run.batch),
         run.q4, run.k4, run.v4, do4, lse, delta, dk4, dv4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_q,
-        acc4, *strides3(run.q4, varlen), *strides3(run.k4, varlen), *strides3(run.v4, varlen),
-        *strides3(do4, varlen), *strides3(dk4, varlen), *strides3(dv4, varlen), *strides3(acc4, varlen), *head,
-        *run.sparse_q_strides, *common,
-        **consts, **cfg_kv.launch_kwargs(), ATOMIC_DQ=atomic, **FP_FUSION,
+        *strides3(run.q4, varlen), *strides3(run.k4, varlen), *strides3(run.v4, varlen),
+        *strides3(do4, varlen), *strides3(dk4, varlen), *strides3(dv4, varlen), *head, *run.sparse_q_strides,
+        *common,
+        **consts, **cfg_kv.launch_kwargs(), **FP_FUSION,
     )
-    if atomic:
-        launch_fn(bwd_kernels.attn_bwd_dq_convert_kernel, (cdiv(dq.numel(), DQ_CONVERT_BLOCK),), dq_acc, dq,
-                  dq.numel(), args[7], BLOCK=DQ_CONVERT_BLOCK)
-        return
     launch_fn(
         bwd_kernels.attn_bwd_dq_kernel, (cdiv(run.seqlen_q, cfg_q.block_m), run.heads, run.batch),
         run.q4, run.k4, run.v4, do4, lse, delta, dq4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,

@@ -1,11 +1,7 @@
 """FlashAttention-2 backward: a preprocess (delta = rowsum(dO ∘ O)), a dK/dV kernel that walks
 query blocks for one key block, and a dQ kernel that walks key blocks for one query block.
 
-No atomics by default: each program owns the rows it writes, so gradients are bit-identical run to
-run. The experiment ``ATOMIC_DQ`` (FLASHLAB_BWD_ATOMIC_DQ=1) instead adds each dK/dV program's dS·K
-into an fp32 dQ buffer with atomics — 5 matmuls per block pair instead of 7, in the order the
-atomics land (not bit-reproducible); the preprocess zeroes the buffer and ``attn_bwd_dq_convert_kernel``
-scales and casts it.
+No atomics: each program owns the rows it writes, so gradients are bit-identical run to run.
 GQA is reduced inside the dK/dV kernel (it loops over the query heads of its kv head), so no
 expanded k/v and no per-query-head dk/dv buffers exist.
 
@@ -24,16 +20,15 @@ from flashlab.kernels.scores import dropout_keep, modified_scores
 
 @triton.jit
 def attn_bwd_preprocess_kernel(
-    O, DO, DLSE, DELTA, CU_Q, DQ_ACC,
+    O, DO, DLSE, DELTA, CU_Q,
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
-    stride_lb, stride_lh, seqlen_q, stride_ab, stride_as, stride_ah,
+    stride_lb, stride_lh, seqlen_q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, ZERO_DQ: tl.constexpr = False,
+    IS_VARLEN: tl.constexpr,
 ):
     """DELTA = Σ_d O·dO (fp32, laid out like the LSE), minus dLSE when the LSE itself has a
-    gradient (∂LSE/∂S = P folds into the same term); with ZERO_DQ also zeroes the same rows of the
-    fp32 dQ buffer the atomic dK/dV kernel adds into. Grid: (cdiv(seqlen_q, BLOCK_M), heads, batch)."""
+    gradient (∂LSE/∂S = P folds into the same term). Grid: (cdiv(seqlen_q, BLOCK_M), heads, batch)."""
     off_h = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
     q_start, _, seqlen_q, _ = sequence_bounds(CU_Q, CU_Q, off_b, seqlen_q, seqlen_q, IS_VARLEN)
@@ -48,10 +43,6 @@ def attn_bwd_preprocess_kernel(
     if HAS_DLSE:
         delta -= tl.load(DLSE + row, mask=offs_m < seqlen_q, other=0.0)
     tl.store(DELTA + row, delta, mask=offs_m < seqlen_q)
-    if ZERO_DQ:
-        ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-        tl.store(DQ_ACC + off_b * stride_ab + (q_start + offs_m[:, None]) * stride_as + off_h * stride_ah
-                 + offs_d[None, :], tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=ok)
 
 
 @triton.jit
@@ -90,18 +81,16 @@ def _probs_and_dscores(qk, dp, lse, delta, qi, kj, seqlen_q, seqlen_k, diag, lef
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, dq_base, stride_dqm, LSE, DELTA, row_base,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA, row_base,
                 offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope,
                 mask_base, stride_mq, stride_mk, seed, drop_stride, dropout_p, sp_row,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
                 HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                SPARSE: tl.constexpr = False, SPARSE_M: tl.constexpr = 1, SPARSE_N: tl.constexpr = 1,
-                ATOMIC_DQ: tl.constexpr = False):
+                SPARSE: tl.constexpr = False, SPARSE_M: tl.constexpr = 1, SPARSE_N: tl.constexpr = 1):
     """Accumulate query blocks [lo, hi) into one key block's dK, dV (tiles are kᵀ-oriented:
     [BLOCK_N, BLOCK_M]). With SPARSE, [lo, hi) counts rows of the query blocks listed at
-    ``sp_row`` (the transposed block table, see blocksparse.py). With ATOMIC_DQ, also adds
-    dSᵀ·K (unscaled) into the fp32 dQ rows at ``dq_base``."""
+    ``sp_row`` (the transposed block table, see blocksparse.py)."""
     for it in range(lo, hi, BLOCK_M):
         start_m, tile_base = sparse_block(it, sp_row, mask_base, SPARSE, SPARSE_M, SPARSE_M * SPARSE_N,
                                           SPARSE_M * SPARSE_N, MASK_KIND)
@@ -117,27 +106,19 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, dq_base, s
             stride_mq, stride_mk, seed, row_base * drop_stride, drop_stride, dropout_p,
             MASKED, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
-        ds_lo = ds_t.to(q.dtype)
-        dk = tl.dot(ds_lo, q, dk)
-        if ATOMIC_DQ:
-            dq_ok = offs_m[:, None] < seqlen_q
-            if BLOCK_D != HEAD_DIM:
-                dq_ok = dq_ok & (offs_d[None, :] < HEAD_DIM)
-            tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], tl.dot(tl.trans(ds_lo), k),
-                          mask=dq_ok, sem="relaxed")
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
     return dk, dv
 
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, SLOPES, MASK, SPARSE_TABLE, DQ_ACC,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, SLOPES, MASK, SPARSE_TABLE,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
-    stride_ab, stride_as, stride_ah,
     stride_lb, stride_lh, stride_sb, stride_sh,
     stride_mb, stride_mh, stride_mq, stride_mk, stride_tb, stride_th, stride_tr,
     seqlen_q, seqlen_k, group_size, window_left, window_right, softmax_scale, cap_in, cap_out,
@@ -145,10 +126,10 @@ def attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr, ATOMIC_DQ: tl.constexpr = False,
+    SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
 ):
-    """dK, dV for one key block of one kv head, summed over the query heads of its GQA group (and
-    with ATOMIC_DQ each query head's dQ contribution). Grid: (cdiv(max seqlen_k, BLOCK_N), kv_heads, batch)."""
+    """dK, dV for one key block of one kv head, summed over the query heads of its GQA group.
+    Grid: (cdiv(max seqlen_k, BLOCK_N), kv_heads, batch)."""
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2).to(tl.int64)
     q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN)
@@ -174,7 +155,6 @@ def attn_bwd_dkdv_kernel(
         q_base = Q + off_b * stride_qb + q_start * stride_qs + off_h * stride_qh
         do_base = DO + off_b * stride_dob + q_start * stride_dos + off_h * stride_doh
         row_base = off_b * stride_lb + off_h * stride_lh + q_start
-        dq_base = DQ_ACC + off_b * stride_ab + q_start * stride_as + off_h * stride_ah
         mask_base = MASK + off_b * stride_mb + off_h * stride_mh
         slope = 0.0
         if HAS_ALIBI:
@@ -186,24 +166,24 @@ def attn_bwd_dkdv_kernel(
             tiles = MASK - blk_n.to(tl.int64) * SPARSE_N
             for phase in tl.static_range(2):
                 row, n = sparse_phase(phase, sp_row, n_full, n_part)
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, dq_base, stride_as, LSE,
-                                     DELTA, row_base, offs_n, offs_d, 0, n * SPARSE_M, seqlen_q, seqlen_k, diag,
-                                     window_left, window_right, qk_scale, cap_in, cap_out, slope, tiles, stride_mq,
-                                     stride_mk, seed, drop_stride, dropout_p, row, BLOCK_M, HEAD_DIM, BLOCK_D,
-                                     phase == 1, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI,
-                                     3 if phase == 1 else 0, HAS_DROPOUT, True, SPARSE_M, SPARSE_N, ATOMIC_DQ)
+                dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, LSE, DELTA, row_base,
+                                     offs_n, offs_d, 0, n * SPARSE_M, seqlen_q, seqlen_k, diag, window_left,
+                                     window_right, qk_scale, cap_in, cap_out, slope, tiles, stride_mq, stride_mk,
+                                     seed, drop_stride, dropout_p, row, BLOCK_M, HEAD_DIM, BLOCK_D, phase == 1,
+                                     HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, 3 if phase == 1 else 0,
+                                     HAS_DROPOUT, True, SPARSE_M, SPARSE_N)
         else:
             for phase in tl.static_range(3):
                 # Query rows walk the band: a masked head only under an upper edge (causal), a masked
                 # tail only under a lower one (query tails need no mask: their rows are zero-padded).
                 if phase == 1 or (phase == 0 and HAS_UPPER) or (phase == 2 and HAS_LOWER):
                     a, b = phase_range(phase, lo, full_lo, full_hi, hi)
-                    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, dq_base, stride_as,
-                                         LSE, DELTA, row_base, offs_n, offs_d, a, b, seqlen_q, seqlen_k, diag,
-                                         window_left, window_right, qk_scale, cap_in, cap_out, slope, mask_base,
-                                         stride_mq, stride_mk, seed, drop_stride, dropout_p, SPARSE_TABLE, BLOCK_M,
-                                         HEAD_DIM, BLOCK_D, phase != 1, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP,
-                                         HAS_ALIBI, MASK_KIND, HAS_DROPOUT, ATOMIC_DQ=ATOMIC_DQ)
+                    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, LSE, DELTA,
+                                         row_base, offs_n, offs_d, a, b, seqlen_q, seqlen_k, diag, window_left,
+                                         window_right, qk_scale, cap_in, cap_out, slope, mask_base, stride_mq,
+                                         stride_mk, seed, drop_stride, dropout_p, SPARSE_TABLE, BLOCK_M, HEAD_DIM,
+                                         BLOCK_D, phase != 1, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI,
+                                         MASK_KIND, HAS_DROPOUT)
 
     dk *= softmax_scale
     row_ok = offs_n[:, None] < seqlen_k
@@ -320,11 +300,3 @@ def attn_bwd_dq_kernel(
         row_ok = row_ok & (offs_d[None, :] < HEAD_DIM)
     tl.store(DQ + off_b * stride_dqb + (q_start + offs_m[:, None]) * stride_dqs + off_h * stride_dqh
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok)
-
-
-@triton.jit
-def attn_bwd_dq_convert_kernel(DQ_ACC, DQ, numel, softmax_scale, BLOCK: tl.constexpr):
-    """DQ = DQ_ACC · softmax_scale in DQ's dtype, both contiguous of the same shape. Grid: cdiv(numel, BLOCK)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    tl.store(DQ + offs, (tl.load(DQ_ACC + offs, mask=ok) * softmax_scale).to(DQ.dtype.element_ty), mask=ok)

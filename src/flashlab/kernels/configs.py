@@ -111,19 +111,5 @@ def backward_config(block_d: int, causal: bool, device: torch.device, aligned: b
     return TileConfig(64, 128, 8, 2), TileConfig(128, 64, 8, 2)
 
 
-def atomic_dkdv_config(cfg: TileConfig, block_d: int, causal: bool = False) -> TileConfig:
-    """The dK/dV tiles with the atomic-dQ experiment (ops.atomic_dq), from ``cfg`` (backward_config's).
-    Over head dim 128 the dS·K operand tiles push two stages past the 227 KB of shared memory: one
-    stage. At head dim 64 on Hopper, 64-row query tiles (H200 tune at 8k, atomic mode: 310 / 288
-    TFLOP/s backward, full / causal, vs 273 / 262 with the default 32x128 tiles)."""
-    if interpreting():
-        return cfg
-    if block_d > 128:
-        return TileConfig(cfg.block_m, cfg.block_n, cfg.num_warps, 1)
-    if block_d <= 64 and cfg.block_m == 32 and cfg.block_n == 128:
-        return TileConfig(64, 128, 8, 2) if causal else TileConfig(64, 64, 4, 3)
-    return cfg
-
-
 def preprocess_block_m(block_d: int) -> int:
     return 32 if interpreting() else 128
