@@ -136,7 +136,7 @@ def breakdown() -> dict[str, float]:
     def decode() -> None:
         flash_attn_with_kvcache(q[:, :1], kc, kc, cache_seqlens=lens)
 
-    real_launch = launch_module.launch
+    real_launch, real_run_compiled = launch_module.launch, launch_module.run_compiled
     calls = []
     try:
         os.environ["FLASHLAB_LAUNCH_PLANS"] = "0"
@@ -146,12 +146,16 @@ def breakdown() -> dict[str, float]:
         launch_module.launch = lambda *a, **kw: None
         rows["flashlab fwd+bwd, launches stubbed, no plans"] = per_call_us(fwd_bwd)
         del os.environ["FLASHLAB_LAUNCH_PLANS"]
+        # Plans recorded earlier replay through the compiled runners: stub those as well (round 6's
+        # run stubbed only launch() and so timed real launches in this row).
+        launch_module.run_compiled = lambda *a: None
         rows["flashlab fwd+bwd, launches stubbed"] = per_call_us(fwd_bwd)
+        launch_module.run_compiled = real_run_compiled
         launch_module.launch = lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw))
         os.environ["FLASHLAB_LAUNCH_PLANS"] = "0"
         ops._launch_fwd(q, k, v, None, None, 0, 0, 0.125, True, True, -1, -1, 0.0, None, None, 0.0, 0)
     finally:
-        launch_module.launch = real_launch
+        launch_module.launch, launch_module.run_compiled = real_launch, real_run_compiled
         os.environ.pop("FLASHLAB_LAUNCH_PLANS", None)
     kernel, grid, a, kw = calls[0]
     rows["one fwd launch: kernel[grid](...)"] = per_call_us(lambda: kernel[grid](*a, **kw))
