@@ -1,5 +1,6 @@
-"""Lab cases with attention features (window / document / prefix masks, softcap, ALiBi, varlen):
-case validation, FLOPs, every provider against the reference, unsupported peers, shipped suites."""
+"""Lab cases with attention features (window / document / prefix masks, softcap, ALiBi, varlen,
+dropout): case validation, FLOPs, every provider against the reference, unsupported peers, shipped
+suites."""
 
 from __future__ import annotations
 
@@ -27,10 +28,15 @@ def test_case_fields_labels_and_errors() -> None:
              alibi=True)
     assert c.label == "B2-S64-H4:2-D16-fp16-causal-window8-softcap5-alibi"
     assert Case.from_dict(c.to_dict()) == c
+    d = Case(batch=1, seqlen_q=16, heads=2, head_dim=16, dropout=0.1)
+    assert d.label == "B1-S16-H2-D16-fp16-dropout0.1" and features.has_features(d)
+    assert Case.from_dict(d.to_dict()) == d
     for bad, match in ((dict(mask="window"), "mask must be"), (dict(mask="band:3"), "mask must be"),
                        (dict(mask="document:2", varlen=4), "varlen case cannot"),
                        (dict(mask="prefix:4", causal=True), "prefix"), (dict(mask="window:4", seqlen_k=32), "seqlen_k"),
                        (dict(varlen=-1), "varlen"), (dict(softcap=-1.0), "softcap"),
+                       (dict(dropout=1.0), "dropout"), (dict(dropout=True), "dropout"),
+                       (dict(dropout=0.1, scope="layer"), "scope 'op'"),
                        (dict(alibi=True, scope="layer"), "scope 'op'")):
         with pytest.raises(LabError, match=match):
             Case(batch=1, seqlen_q=16, heads=2, head_dim=16, **bad)
@@ -81,7 +87,13 @@ def test_unsupported_features_are_reported_not_crashes() -> None:
     assert "varlen" in providers.get_provider("flashlab-loop").unsupported(doc, CPU)
     assert providers.get_provider("flashlab").unsupported(doc, CPU) is None  # the CPU path: a dense mask
     assert providers.get_provider("flashlab").unsupported(dataclasses.replace(doc, dtype="fp32"), CPU) is None
-    assert "flashlab" in providers.get_provider("flashlab-sdpa").unsupported(doc, CPU)
+    # the SDPA drop-in takes the masks as a dense attn_mask, as PyTorch SDPA does; not softcap
+    assert providers.get_provider("flashlab-sdpa").unsupported(doc, CPU) is None
+    assert "softcap" in providers.get_provider("flashlab-sdpa").unsupported(soft, CPU)
+    drop = Case(batch=1, seqlen_q=32, heads=2, head_dim=16, dropout=0.1)
+    for name, match in (("flex", "no dropout"), ("naive", "no random dropout")):
+        with pytest.raises(NotImplementedError, match=match):
+            providers.get_provider(name).build(drop, CPU)
 
 
 def test_tiny_feature_suite_on_the_cpu_path(tmp_path: Path) -> None:
@@ -122,7 +134,37 @@ def test_tiny_feature_suite_end_to_end(tmp_path: Path, monkeypatch: pytest.Monke
     assert by[("sdpa-math", "B1-S40-H2-D16-fp16-softcap5")]["status"] == "unsupported"
 
 
-@pytest.mark.parametrize("name", ["sliding-window", "varlen", "block-sparse", "softcap-alibi", "features-tiny"])
+def test_dropout_and_dense_masks_on_the_cpu_path(tmp_path: Path) -> None:
+    """Dropout rows run and are reported as not accuracy-checked (random masks); the SDPA drop-in
+    with PyTorch's dense bool / float masks passes the accuracy rule beside SDPA's math backend."""
+    out = tmp_path / "drop"
+    code = main(["bench", "--seqlen", "40", "--heads", "2", "--head-dim", "16", "--batch", "1", "--dtypes", "fp32",
+                 "--dropout", "0,0.2", "--causal", "true", "--providers", "flashlab,flashlab-sdpa,sdpa-math,naive",
+                 "--modes", "fwd+bwd", "--memory", "off", "--out", str(out), *FAST])
+    assert code == 0
+    by = {(r["provider"], r["label"]): r for r in load_results(out)[2]}
+    for name in ("flashlab", "flashlab-sdpa", "sdpa-math"):
+        dropped = by[(name, "B1-S40-H2-D16-fp32-causal-dropout0.2")]
+        assert dropped["status"] == "ok" and "not checked" in dropped["acc_what"] and dropped.get("acc_ok") is None
+        assert by[(name, "B1-S40-H2-D16-fp32-causal")]["acc_ok"] is True
+    assert by[("naive", "B1-S40-H2-D16-fp32-causal-dropout0.2")]["status"] == "unsupported"
+    out = tmp_path / "mask"
+    code = main(["bench", "--seqlen", "48", "--heads", "2", "--head-dim", "16", "--batch", "1", "--dtypes", "fp32",
+                 "--mask", "document:3,prefix:10", "--providers", "flashlab-sdpa,sdpa-math", "--modes", "fwd+bwd",
+                 "--memory", "off", "--out", str(out), *FAST])
+    assert code == 0
+    code = main(["bench", "--seqlen", "48", "--heads", "2", "--head-dim", "16", "--batch", "1", "--dtypes", "fp32",
+                 "--alibi", "true", "--causal", "true", "--providers", "flashlab-sdpa", "--modes", "fwd+bwd",
+                 "--memory", "off", "--out", str(out), "--resume", *FAST])
+    assert code == 0
+    rows = load_results(out)[2]
+    assert len(rows) == 5
+    for r in rows:
+        assert r["status"] == "ok" and r["acc_ok"] is True and r["acc_what"] == "grad", r
+
+
+@pytest.mark.parametrize("name", ["sliding-window", "varlen", "block-sparse", "softcap-alibi", "features-tiny",
+                                  "dropout", "attn-mask"])
 def test_shipped_feature_suites_load(name: str) -> None:
     assert name in shipped_suites()
     suite = load_suite(name)

@@ -34,8 +34,8 @@ class Case:
     (batch, seqlen, embed), self-attention only.
 
     Features (scope "op", self-attention; semantics in features.py): ``mask`` ("window:W",
-    "document:N", "prefix:P"), ``softcap``, ``alibi``, and ``varlen`` (> 0: a packed batch of
-    ``batch`` sequences of lengths varlen … seqlen).
+    "document:N", "prefix:P"), ``softcap``, ``alibi``, ``varlen`` (> 0: a packed batch of
+    ``batch`` sequences of lengths varlen … seqlen) and ``dropout`` (the attention dropout rate).
     """
 
     batch: int
@@ -51,6 +51,7 @@ class Case:
     softcap: float = 0.0
     alibi: bool = False
     varlen: int = 0
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("batch", "seqlen_q", "heads", "head_dim"):
@@ -116,7 +117,7 @@ def case_from_embed(batch: int, seqlen: int, heads: int, embed: int, **kw: Any) 
 # Sweeps: the cartesian product of lists, shared by `flashlab bench` flags and suite files.
 
 SWEEP_KEYS = ("batch", "tokens", "seqlen", "seqlen_k", "heads", "kv_heads", "head_dim", "embed", "causal",
-              "dtype", "scope", "mask", "softcap", "alibi", "varlen")
+              "dtype", "scope", "mask", "softcap", "alibi", "varlen", "dropout")
 
 
 def _as_list(key: str, value: Any) -> list[Any]:
@@ -174,7 +175,8 @@ def _one_case(p: dict[str, Any], where: str) -> Case:
         elif head_dim is not None and heads * head_dim != embed:
             raise LabError(f"{where}: heads {heads} × head dim {head_dim} != embedding {embed}")
         head_dim = embed // heads
-    extra = {k: p[k] for k in ("causal", "dtype", "scope", "kv_heads", "mask", "softcap", "alibi", "varlen") if k in p}
+    extra = {k: p[k] for k in ("causal", "dtype", "scope", "kv_heads", "mask", "softcap", "alibi", "varlen", "dropout")
+             if k in p}
     if "seqlen_k" in p:
         extra["seqlen_k"] = p["seqlen_k"]
     return Case(batch=batch, seqlen_q=seqlen, heads=heads, head_dim=head_dim, **extra)

@@ -235,7 +235,7 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
              "causal": _bools(args.causal), "dtype": _choices(args.dtypes, DTYPES, "--dtypes"),
              "scope": _choices(args.scope, SCOPES, "--scope"), "mask": _split(args.mask),
              "softcap": _floats(args.softcap, "--softcap"), "alibi": _bools(args.alibi, "--alibi"),
-             "varlen": _ints(args.varlen, "--varlen")}
+             "varlen": _ints(args.varlen, "--varlen"), "dropout": _floats(args.dropout, "--dropout")}
     given = {k: v for k, v in flags.items() if v is not None}
     suite_providers, suite_modes = None, None
     if args.suite:
@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("dtypes", f"of {', '.join(DTYPES)}"), ("scope", "op or layer"),
                        ("mask", "masks: window:W, document:N, prefix:P (docs/lab.md)"),
                        ("softcap", "softcaps (0 = off)"),
-                       ("alibi", "true, false or both"), ("varlen", "shortest sequence of a varlen batch (0 = off)")):
+                       ("alibi", "true, false or both"), ("varlen", "shortest sequence of a varlen batch (0 = off)"),
+                       ("dropout", "attention dropout rates (0 = off; not accuracy-checked)")):
         p.add_argument(f"--{flag}", action="append", help=f"comma-separated {what}")
     _add_run_options(p)
     p.set_defaults(func=cmd_bench)

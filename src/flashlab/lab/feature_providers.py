@@ -1,17 +1,19 @@
 """Providers' attention callables for cases with features (features.py): each peer runs the
 equivalent computation in its own terms, or says why it cannot ("unsupported", never a crash).
 
-* flashlab: ``flash_attn_func`` with window_size / softcap / alibi_slopes, a ``flashlab.block_mask``
-  for document and prefix masks, ``flash_attn_varlen_func`` on the packed batch;
-  ``flashlab-loop`` runs ``flash_attn_func`` once per sequence of a varlen batch.
-* PyTorch SDPA: a dense bool mask (seqlen²) or an additive float mask for ALiBi; varlen runs the
-  padded batch (causal: ``is_causal``, exact on the valid rows; otherwise a key-padding mask).
-  No softcap; the flash backend takes no mask.
+* flashlab: ``flash_attn_func`` with window_size / softcap / alibi_slopes / dropout_p, a
+  ``flashlab.block_mask`` for document and prefix masks, ``flash_attn_varlen_func`` on the packed
+  batch; ``flashlab-loop`` runs ``flash_attn_func`` once per sequence of a varlen batch;
+  ``flashlab-sdpa`` is the SDPA drop-in with the same dense ``attn_mask`` as PyTorch SDPA.
+* PyTorch SDPA: a dense bool mask (seqlen²) or an additive float mask for ALiBi, ``dropout_p``;
+  varlen runs the padded batch (causal: ``is_causal``, exact on the valid rows; otherwise a
+  key-padding mask). No softcap; the flash backend takes no mask.
 * FlexAttention: ``mask_mod`` = the same predicate and a ``create_block_mask`` BlockMask,
-  ``score_mod`` for softcap and ALiBi; varlen as a document mask over the packed batch.
-* flash-attn: window_size / softcap / alibi_slopes, ``flash_attn_varlen_func``; no document or
-  prefix mask.
-* naive: ``flashlab.reference.naive_attention`` with the same options (also the accuracy reference).
+  ``score_mod`` for softcap and ALiBi; varlen as a document mask over the packed batch. No dropout.
+* flash-attn: window_size / softcap / alibi_slopes / dropout_p, ``flash_attn_varlen_func``; no
+  document or prefix mask.
+* naive: ``flashlab.reference.naive_attention`` with the same options (also the accuracy
+  reference); no random dropout (the reference takes an explicit keep pattern).
 
 Layouts (``Attn.layout``): "bshd" / "bhsd" (dense, or for varlen the padded batch), "packed"
 (total, heads, dim) and "packed-bhsd" (1, heads, total, dim).
@@ -67,7 +69,8 @@ def _flashlab_kwargs(case: Case, device: torch.device) -> dict[str, Any]:
 
     kind = _mask_kind(case)
     kw: dict[str, Any] = {"softmax_scale": _scale(case), "causal": case.causal,
-                          "window_size": features.window_size(case), "softcap": float(case.softcap)}
+                          "window_size": features.window_size(case), "softcap": float(case.softcap),
+                          "dropout_p": float(case.dropout)}
     if case.alibi:
         kw["alibi_slopes"] = features.alibi_slopes(case.heads, device)
     if kind in ("document", "prefix"):
@@ -124,6 +127,20 @@ def kvcache_unsupported(case: Case, device: torch.device) -> str | None:
     if device.type == "cuda" and case.dtype not in ("fp16", "bf16"):
         return f"flashlab's GPU kernels take fp16/bf16, not {case.dtype}"
     return None
+
+
+def flashlab_sdpa_fn(case: Case, device: torch.device, dtype: torch.dtype) -> tuple[Any, str]:
+    """``flashlab.scaled_dot_product_attention`` given exactly what PyTorch SDPA is given
+    (``sdpa_args``: a dense bool or additive float ``attn_mask``, ``is_causal``) and ``dropout_p``."""
+    import flashlab
+
+    mask, causal = sdpa_args(case, device, dtype)
+    gqa, scale, p = case.kv_heads != case.heads, _scale(case), float(case.dropout)
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return flashlab.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
+                                                     scale=scale, enable_gqa=gqa)
+    return fn, "bhsd"
 
 
 # ------------------------------------------------------------------------------------ SDPA
@@ -197,7 +214,8 @@ def flash_pkg_fn(case: Case, module: str) -> tuple[Any, str] | str:
         return "flash-attn has no document / prefix mask (use its varlen interface for documents)"
     mod = importlib.import_module(module)
     kw: dict[str, Any] = {"softmax_scale": _scale(case), "causal": case.causal,
-                          "window_size": features.window_size(case), "softcap": float(case.softcap)}
+                          "window_size": features.window_size(case), "softcap": float(case.softcap),
+                          "dropout_p": float(case.dropout)}
 
     def out_only(r: Any) -> torch.Tensor:
         return r[0] if isinstance(r, (tuple, list)) else r

@@ -2,7 +2,7 @@
 accuracy reference and the FLOP count.
 
 Case fields (cases.py): ``mask`` (``""``, ``"window:W"``, ``"document:N"``, ``"prefix:P"``),
-``softcap``, ``alibi`` and ``varlen``. Semantics (self-attention, seqlen_q == seqlen_k):
+``softcap``, ``alibi``, ``varlen`` and ``dropout``. Semantics (self-attention, seqlen_q == seqlen_k):
 
 * ``window:W`` — flash-attn's sliding window: key j visible from query i iff ``i - W <= j`` and
   ``j <= i`` (causal) or ``j <= i + W`` (not causal).
@@ -13,6 +13,9 @@ Case fields (cases.py): ``mask`` (``""``, ``"window:W"``, ``"document:N"``, ``"p
   geometric slopes ``2^(-8 (h + 1) / heads)``, bias ``-slope · |i - j|``.
 * ``varlen = m`` — a packed batch of ``batch`` sequences whose lengths are drawn uniformly from
   ``m .. seqlen`` (fixed generator); causal applies inside each sequence.
+* ``dropout = p`` — attention dropout at rate p (each peer's own random mask; applied in every
+  mode, as flash-attn's ``dropout_p``). Outputs differ from the reference by design, so the lab's
+  accuracy check skips these rows (the test suite checks flashlab's dropout exactly against its mask).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def parse_mask(spec: str) -> tuple[str, int]:
 
 
 def has_features(case) -> bool:  # noqa: ANN001 - a cases.Case
-    return bool(case.mask or case.softcap or case.alibi or case.varlen)
+    return bool(case.mask or case.softcap or case.alibi or case.varlen or case.dropout)
 
 
 def doc_lengths(seqlen: int, docs: int) -> list[int]:
@@ -151,13 +154,15 @@ def validate(case) -> None:  # noqa: ANN001
     if kind == "prefix" and case.causal:
         raise LabError("prefix:P is causal after the prefix already; leave causal false")
     if case.scope != "op" and has_features(case):
-        raise LabError("features (mask, softcap, alibi, varlen) are measured at scope 'op' only")
+        raise LabError("features (mask, softcap, alibi, varlen, dropout) are measured at scope 'op' only")
     if isinstance(case.softcap, bool) or not isinstance(case.softcap, (int, float)) or case.softcap < 0:
         raise LabError(f"softcap must be a number ≥ 0, got {case.softcap!r}")
     if not isinstance(case.alibi, bool):
         raise LabError(f"alibi must be true or false, got {case.alibi!r}")
     if isinstance(case.varlen, bool) or not isinstance(case.varlen, int) or case.varlen < 0:
         raise LabError(f"varlen must be an int ≥ 0 (the shortest sequence; 0 = not varlen), got {case.varlen!r}")
+    if isinstance(case.dropout, bool) or not isinstance(case.dropout, (int, float)) or not 0 <= case.dropout < 1:
+        raise LabError(f"dropout must be a rate in [0, 1), got {case.dropout!r}")
 
 
 def label_suffix(case) -> list[str]:  # noqa: ANN001
@@ -169,4 +174,6 @@ def label_suffix(case) -> list[str]:  # noqa: ANN001
         parts.append("alibi")
     if case.varlen:
         parts.append(f"varlen{case.varlen}")
+    if case.dropout:
+        parts.append(f"dropout{case.dropout:g}")
     return parts

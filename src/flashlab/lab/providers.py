@@ -145,6 +145,9 @@ def naive_attn(case: Case, layout: str = "bhsd", causal_align: str = "bottom_rig
     """The naive attention of ``flashlab.reference`` (materializes the scores) as an :class:`Attn`."""
     from flashlab.reference import naive_attention
 
+    if case.dropout:
+        raise NotImplementedError("the naive attention has no random dropout (reference.naive_attention takes an "
+                                  "explicit keep pattern)")
     if has_features(case):
         kwargs: dict[torch.device, dict] = {}
 
@@ -198,8 +201,10 @@ def _check_flashlab_loop(case: Case, device: torch.device) -> str | None:
 
 
 def _check_flashlab_sdpa(case: Case, device: torch.device) -> str | None:
-    if has_features(case):
-        return "features run through the 'flashlab' provider (flash_attn_func / varlen / block_mask)"
+    if case.softcap:
+        return "the SDPA drop-in has no softcap (the 'flashlab' provider's flash_attn_func has)"
+    if case.causal and case.seqlen_q != case.seqlen_k:
+        return "the SDPA drop-in aligns the causal mask top-left, as PyTorch SDPA; seqlen_q != seqlen_k skipped"
     return _check_flashlab(case, device)
 
 
@@ -212,6 +217,8 @@ register(Provider(
 def _build_flashlab_sdpa(case: Case, device: torch.device) -> Attn:
     import flashlab
 
+    if has_features(case):  # the dense attn_mask PyTorch SDPA gets, not flashlab's block masks
+        return Attn(*fp.flashlab_sdpa_fn(case, device, TORCH_DTYPES[case.dtype]), "top_left")
     scale, gqa = _scale(case), case.kv_heads != case.heads
 
     def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -220,7 +227,8 @@ def _build_flashlab_sdpa(case: Case, device: torch.device) -> Attn:
 
 
 register(Provider(
-    "flashlab-sdpa", "flashlab.scaled_dot_product_attention (PyTorch layout, drop-in for F.sdpa)",
+    "flashlab-sdpa", "flashlab.scaled_dot_product_attention (PyTorch layout, drop-in for F.sdpa; feature cases "
+    "get the same dense attn_mask / dropout_p as PyTorch SDPA)",
     build=_build_flashlab_sdpa, check=_check_flashlab_sdpa))
 register(Provider(
     "flashlab-kvcache", "flashlab.flash_attn_with_kvcache (the decoding path: split-KV, GQA rows in one tile) "
@@ -245,6 +253,8 @@ def _sdpa_builder(backend: str | None) -> Callable[[Case, torch.device], Attn]:
             mask, causal = fp.sdpa_args(case, device, TORCH_DTYPES[case.dtype])
             if mask is not None:
                 kw["attn_mask"] = mask
+            if case.dropout:
+                kw["dropout_p"] = float(case.dropout)
         if backend is None:
             def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **kw)
@@ -316,6 +326,8 @@ def _build_flex(case: Case, device: torch.device) -> Attn:
         _FLEX[fn_key] = torch.compile(flex_attention, dynamic=False)
     compiled = _FLEX[fn_key]
     block_mask, score_mod, layout = None, None, "bhsd"
+    if case.dropout:
+        raise NotImplementedError("FlexAttention has no dropout")
     if has_features(case):
         key = ("features", case, str(device))
         if key not in _FLEX:
