@@ -79,3 +79,18 @@ def test_packed_qkv_views_at_real_size(head_dim):
     q, k, v = qkv.unbind(2)
     out = flashlab.flash_attn_func(q, k, v, causal=True)
     check_against_reference(out, q, k, v, causal=True)
+
+
+def test_dense_mask_past_2_31_elements():
+    """A (1, heads, S, S) bool mask of more than 2^31 elements (its head offsets overflowed 32 bits
+    before: an illegal address on the H200, lab suite attn-mask): the last head against the reference."""
+    torch.manual_seed(7)
+    heads, s, d = 9, 16384, 64  # 9 · 16384² = 2.4e9 mask elements
+    q, k, v = (torch.randn(1, heads, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.rand(1, heads, s, s, device="cuda") > 0.5
+    out = flashlab.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    h = heads - 1
+    rows = slice(s - 256, s)
+    ref = F.scaled_dot_product_attention(q[:, h:, rows].float(), k[:, h:].float(), v[:, h:].float(),
+                                         attn_mask=mask[:, h:, rows])
+    assert (out[:, h:, rows].float() - ref).abs().max().item() < 2e-2

@@ -116,3 +116,30 @@ def test_mixed_devices():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="one device"):
         flashlab.flash_attn_func(q.cuda(), k, v)
+
+
+def test_tensors_past_32_bit_offsets_are_rejected():
+    """The kernels' row offsets are 32-bit within a batch element: larger tensors get a ValueError
+    naming the tensor, not wrong results (meta tensors: shapes without memory)."""
+    from flashlab import checks
+
+    def meta(*shape):
+        return torch.empty(shape, dtype=torch.float16, device="meta")
+
+    small = meta(2, 1024, 16, 128)
+    checks.check_qkv(small, small, small, ("q", "k", "v"), 4, 2, checks.KERNEL_DTYPES, kernels=True)
+    edge = meta(2, 2**20, 16, 128)  # one batch element holds 2^31 elements: offsets 0 .. 2^31 - 1 fit
+    checks.check_qkv(small, edge, edge, ("q", "k", "v"), 4, 2, checks.KERNEL_DTYPES, kernels=True)
+    big = meta(2, 2**20 + 1, 16, 128)
+    with pytest.raises(ValueError, match=r"one batch element of k spans 2,147,485,696 elements.*32-bit"):
+        checks.check_qkv(small, big, big, ("q", "k", "v"), 4, 2, checks.KERNEL_DTYPES, kernels=True)
+    checks.check_qkv(small, big, big, ("q", "k", "v"), 4, 2, checks.KERNEL_DTYPES, kernels=False)  # CPU path
+    # Packed varlen tensors have no batch axis: the whole tensor counts.
+    packed = meta(2**20 + 1, 16, 128)
+    with pytest.raises(ValueError, match=r"^q spans"):
+        checks.check_qkv(packed, packed, packed, ("q", "k", "v"), 3, 1, checks.KERNEL_DTYPES, batch_axis=None,
+                         kernels=True)
+    # A strided view counts its reach, not its element count: every third row of a big buffer.
+    view = meta(1, 3 * 2**19, 16, 128)[:, ::3]
+    with pytest.raises(ValueError, match="spans"):
+        checks.check_qkv(view, view, view, ("q", "k", "v"), 4, 2, checks.KERNEL_DTYPES, kernels=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from operator import mul
 
 import torch
 
@@ -18,9 +19,30 @@ def accepted_dtypes(on_kernels: bool) -> tuple[torch.dtype, ...]:
     return KERNEL_DTYPES if on_kernels else CPU_PATH_DTYPES
 
 
+MAX_OFFSET = 2**31 - 1  # the kernels address a batch element's rows with 32-bit offsets
+
+
+def check_offsets(names: Sequence[str], tensors: Sequence[torch.Tensor], batch_axis: int | None) -> None:
+    """Each tensor's elements within one batch element (all of it without a batch axis, as packed
+    varlen tensors) must lie at offsets below 2^31 from its first: the kernels' row offsets are 32-bit."""
+    for name, t in zip(names, tensors):
+        if t.numel() == 0:
+            continue
+        shape, strides = t.shape, t.stride()
+        span = sum(map(mul, shape, strides)) - sum(strides)  # Σ (n - 1) · stride; torch strides are ≥ 0
+        if batch_axis is not None:
+            span -= (shape[batch_axis] - 1) * strides[batch_axis]
+        if span > MAX_OFFSET:
+            where = "one batch element of " if batch_axis is not None else ""
+            raise ValueError(f"{where}{name} spans {span + 1:,} elements (shape {tuple(t.shape)}, strides "
+                             f"{t.stride()}); the kernels index with 32-bit offsets, so at most 2^31 are "
+                             "accepted: split the batch, or the sequence (varlen, ring attention)")
+
+
 def check_qkv(q: object, k: object, v: object, names: tuple[str, str, str], rank: int, head_axis: int,
-              allowed_dtypes: Sequence[torch.dtype], batch_axis: int | None = 0) -> None:
-    """Shared checks for q, k, v of ``rank`` dims with heads at ``head_axis`` and head_dim last."""
+              allowed_dtypes: Sequence[torch.dtype], batch_axis: int | None = 0, kernels: bool = False) -> None:
+    """Shared checks for q, k, v of ``rank`` dims with heads at ``head_axis`` and head_dim last;
+    ``kernels``: they go to the Triton kernels (check_offsets)."""
     for name, t in zip(names, (q, k, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -48,6 +70,8 @@ def check_qkv(q: object, k: object, v: object, names: tuple[str, str, str], rank
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(f"number of heads in {qn} ({heads}) must be a multiple of the number of heads in "
                          f"{kn}/{vn} ({kv_heads})")
+    if kernels:
+        check_offsets(names, (q, k, v), batch_axis)
 
 
 def resolve_scale(scale: object, head_dim: int, name: str) -> float:

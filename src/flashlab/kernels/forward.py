@@ -156,7 +156,7 @@ def attn_fwd_kernel(
     q_base = Q + off_b * stride_qb + q_start * stride_qs + off_h * stride_qh
     k_base = K + off_b * stride_kb + k_start * stride_ks + off_hk * stride_kh
     v_base = V + off_b * stride_vb + k_start * stride_vs + off_hk * stride_vh
-    mask_base = MASK + off_b * stride_mb + off_h * stride_mh
+    mask_base = MASK + off_b * stride_mb + off_h.to(tl.int64) * stride_mh  # a (B, H, S, S) mask passes 2^31
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(SLOPES + off_b * stride_sb + off_h * stride_sh)

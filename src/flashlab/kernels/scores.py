@@ -46,7 +46,8 @@ def modified_scores(qk, qi, kj, seqlen_q, seqlen_k, diag, qk_scale, cap_in, cap_
         s = tl.where(keep != 0, s, float("-inf"))
     elif MASK_KIND != 0:
         in_bounds = (qi < seqlen_q) & (kj < seqlen_k)
-        ptrs = mask_base + qi * stride_mq + kj * stride_mk
+        # 64-bit rows: a dense mask of one head may hold more than 2^31 elements (seqlen 46341+).
+        ptrs = mask_base + qi.to(tl.int64) * stride_mq + kj * stride_mk
         if MASK_KIND == 1:
             keep = tl.load(ptrs, mask=in_bounds, other=0)
             s = tl.where(keep != 0, s, float("-inf"))
