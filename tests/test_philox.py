@@ -1,4 +1,4 @@
-"""philox.py reproduces Triton's tl.rand bit for bit (checked against the interpreter, which runs
+"""philox.py reproduces Triton's tl.rand4x bit for bit (checked against the interpreter, which runs
 Triton's own Philox), so the CPU path's dropout masks are the kernels' masks."""
 
 from __future__ import annotations
@@ -13,19 +13,26 @@ from flashlab.philox import dense_dropout_pattern, philox_uniform
 
 
 @triton.jit
-def _rand_kernel(OUT, OFFSETS, seed, n, BLOCK: tl.constexpr):
+def _rand4x_kernel(OUT, OFFSETS, seed, n, BLOCK: tl.constexpr):
+    """OUT[4i + w] = word w of tl.rand4x(seed, OFFSETS[i])."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offsets = tl.load(OFFSETS + i, mask=i < n, other=0)
-    tl.store(OUT + i, tl.rand(seed, offsets), mask=i < n)
+    u0, u1, u2, u3 = tl.rand4x(seed, offsets)
+    tl.store(OUT + 4 * i, u0, mask=i < n)
+    tl.store(OUT + 4 * i + 1, u1, mask=i < n)
+    tl.store(OUT + 4 * i + 2, u2, mask=i < n)
+    tl.store(OUT + 4 * i + 3, u3, mask=i < n)
 
 
 @pytest.mark.parametrize("seed", [0, 1234567, 2**40 + 17, 2**62 - 1])
-def test_uniforms_match_tl_rand(seed, device):
-    offsets = torch.cat([torch.arange(0, 300), torch.arange(2**32 - 150, 2**32 + 150),  # across the word edge
-                         torch.randint(0, 2**50, (300,))]).to(torch.int64)
-    want = torch.empty(offsets.shape, dtype=torch.float32, device=device)
-    _rand_kernel[(triton.cdiv(offsets.numel(), 128),)](want, offsets.to(device), seed, offsets.numel(), BLOCK=128)
-    assert torch.equal(philox_uniform(seed, offsets), want.cpu())
+def test_uniforms_match_tl_rand4x(seed, device):
+    """Counter c's uniform is word c % 4 of tl.rand4x(seed, c // 4)."""
+    groups = torch.cat([torch.arange(0, 300), torch.arange(2**32 - 150, 2**32 + 150),  # across the word edge
+                        torch.randint(0, 2**48, (300,))]).to(torch.int64)
+    want = torch.empty(4 * groups.numel(), dtype=torch.float32, device=device)
+    _rand4x_kernel[(triton.cdiv(groups.numel(), 128),)](want, groups.to(device), seed, groups.numel(), BLOCK=128)
+    counters = (4 * groups[:, None] + torch.arange(4)).reshape(-1)
+    assert torch.equal(philox_uniform(seed, counters), want.cpu())
 
 
 @pytest.mark.parametrize("seed,p", [(99, 0.2), (2**61 + 5, 0.75)])

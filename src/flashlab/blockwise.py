@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from flashlab.blockwise_scores import ScoreMods, dropout_tile, exp_shifted, modify
+from flashlab.philox import counter_stride
 
 __all__ = ["ScoreMods", "blockwise_attention", "blockwise_attention_backward"]
 
@@ -266,9 +267,10 @@ def blockwise_attention(
         attn_mask: broadcastable to (batch, heads, seqlen_q, seqlen_k): bool (True = attend) or
             float (added to the scores); no gradient flows into it.
         dropout_p, dropout_seed: dropout on the attention weights with the kernels' pattern
-            (philox.py): weight (b, h, i, j) is kept iff philox(seed, (rows[b, h] + i) · stride + j)
-            >= dropout_p; ``dropout_rows`` (batch, heads) int64 defaults to (b · heads + h) ·
-            seqlen_q and ``dropout_stride`` to seqlen_k, as for dense attention in the kernels.
+            (philox.py): weight (b, h, i, j) is kept iff the uniform of counter (rows[b, h] + i) ·
+            stride + j is >= dropout_p; ``dropout_rows`` (batch, heads) int64 defaults to (b · heads
+            + h) · seqlen_q and ``dropout_stride`` (a multiple of 4) to counter_stride(seqlen_k), as
+            for dense attention in the kernels.
 
     Returns:
         out (batch, seqlen_q, heads, head_dim_v) in q's dtype, and lse (batch, heads, seqlen_q),
@@ -288,6 +290,6 @@ def blockwise_attention(
     mods = ScoreMods(causal=bool(causal), offset=int(causal_offset), window_left=left, window_right=right,
                      softcap=float(softcap), alibi_slopes=alibi_slopes, attn_mask=attn_mask,
                      dropout_p=float(dropout_p), dropout_seed=int(dropout_seed), dropout_rows=dropout_rows,
-                     dropout_stride=int(dropout_stride if dropout_stride is not None else k.shape[1]))
+                     dropout_stride=int(dropout_stride if dropout_stride is not None else counter_stride(k.shape[1])))
     out, lse = _BlockwiseAttention.apply(q, k, v, scale, mods, block_size)
     return out, lse.float()

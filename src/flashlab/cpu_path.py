@@ -9,6 +9,7 @@ import torch
 
 from flashlab.blockwise import blockwise_attention
 from flashlab.ops import AttentionOptions
+from flashlab.philox import counter_stride
 
 
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
@@ -39,6 +40,6 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     # Packed LSE rows: head h of the token at packed position t is row h · total + t (as in the kernels).
     head_rows = torch.arange(heads, dtype=torch.int64)[None, :] * q.shape[0]
     pieces = [one(q[None, a:b], k[None, c:d], v[None, c:d], options.alibi_slopes[i:i + 1] if per_seq else
-                  options.alibi_slopes, head_rows + a, options.max_seqlen_k)
+                  options.alibi_slopes, head_rows + a, counter_stride(options.max_seqlen_k))
               for i, (a, b, c, d) in enumerate(zip(cu_q, cu_q[1:], cu_k, cu_k[1:]))]
     return torch.cat([o[0] for o, _ in pieces]), torch.cat([lse[0] for _, lse in pieces], dim=1)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from flashlab.kernels.configs import TileConfig
+from flashlab.philox import counter_stride
 
 LOG2E = 1.4426950408889634
 
@@ -103,7 +104,7 @@ def prepare(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, wind
     scalars = (
         window_left, 0 if causal else window_right, scale,
         scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
-        seed, dropout_p, seqlen_k,
+        seed, dropout_p, counter_stride(seqlen_k),
     )
     flags = dict(BOTTOM_RIGHT=bottom_right, HAS_UPPER=upper, HAS_LOWER=window_left >= 0, IS_VARLEN=varlen,
                  HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,

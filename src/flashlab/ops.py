@@ -37,6 +37,7 @@ from flashlab.kernels.configs import (
 )
 from flashlab.launch_args import as4d, clamp_tiles, prepare, strides3
 from flashlab.library import attn_bwd_fake, attn_fwd_fake, kernel_op
+from flashlab.philox import counter_stride
 from flashlab.tma_forward import launch_fwd_tma, tma_eligible
 
 
@@ -303,6 +304,6 @@ def dropout_pattern(batch: int, heads: int, seqlen_q: int, seqlen_k: int, option
     keep = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.uint8, device=device)
     if keep.numel():
         grid = (cdiv(seqlen_q, 32), heads, batch)
-        dropout_pattern_kernel[grid](keep, options.seed, options.dropout_p, seqlen_q, seqlen_k, BLOCK_M=32,
-                                     BLOCK_N=64)
+        dropout_pattern_kernel[grid](keep, options.seed, options.dropout_p, seqlen_q, seqlen_k,
+                                     counter_stride(seqlen_k), BLOCK_M=32, BLOCK_N=64)
     return keep.view(torch.bool)

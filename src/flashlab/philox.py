@@ -1,10 +1,12 @@
-"""Triton's ``tl.rand`` in PyTorch ops, bit for bit: the CPU path's dropout draws the same masks
-as the kernels (kernels/scores.py ``dropout_keep``) for the same seed.
+"""The kernels' dropout randomness in PyTorch ops, bit for bit: the CPU path's dropout draws the
+same masks as the kernels (kernels/scores.py ``dropout_keep``) for the same seed.
 
-``tl.rand(seed, offset)`` runs 10 rounds of Philox-4x32 on the counter (offset low 32 bits, offset
-high 32 bits, 0, 0) with the key (seed low 32 bits, seed high 32 bits), takes the first output word
-as an int32 ``x``, folds negatives with ``~x`` and scales by 4.6566127342e-10 in fp32. uint32
-arithmetic is done here in int64 tensors, products split into 16-bit halves so nothing overflows.
+Weight (query row r, key j) has the counter ``c = r · stride + j`` with ``stride = counter_stride(
+seqlen_k)`` (a multiple of 4). Its uniform is output word ``c % 4`` of Triton's ``tl.rand4x(seed,
+c // 4)``: 10 rounds of Philox-4x32 on the counter (low 32 bits, high 32 bits, 0, 0) with the key
+(seed low 32 bits, seed high 32 bits); each word as an int32 ``x``, negatives folded with ``~x``,
+scaled by 4.6566127342e-10 in fp32. One Philox call serves four keys. uint32 arithmetic is done here
+in int64 tensors, products split into 16-bit halves so nothing overflows.
 """
 
 from __future__ import annotations
@@ -28,8 +30,14 @@ def _mul32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return high, ((cross << 16) + low) & _MASK32
 
 
-def philox_uniform(seed: int, offsets: Tensor) -> Tensor:
-    """``tl.rand(seed, offsets)`` for non-negative int64 ``offsets``: fp32 uniforms in [0, 1)."""
+def counter_stride(seqlen_k: int) -> int:
+    """Dropout counters per query row: seqlen_k rounded up to a multiple of 4, so that each Philox
+    call's four words serve four keys of one row."""
+    return (int(seqlen_k) + 3) // 4 * 4
+
+
+def philox_words(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four uint32 output words (in int64 tensors) of ``tl.randint4x(seed, offsets)``."""
     c0 = offsets & _MASK32
     c1 = (offsets >> 32) & _MASK32
     c2 = torch.zeros_like(offsets)
@@ -40,20 +48,30 @@ def philox_uniform(seed: int, offsets: Tensor) -> Tensor:
         high_a, low_a = _mul32(_ROUND_A, c0)
         c0, c1, c2, c3 = high_b ^ c1 ^ k0, low_b, high_a ^ c3 ^ k1, low_a
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    x = torch.where(c0 >= 1 << 31, c0 - (1 << 32), c0)  # the word as an int32
+    return c0, c1, c2, c3
+
+
+def _uniform(word: Tensor) -> Tensor:
+    x = torch.where(word >= 1 << 31, word - (1 << 32), word)  # the word as an int32
     x = torch.where(x < 0, -x - 1, x)  # ~x
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
+def philox_uniform(seed: int, counters: Tensor) -> Tensor:
+    """The fp32 uniform in [0, 1) of each non-negative int64 dropout counter (module docstring)."""
+    words = torch.stack(philox_words(seed, counters >> 2))
+    return _uniform(words.gather(0, (counters & 3).unsqueeze(0)).squeeze(0))
+
+
 def dropout_keep(seed: int, counters: Tensor, dropout_p: float) -> Tensor:
-    """True where a weight survives dropout: the kernels' ``tl.rand(seed, counters) >= p`` (fp32)."""
+    """True where a weight survives dropout: the kernels' ``uniform >= p`` (fp32)."""
     return philox_uniform(seed, counters) >= torch.tensor(dropout_p, dtype=torch.float32)
 
 
 def dense_dropout_pattern(seed: int, dropout_p: float, batch: int, heads: int, seqlen_q: int,
                           seqlen_k: int) -> Tensor:
     """The bool (batch, heads, seqlen_q, seqlen_k) keep pattern of dense attention: counter
-    ((b · heads + h) · seqlen_q + i) · seqlen_k + j, as ``ops.dropout_pattern`` on a GPU."""
+    ((b · heads + h) · seqlen_q + i) · counter_stride(seqlen_k) + j, as ``ops.dropout_pattern`` on a GPU."""
     rows = torch.arange(batch * heads * seqlen_q, dtype=torch.int64).reshape(batch, heads, seqlen_q, 1)
-    counters = rows * seqlen_k + torch.arange(seqlen_k, dtype=torch.int64)
+    counters = rows * counter_stride(seqlen_k) + torch.arange(seqlen_k, dtype=torch.int64)
     return dropout_keep(seed, counters, dropout_p)

@@ -57,18 +57,20 @@ def _load_row_stats(LSE, DELTA, row_base, offs_m, seqlen_q):
 @triton.jit
 def _probs_and_dscores(qk, dp, lse, delta, qi, kj, seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in,
                        cap_out, slope, mask_base, stride_mq, stride_mk, seed, drop_base, drop_stride, dropout_p,
+                       rows, start_n,
                        MASKED: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr):
+                       HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr):
     """From a q·k tile and its dO·v tile: (P after dropout, for dV; dS w.r.t. the raw q·k / scale).
-    ``lse`` and ``delta`` broadcast like ``qi``."""
+    ``lse`` and ``delta`` broadcast like ``qi``; ``rows`` (1-D) and keys ``start_n`` .. + BLOCK_N
+    are the tile's, which is [BLOCK_N, rows] with KEYS_FIRST (the dK/dV kernel's kᵀq tiles)."""
     s, t = modified_scores(qk, qi, kj, seqlen_q, seqlen_k, diag, qk_scale, cap_in, cap_out, slope,
                            mask_base, stride_mq, stride_mk, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND)
     p = tl.math.exp2(s - lse)
     if MASKED:
         p = tl.where(visible(qi, kj, seqlen_k, diag, left, right, HAS_UPPER, HAS_LOWER), p, 0.0)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, drop_base, qi, kj, drop_stride, dropout_p)
+        keep = dropout_keep(seed, drop_base, rows, start_n, drop_stride, dropout_p, BLOCK_N, KEYS_FIRST)
         inv_keep = 1.0 / (1.0 - dropout_p)
         p_dropped = tl.where(keep, p * inv_keep, 0.0)
         dp = tl.where(keep, dp * inv_keep, 0.0)
@@ -82,10 +84,10 @@ def _probs_and_dscores(qk, dp, lse, delta, qi, kj, seqlen_q, seqlen_k, diag, lef
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA, row_base,
-                offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope,
-                mask_base, stride_mq, stride_mk, seed, drop_stride, dropout_p, sp_row,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-                HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                offs_n, start_n, offs_d, lo, hi, seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out,
+                slope, mask_base, stride_mq, stride_mk, seed, drop_stride, dropout_p, sp_row,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASKED: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 SPARSE: tl.constexpr = False, SPARSE_M: tl.constexpr = 1, SPARSE_N: tl.constexpr = 1):
     """Accumulate query blocks [lo, hi) into one key block's dK, dV (tiles are kᵀ-oriented:
@@ -103,8 +105,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA
         p_t, ds_t = _probs_and_dscores(
             tl.dot(k, tl.trans(q)), tl.dot(v, tl.trans(do)), lse[None, :], delta[None, :], offs_m[None, :],
             offs_n[:, None], seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope, tile_base,
-            stride_mq, stride_mk, seed, row_base * drop_stride, drop_stride, dropout_p,
-            MASKED, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
+            stride_mq, stride_mk, seed, row_base * drop_stride, drop_stride, dropout_p, offs_m, start_n,
+            MASKED, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT, BLOCK_N, True)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         dk = tl.dot(ds_t.to(q.dtype), q, dk)
     return dk, dv
@@ -167,9 +169,10 @@ def attn_bwd_dkdv_kernel(
             for phase in tl.static_range(2):
                 row, n = sparse_phase(phase, sp_row, n_full, n_part)
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, LSE, DELTA, row_base,
-                                     offs_n, offs_d, 0, n * SPARSE_M, seqlen_q, seqlen_k, diag, window_left,
+                                     offs_n, start_n, offs_d, 0, n * SPARSE_M, seqlen_q, seqlen_k, diag, window_left,
                                      window_right, qk_scale, cap_in, cap_out, slope, tiles, stride_mq, stride_mk,
-                                     seed, drop_stride, dropout_p, row, BLOCK_M, HEAD_DIM, BLOCK_D, phase == 1,
+                                     seed, drop_stride, dropout_p, row, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+                                     phase == 1,
                                      HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, 3 if phase == 1 else 0,
                                      HAS_DROPOUT, True, SPARSE_M, SPARSE_N)
         else:
@@ -179,11 +182,11 @@ def attn_bwd_dkdv_kernel(
                 if phase == 1 or (phase == 0 and HAS_UPPER) or (phase == 2 and HAS_LOWER):
                     a, b = phase_range(phase, lo, full_lo, full_hi, hi)
                     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, LSE, DELTA,
-                                         row_base, offs_n, offs_d, a, b, seqlen_q, seqlen_k, diag, window_left,
-                                         window_right, qk_scale, cap_in, cap_out, slope, mask_base, stride_mq,
-                                         stride_mk, seed, drop_stride, dropout_p, SPARSE_TABLE, BLOCK_M, HEAD_DIM,
-                                         BLOCK_D, phase != 1, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI,
-                                         MASK_KIND, HAS_DROPOUT)
+                                         row_base, offs_n, start_n, offs_d, a, b, seqlen_q, seqlen_k, diag,
+                                         window_left, window_right, qk_scale, cap_in, cap_out, slope, mask_base,
+                                         stride_mq, stride_mk, seed, drop_stride, dropout_p, SPARSE_TABLE, BLOCK_M,
+                                         BLOCK_N, HEAD_DIM, BLOCK_D, phase != 1, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP,
+                                         HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
 
     dk *= softmax_scale
     row_ok = offs_n[:, None] < seqlen_k
@@ -216,8 +219,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_
         _, ds = _probs_and_dscores(
             tl.dot(q, tl.trans(k)), tl.dot(do, tl.trans(v)), lse[:, None], delta[:, None], offs_m[:, None],
             cols[None, :], seqlen_q, seqlen_k, diag, left, right, qk_scale, cap_in, cap_out, slope, tile_base,
-            stride_mq, stride_mk, seed, drop_base, drop_stride, dropout_p,
-            MASKED, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT)
+            stride_mq, stride_mk, seed, drop_base, drop_stride, dropout_p, offs_m, start_n,
+            MASKED, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT, BLOCK_N, False)
         dq = tl.dot(ds.to(k.dtype), k, dq)
     return dq
 

@@ -97,7 +97,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
                        HEAD_DIM, BLOCK_D, MASKED)
         if HAS_DROPOUT:
             # The normalizer l_i sums the undropped P; only the P·V product sees the dropout.
-            p = tl.where(dropout_keep(seed, drop_base, offs_m[:, None], cols[None, :], drop_stride, dropout_p), p, 0.0)
+            p = tl.where(dropout_keep(seed, drop_base, offs_m, start_n, drop_stride, dropout_p, BLOCK_N), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_ij
     return acc, l_i, m_i
@@ -161,7 +161,7 @@ def attn_fwd_kernel(
     if HAS_ALIBI:
         slope = tl.load(SLOPES + off_b * stride_sb + off_h * stride_sh)
     lse_row = off_b * stride_lb + off_h * stride_lh + q_start
-    drop_base = lse_row * drop_stride  # dropout counters: (LSE row) × max seqlen_k + key
+    drop_base = lse_row * drop_stride  # dropout counters: (LSE row) × stride + key (scores.dropout_keep)
 
     q = _load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], offs_m, seqlen_q, offs_d,
                    HEAD_DIM, BLOCK_D, True)

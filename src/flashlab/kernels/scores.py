@@ -57,21 +57,35 @@ def modified_scores(qk, qi, kj, seqlen_q, seqlen_k, diag, qk_scale, cap_in, cap_
 
 
 @triton.jit
-def dropout_keep(seed, counter_base, qi, kj, stride_counter_m, dropout_p):
-    """Boolean tile (shaped by ``qi`` / ``kj`` like modified_scores): True where the probability
-    survives dropout. Counter = (LSE row of the query) × max seqlen_k + key."""
-    counters = counter_base + qi.to(tl.int64) * stride_counter_m + kj
-    return tl.rand(seed, counters) >= dropout_p
+def dropout_keep(seed, counter_base, rows, start_n, stride_counter_m, dropout_p, BLOCK_N: tl.constexpr,
+                 TRANSPOSED: tl.constexpr = False):
+    """Boolean tile [rows, BLOCK_N] (TRANSPOSED: [BLOCK_N, rows], the dK/dV kernel's orientation) of
+    query ``rows`` (1-D) and keys ``start_n + j``: True where the weight survives dropout.
+
+    Counter = (LSE row of the query) × stride + key, the stride and ``counter_base`` multiples of 4;
+    its uniform is word ``counter % 4`` of ``tl.rand4x(seed, counter // 4)`` — one Philox call per
+    four keys, a quarter of ``tl.rand``'s work (philox.py mirrors it on the CPU)."""
+    groups = (counter_base + rows.to(tl.int64)[:, None] * stride_counter_m + start_n
+              + 4 * tl.arange(0, BLOCK_N // 4)[None, :]) >> 2
+    u0, u1, u2, u3 = tl.rand4x(seed, groups)
+    # join appends an axis: [rows, N/4, 2 (inner join), 2 (outer join)] → word a·2 + b at key 4g + a·2 + b
+    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [rows.shape[0], BLOCK_N])
+    keep = u >= dropout_p
+    if TRANSPOSED:
+        keep = tl.trans(keep)
+    return keep
 
 
 @triton.jit
-def dropout_pattern_kernel(OUT, seed, dropout_p, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """OUT[b, h, i, j] = 1 where dense attention (LSE rows b·H·Sq + h·Sq + i) keeps weight (i, j).
-    Grid: (cdiv(seqlen_q, BLOCK_M), heads, batch). For tests: it is seqlen² bytes."""
+def dropout_pattern_kernel(OUT, seed, dropout_p, seqlen_q, seqlen_k, drop_stride, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """OUT[b, h, i, j] = 1 where dense attention (LSE rows b·H·Sq + h·Sq + i, ``drop_stride``
+    counters a row) keeps weight (i, j). Grid: (cdiv(seqlen_q, BLOCK_M), heads, batch). For tests:
+    it is seqlen² bytes."""
     row0 = (tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * seqlen_q
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, seqlen_k, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = dropout_keep(seed, row0 * seqlen_k, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p)
+        keep = dropout_keep(seed, row0 * drop_stride, offs_m, start_n, drop_stride, dropout_p, BLOCK_N)
         ok = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
         tl.store(OUT + (row0 + offs_m[:, None]) * seqlen_k + offs_n[None, :], keep.to(tl.uint8), mask=ok)
