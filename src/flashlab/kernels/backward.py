@@ -169,12 +169,11 @@ def attn_bwd_dkdv_kernel(
             for phase in tl.static_range(2):
                 row, n = sparse_phase(phase, sp_row, n_full, n_part)
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qs, stride_dos, LSE, DELTA, row_base,
-                                     offs_n, start_n, offs_d, 0, n * SPARSE_M, seqlen_q, seqlen_k, diag, window_left,
-                                     window_right, qk_scale, cap_in, cap_out, slope, tiles, stride_mq, stride_mk,
-                                     seed, drop_stride, dropout_p, row, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
-                                     phase == 1,
-                                     HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI, 3 if phase == 1 else 0,
-                                     HAS_DROPOUT, True, SPARSE_M, SPARSE_N)
+                                     offs_n, start_n, offs_d, 0, n * SPARSE_M, seqlen_q, seqlen_k, diag,
+                                     window_left, window_right, qk_scale, cap_in, cap_out, slope, tiles, stride_mq,
+                                     stride_mk, seed, drop_stride, dropout_p, row, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                     BLOCK_D, phase == 1, HAS_UPPER, HAS_LOWER, HAS_SOFTCAP, HAS_ALIBI,
+                                     3 if phase == 1 else 0, HAS_DROPOUT, True, SPARSE_M, SPARSE_N)
         else:
             for phase in tl.static_range(3):
                 # Query rows walk the band: a masked head only under an upper edge (causal), a masked

@@ -203,8 +203,6 @@ def _check_flashlab_loop(case: Case, device: torch.device) -> str | None:
 def _check_flashlab_sdpa(case: Case, device: torch.device) -> str | None:
     if case.softcap:
         return "the SDPA drop-in has no softcap (the 'flashlab' provider's flash_attn_func has)"
-    if case.causal and case.seqlen_q != case.seqlen_k:
-        return "the SDPA drop-in aligns the causal mask top-left, as PyTorch SDPA; seqlen_q != seqlen_k skipped"
     return _check_flashlab(case, device)
 
 
