@@ -87,7 +87,7 @@ def test_dense_mask_past_2_31_elements():
     torch.manual_seed(7)
     heads, s, d = 9, 16384, 64  # 9 · 16384² = 2.4e9 mask elements
     q, k, v = (torch.randn(1, heads, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    mask = torch.rand(1, heads, s, s, device="cuda") > 0.5
+    mask = torch.empty(1, heads, s, s, device="cuda", dtype=torch.uint8).random_(0, 2).bool()
     out = flashlab.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     h = heads - 1
     rows = slice(s - 256, s)
