@@ -39,3 +39,14 @@ def test_uniforms_match_tl_rand4x(seed, device):
 def test_dense_pattern_matches_the_kernels(seed, p, device):
     want = ops.dropout_pattern(2, 3, 19, 33, ops.AttentionOptions(dropout_p=p, seed=seed), device=device)
     assert torch.equal(dense_dropout_pattern(seed, p, 2, 3, 19, 33), want.cpu())
+
+
+@pytest.mark.parametrize("j0,j1", [(0, 33), (3, 40), (5, 6), (64, 128)])
+def test_rows_of_keys_equal_per_counter_draws(j0, j1):
+    """dropout_keep_rows (one Philox per four keys, the CPU path's tiles) equals dropout_keep per counter,
+    also for key ranges that start or end inside a group of four."""
+    from flashlab.philox import counter_stride, dropout_keep, dropout_keep_rows
+
+    rows = torch.arange(2 * 3 * 5, dtype=torch.int64).reshape(2, 3, 5, 1) * counter_stride(130) + 2**33 * 4
+    want = dropout_keep(2**45 + 3, rows + torch.arange(j0, j1), 0.4)
+    assert torch.equal(dropout_keep_rows(2**45 + 3, rows, j0, j1, 0.4), want)

@@ -287,9 +287,13 @@ def blockwise_attention(
     batch, seqlen_q, heads = q.shape[:3]
     if dropout_p > 0 and dropout_rows is None:
         dropout_rows = torch.arange(batch * heads, dtype=torch.int64).reshape(batch, heads) * seqlen_q
+    if dropout_stride is None:
+        dropout_stride = counter_stride(k.shape[1])
+    elif dropout_stride % 4:
+        raise ValueError(f"dropout_stride must be a multiple of 4 (philox.counter_stride), got {dropout_stride}")
     mods = ScoreMods(causal=bool(causal), offset=int(causal_offset), window_left=left, window_right=right,
                      softcap=float(softcap), alibi_slopes=alibi_slopes, attn_mask=attn_mask,
                      dropout_p=float(dropout_p), dropout_seed=int(dropout_seed), dropout_rows=dropout_rows,
-                     dropout_stride=int(dropout_stride if dropout_stride is not None else counter_stride(k.shape[1])))
+                     dropout_stride=int(dropout_stride))
     out, lse = _BlockwiseAttention.apply(q, k, v, scale, mods, block_size)
     return out, lse.float()

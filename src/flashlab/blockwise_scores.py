@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flashlab.philox import dropout_keep
+from flashlab.philox import dropout_keep_rows
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,6 @@ def dropout_tile(mods: ScoreMods, kv_heads: int, i0: int, i1: int, j0: int, j1: 
     b, heads = rows.shape
     group = heads // kv_heads
     i = torch.arange(i0, i1, dtype=torch.int64)
-    j = torch.arange(j0, j1, dtype=torch.int64)
     lse_rows = rows.reshape(b, kv_heads, 1, group, 1) + i[None, None, :, None, None]  # (B, Hkv, Ti, G, 1)
-    counters = lse_rows * mods.dropout_stride + j
-    keep = dropout_keep(mods.dropout_seed, counters, mods.dropout_p)
+    keep = dropout_keep_rows(mods.dropout_seed, lse_rows * mods.dropout_stride, j0, j1, mods.dropout_p)
     return keep.reshape(b, kv_heads, (i1 - i0) * group, j1 - j0)

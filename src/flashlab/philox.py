@@ -68,10 +68,20 @@ def dropout_keep(seed: int, counters: Tensor, dropout_p: float) -> Tensor:
     return philox_uniform(seed, counters) >= torch.tensor(dropout_p, dtype=torch.float32)
 
 
+def dropout_keep_rows(seed: int, row_counters: Tensor, j0: int, j1: int, dropout_p: float) -> Tensor:
+    """``dropout_keep`` of keys ``j0 .. j1 - 1`` for rows whose key 0 has counter ``row_counters[..., 0]``
+    (a multiple of 4; shape [..., 1]): the same bits, one Philox evaluation per four keys as in the
+    kernels instead of one per key. Returns [..., j1 - j0]."""
+    g0, g1 = j0 // 4, -(-j1 // 4)
+    groups = (row_counters >> 2) + torch.arange(g0, g1, dtype=torch.int64)
+    uniforms = _uniform(torch.stack(philox_words(seed, groups), dim=-1).flatten(-2))  # word w of group g: key 4g + w
+    start = j0 - 4 * g0
+    return uniforms[..., start:start + j1 - j0] >= torch.tensor(dropout_p, dtype=torch.float32)
+
+
 def dense_dropout_pattern(seed: int, dropout_p: float, batch: int, heads: int, seqlen_q: int,
                           seqlen_k: int) -> Tensor:
     """The bool (batch, heads, seqlen_q, seqlen_k) keep pattern of dense attention: counter
     ((b · heads + h) · seqlen_q + i) · counter_stride(seqlen_k) + j, as ``ops.dropout_pattern`` on a GPU."""
     rows = torch.arange(batch * heads * seqlen_q, dtype=torch.int64).reshape(batch, heads, seqlen_q, 1)
-    counters = rows * counter_stride(seqlen_k) + torch.arange(seqlen_k, dtype=torch.int64)
-    return dropout_keep(seed, counters, dropout_p)
+    return dropout_keep_rows(seed, rows * counter_stride(seqlen_k), 0, seqlen_k, dropout_p)
