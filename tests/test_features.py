@@ -133,12 +133,14 @@ def test_sdpa_attn_mask(kind, device):
         assert torch.all(out[0, 1, 3] == 0)
 
 
-def test_dropout_exact_against_its_pattern(device):
+@pytest.mark.parametrize("shape", [(2, 40, 56, 4, 2, 32), (1, 37, 53, 6, 2, 40)], ids=["aligned", "odd-keys-gqa"])
+def test_dropout_exact_against_its_pattern(shape, device):
     torch.manual_seed(7)
-    q, k, v = make_qkv(2, 40, 56, 4, 2, 32, F16, device)
+    batch, sq, sk, h, hk, d = shape
+    q, k, v = make_qkv(batch, sq, sk, h, hk, d, F16, device)
     torch.manual_seed(123)
     out, _, keep = flashlab.flash_attn_func(q, k, v, dropout_p=0.3, causal=True, return_attn_probs=True)
-    assert keep.shape == (2, 4, 40, 56) and keep.dtype == torch.bool
+    assert keep.shape == (batch, h, sq, sk) and keep.dtype == torch.bool
     check_against_reference(out, q, k, v, causal=True, dropout_keep=keep, dropout_p=0.3)
     torch.manual_seed(123)
     again = flashlab.flash_attn_func(q, k, v, dropout_p=0.3, causal=True)
@@ -159,3 +161,33 @@ def test_sdpa_dropout_changes_between_calls(device):
     a = flashlab.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
     b = flashlab.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
     assert not torch.equal(a, b)
+
+
+def test_varlen_dropout_uses_the_documented_counters(device):
+    """Packed rows draw counter (head · total + packed position) · counter_stride(max_seqlen_k) + key,
+    as the CPU path and philox.py do (odd lengths: rows do not start on a group of four keys);
+    forward and gradients against the reference with that pattern, per sequence."""
+    from flashlab import philox
+
+    torch.manual_seed(10)
+    cu = torch.tensor([0, 13, 30], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(30, 4, 16, dtype=F16, device=device, requires_grad=True) for _ in range(3))
+    torch.manual_seed(11)
+    out = flashlab.flash_attn_varlen_func(q, k, v, cu, cu, 17, 17, dropout_p=0.25)
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # what the call drew
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for a, b in [(0, 13), (13, 30)]:
+        rows = (torch.arange(4)[:, None] * 30 + torch.arange(a, b)[None, :]) * philox.counter_stride(17)
+        kw = dict(dropout_keep=philox.dropout_keep(seed, rows[..., None] + torch.arange(b - a), 0.25)[None].to(device),
+                  dropout_p=0.25)
+        qs, ks, vs = (t[a:b][None].detach().requires_grad_() for t in (q, k, v))
+        ref = reference_attention(qs, ks, vs, dtype=torch.float64, **kw)
+        low = naive_attention(qs, ks, vs, **kw)
+        assert accuracy_check(out[a:b][None], ref, low).ok
+        want = torch.autograd.grad(ref, (qs, ks, vs), g[a:b][None].double())
+        same = torch.autograd.grad(low, (qs, ks, vs), g[a:b][None])
+        for name, got, r, lo in zip("qkv", grads, want, same):
+            check = accuracy_check(got[a:b][None], r, lo, factor=3.0)
+            assert check.ok, f"d{name}: {check}"
