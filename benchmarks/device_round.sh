@@ -13,6 +13,7 @@
 #   decode  first-call time, then decoding (decode_bench.py): eager, as CUDA graph replays, windowed
 #   lab     the feature suites not yet measured in full (softcap-alibi, sliding-window fwd+bwd; rerun
 #           with a kept OUT and --resume by hand to finish one)
+#   features  round 6's dropout RNG rewrite and the dense-mask drop-in: the dropout and attn-mask suites
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:?usage: device_round.sh OUT STAGE...}
@@ -70,7 +71,7 @@ for stage in "$@"; do
       timeout 80 "$py" benchmarks/decode_bench.py --out "$dir/window" --budget-s 60 --skip-tune --window 4096 \
         --skip-correctness --batches 1 8 > "$dir/window.log" 2>&1
       grep -iE "fail|error" "$dir"/*.log | head -5
-      tail -25 "$dir/eager.log" "$dir/graph.log"
+      tail -n 25 "$dir/eager.log" "$dir/graph.log"
       tail -15 "$dir/window.log"
       ;;
     lab)
@@ -80,10 +81,18 @@ for stage in "$@"; do
         > "$dir/softcap-alibi.log" 2>&1
       timeout 200 "${lab[@]}" --suite sliding-window --providers flashlab,flex,sdpa-cudnn --out "$dir/window" \
         > "$dir/window.log" 2>&1
-      tail -30 "$dir"/*.log
+      tail -n 30 "$dir"/*.log
+      ;;
+    features)
+      lab=("$py" -m flashlab.lab.cli bench --rep-ms 50)
+      timeout 200 "${lab[@]}" --suite dropout --providers flashlab,sdpa-flash,sdpa-efficient \
+        --out "$dir/dropout" > "$dir/dropout.log" 2>&1
+      timeout 280 "${lab[@]}" --suite attn-mask --providers flashlab-sdpa,flashlab,sdpa,sdpa-cudnn \
+        --out "$dir/attn-mask" > "$dir/attn-mask.log" 2>&1
+      for log in "$dir"/*.log; do tail -n 30 "$log"; done
       ;;
     *)
-      echo "unknown stage: $stage (verify, host, tune, tma, decode, lab)"
+      echo "unknown stage: $stage (verify, host, tune, tma, decode, lab, features)"
       exit 2
       ;;
   esac
