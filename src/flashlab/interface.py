@@ -128,8 +128,9 @@ def flash_attn_func(
     Any seqlen ≥ 0 and head_dim 1..256 work; inputs may be strided views (e.g. slices of a packed
     qkv tensor) and are not copied unless the head dim is not unit-stride.
     """
-    checks.check_qkv(q, k, v, ("q", "k", "v"), rank=4, head_axis=2,
-                     allowed_dtypes=checks.accepted_dtypes(_uses_kernels(q)), kernels=_uses_kernels(q))
+    kernels = _uses_kernels(q)
+    checks.check_qkv(q, k, v, ("q", "k", "v"), rank=4, head_axis=2, allowed_dtypes=checks.accepted_dtypes(kernels),
+                     kernels=kernels)
     scale = checks.resolve_scale(softmax_scale, q.shape[-1], "softmax_scale")
     options = _feature_options(q, q.shape[0], window_size, softcap, alibi_slopes, dropout_p)
     if block_mask is not None:
@@ -181,8 +182,9 @@ def flash_attn_varlen_func(
     Returns ``out`` (total_q, heads, head_dim), or ``(out, softmax_lse, None)`` with
     ``softmax_lse`` (heads, total_q) when ``return_attn_probs``. No padding is materialized.
     """
-    checks.check_qkv(q, k, v, ("q", "k", "v"), rank=3, head_axis=1,
-                     allowed_dtypes=checks.accepted_dtypes(_uses_kernels(q)), batch_axis=None, kernels=_uses_kernels(q))
+    kernels = _uses_kernels(q)
+    checks.check_qkv(q, k, v, ("q", "k", "v"), rank=3, head_axis=1, allowed_dtypes=checks.accepted_dtypes(kernels),
+                     batch_axis=None, kernels=kernels)
     cu_q, _ = checks.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q",
                                       q.device)
     cu_k, _ = checks.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k",
@@ -247,8 +249,9 @@ def scaled_dot_product_attention(
                          f"value {tuple(value.shape[:-3])} differ")
     four_d = query.dim() == 4  # the common case needs no reshapes (each costs host time at short sequences)
     q, k, v = (query, key, value) if four_d else (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
+    kernels = _uses_kernels(q)
     checks.check_qkv(q, k, v, ("query", "key", "value"), rank=4, head_axis=1,
-                     allowed_dtypes=checks.accepted_dtypes(_uses_kernels(q)), kernels=_uses_kernels(q))
+                     allowed_dtypes=checks.accepted_dtypes(kernels), kernels=kernels)
     batch, heads, seqlen_q, _ = q.shape
     if heads != k.shape[1] and not enable_gqa:
         raise ValueError(f"query has {heads} heads and key/value {k.shape[1]}: pass enable_gqa=True "
