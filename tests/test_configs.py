@@ -63,3 +63,18 @@ def test_short_causal_d128_backward_takes_smaller_tiles(hopper):
     assert configs.backward_config(128, True, hopper, True) == long  # length unknown: the long-sequence tiles
     assert configs.backward_config(128, False, hopper, True, seqlen_k=1024) == configs.backward_config(
         128, False, hopper, True, seqlen_k=8192)  # not causal: unchanged
+
+
+def test_decode_splits_fill_one_wave_of_programs():
+    """The split count fills CTAS_PER_SM programs per SM without passing it (no second, nearly empty
+    wave), never splits shorter than the minimum, and is at least 1."""
+    from flashlab import decode_tiles
+
+    slots = decode_tiles.CTAS_PER_SM * 132
+    for batch, kv_heads, keys in ((1, 8, 32768), (4, 8, 32768), (16, 8, 8192), (3, 5, 100000), (64, 8, 8192)):
+        n = decode_tiles.choose_num_splits(batch, kv_heads, 1, keys, 132, 128)
+        tiles = batch * kv_heads
+        assert n >= 1 and (tiles * n <= slots or n == 1), (batch, n)
+        assert n == 1 or tiles * (n + 1) > slots or n == -(-keys // 128)  # as many as fit, unless keys run out
+    assert decode_tiles.choose_num_splits(4, 8, 1, 32768, 132, 128) == 8  # 256 programs, not 9 → 288
+    assert decode_tiles.choose_num_splits(1, 8, 1, 1024, 132, 128) == 8  # 1024 keys: no split under 128 keys
