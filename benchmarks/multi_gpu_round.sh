@@ -15,7 +15,7 @@ cd "$here" || exit 1
 gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 echo "GPUs: $gpus"
 run=(torchrun --standalone --nproc-per-node "$gpus")
-timeout 150 "${run[@]}" benchmarks/ring_check.py --json "$out/ring-check.json" > "$out/ring-check.log" 2>&1
+timeout 150 "${run[@]}" -m flashlab.distributed.check --json "$out/ring-check.json" > "$out/ring-check.log" 2>&1
 grep -E "passed|ok=False" "$out/ring-check.log"
 bench=("${run[@]}" -m flashlab.distributed.bench --heads 32 --kv-heads 8 --head-dim 128 --reps 5)
 for causal in "" "--causal"; do

@@ -196,6 +196,15 @@ def _worker(rank: int, world: int, init_file: str, cases: list, outdir: str) -> 
                 rows = bench.gather_rows(bench.measure(args, torch.device("cpu")))
                 torch.save((rows, bench.summarize(rows, world)), Path(outdir) / "bench.pt")
                 continue
+            if case == "check":  # the real-size correctness check of issue 10, at a tiny size
+                from flashlab.distributed import check
+
+                args = check.parse_args(["--seqlen", "45", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                                         "--dtype", "fp16"], cuda=False)
+                rows = check.check_all(args, torch.device("cpu"), verbose=False)
+                if rank == 0:
+                    torch.save(rows, Path(outdir) / "check.pt")
+                continue
             if isinstance(case, str):  # an error case
                 try:
                     _err_call(case, rank)
@@ -229,7 +238,7 @@ def _runnable(cases: list[Case]) -> list[Case]:
 
 @pytest.fixture(scope="module")
 def results2(tmp_path_factory) -> Path:
-    return _launch(2, list(ERRORS) + _runnable(CASES_2) + ["bench"], tmp_path_factory.mktemp("ring2"))
+    return _launch(2, list(ERRORS) + _runnable(CASES_2) + ["bench", "check"], tmp_path_factory.mktemp("ring2"))
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +294,14 @@ def test_bench_reports_per_rank_and_scaling(results2: Path) -> None:
     for s in summary:
         step = max(r["time_ms"] for r in rows if (r["method"], r["mode"]) == (s["method"], s["mode"]))
         assert s["step_ms"] == step and s["efficiency"] == pytest.approx(s["baseline_ms"] / (2 * step))
+
+
+def test_real_size_check_runs_every_case(results2: Path) -> None:
+    """flashlab.distributed.check (what multi_gpu_round.sh runs on GPUs): 8 cases, all within the rule."""
+    rows = torch.load(results2 / "check.pt")
+    assert sorted((r["method"], r["sharding"], r["causal"]) for r in rows) == sorted(
+        (m, s, c) for m in ("ring", "allgather") for s in ("contiguous", "zigzag") for c in (False, True))
+    assert all(r["ok"] for r in rows), rows
 
 
 # ------------------------------------------------------------------ world size 1, in process

@@ -1,6 +1,6 @@
 """Ring attention against the references at a size that fits one GPU (issue 10's correctness run).
 
-    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/ring_check.py --json ring-check.json
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 -m flashlab.distributed.check --json ring-check.json
 
 Every rank builds the same global q, k, v and upstream gradient (one seed), runs
 ``ring_flash_attn_func`` on its shard, forward and backward, for each method × sharding × causal
@@ -78,35 +78,50 @@ def _check(got: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.T
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None, cuda: bool | None = None) -> argparse.Namespace:
+    """The flags, with the sizes defaulted for CUDA (a real size) or CPU (tiny)."""
     args = _parser().parse_args(argv)
-    kind = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = kind == "cuda"
+    if args.device == "auto":
+        args.device = "cuda" if (torch.cuda.is_available() if cuda is None else cuda) else "cpu"
     for name, gpu, cpu in (("seqlen", 8192, 96), ("heads", 16, 4), ("kv_heads", 4, 2), ("head_dim", 128, 32)):
         if getattr(args, name) is None:
-            setattr(args, name, gpu if cuda else cpu)
-    device = _init(kind)
+            setattr(args, name, gpu if args.device == "cuda" else cpu)
+    return args
+
+
+def check_all(args: argparse.Namespace, device: torch.device, verbose: bool = True) -> list[dict[str, object]]:
+    """Every method × sharding × causal case on the initialized default group (collective); rank 0
+    returns the rows (the others an empty list)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     q, k, v, dout = _global_inputs(args, device, dtype)
     rows = []
-    try:
-        for method, sharding, causal in itertools.product(METHODS, ("contiguous", "zigzag"), (False, True)):
-            local = [shard_sequence(t, world, rank, sharding=sharding).detach().clone() for t in (q, k, v, dout)]
-            ql, kl, vl = (t.requires_grad_() for t in local[:3])
-            out_l = ring_flash_attn_func(ql, kl, vl, causal=causal, method=method, sharding=sharding)
-            grads_l = torch.autograd.grad(out_l, (ql, kl, vl), local[3])
-            got = [gather_sequence(t, sharding=sharding) for t in (out_l, *grads_l)]
-            if rank == 0:
-                row = {"method": method, "sharding": sharding, "causal": causal,
-                       **_check(got, q, k, v, dout, causal)}
-                rows.append(row)
+    for method, sharding, causal in itertools.product(METHODS, ("contiguous", "zigzag"), (False, True)):
+        local = [shard_sequence(t, world, rank, sharding=sharding).detach().clone() for t in (q, k, v, dout)]
+        ql, kl, vl = (t.requires_grad_() for t in local[:3])
+        out_l = ring_flash_attn_func(ql, kl, vl, causal=causal, method=method, sharding=sharding)
+        grads_l = torch.autograd.grad(out_l, (ql, kl, vl), local[3])
+        got = [gather_sequence(t, sharding=sharding) for t in (out_l, *grads_l)]
+        if rank == 0:
+            row = {"method": method, "sharding": sharding, "causal": causal, **_check(got, q, k, v, dout, causal)}
+            rows.append(row)
+            if verbose:
                 print(" ".join(f"{key}={val}" for key, val in row.items()), flush=True)
-            dist.barrier()
+        dist.barrier()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cuda = args.device == "cuda"
+    device = _init(args.device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        rows = check_all(args, device)
         if rank == 0:
             failed = sum(not r["ok"] for r in rows)
             print(f"{len(rows) - failed}/{len(rows)} passed (world {world}, S {args.seqlen}, "
-                  f"H {args.heads}:{args.kv_heads}, d {args.head_dim}, {dtype})")
+                  f"H {args.heads}:{args.kv_heads}, d {args.head_dim}, {args.dtype})")
             if args.json:
                 env = {"world_size": world, "backend": dist.get_backend(), "torch": torch.__version__,
                        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
