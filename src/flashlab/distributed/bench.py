@@ -71,7 +71,9 @@ def _list(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     return items
 
 
-def _init(device: str) -> torch.device:
+def init_group(device: str) -> torch.device:
+    """The default process group for ``device`` ("cuda": NCCL on LOCAL_RANK's GPU, multicast off unless
+    set; "cpu": gloo); a plain run without torchrun is a world of one. Returns the device."""
     for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
         os.environ.setdefault(key, default)  # a plain `python -m` run is a world of one
     if device == "cuda":
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cuda = args.device == "cuda"
     device_kind = args.device
-    device = _init(device_kind)
+    device = init_group(device_kind)
     try:
         all_rows = gather_rows(measure(args, device))
         if dist.get_rank() == 0:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from flashlab.distributed import gather_sequence, ring_flash_attn_func, shard_sequence
+from flashlab.distributed.bench import init_group
 from flashlab.distributed.plan import METHODS
 from flashlab.reference import accuracy_check, naive_attention, reference_attention
 
@@ -37,17 +38,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--json", help="write the rows (and the environment) to this file (rank 0)")
     return p
-
-
-def _init(kind: str) -> torch.device:
-    if kind == "cuda":
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on the shared machines
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", device_id=dev)
-        return dev
-    dist.init_process_group("gloo")
-    return torch.device("cpu")
 
 
 def _global_inputs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -114,7 +104,7 @@ def check_all(args: argparse.Namespace, device: torch.device, verbose: bool = Tr
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cuda = args.device == "cuda"
-    device = _init(args.device)
+    device = init_group(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         rows = check_all(args, device)
