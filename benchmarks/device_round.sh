@@ -13,7 +13,8 @@
 #   decode  first-call time, then decoding (decode_bench.py): eager, as CUDA graph replays, windowed
 #   lab     the feature suites not yet measured in full (softcap-alibi, sliding-window fwd+bwd; rerun
 #           with a kept OUT and --resume by hand to finish one)
-#   features  round 6's dropout RNG rewrite and the dense-mask drop-in: the dropout and attn-mask suites
+#   dropout    round 6's dropout RNG rewrite: the lab's dropout suite
+#   attn-mask  the SDPA drop-in with dense masks (and the block mask beside it): the attn-mask suite
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:?usage: device_round.sh OUT STAGE...}
@@ -83,16 +84,18 @@ for stage in "$@"; do
         > "$dir/window.log" 2>&1
       tail -n 30 "$dir"/*.log
       ;;
-    features)
-      lab=("$py" -m flashlab.lab.cli bench --rep-ms 50)
-      timeout 200 "${lab[@]}" --suite dropout --providers flashlab,sdpa-flash,sdpa-efficient \
-        --out "$dir/dropout" > "$dir/dropout.log" 2>&1
-      timeout 280 "${lab[@]}" --suite attn-mask --providers flashlab-sdpa,flashlab,sdpa,sdpa-cudnn \
-        --out "$dir/attn-mask" > "$dir/attn-mask.log" 2>&1
-      for log in "$dir"/*.log; do tail -n 30 "$log"; done
+    dropout)
+      timeout 200 "$py" -m flashlab.lab.cli bench --rep-ms 50 --suite dropout \
+        --providers flashlab,sdpa-flash,sdpa-efficient --out "$dir/dropout" > "$dir/dropout.log" 2>&1
+      tail -n 30 "$dir/dropout.log"
+      ;;
+    attn-mask)
+      timeout 280 "$py" -m flashlab.lab.cli bench --rep-ms 50 --suite attn-mask \
+        --providers flashlab-sdpa,flashlab,sdpa,sdpa-cudnn --out "$dir/attn-mask" > "$dir/attn-mask.log" 2>&1
+      tail -n 30 "$dir/attn-mask.log"
       ;;
     *)
-      echo "unknown stage: $stage (verify, host, tune, tma, decode, lab, features)"
+      echo "unknown stage: $stage (verify, host, tune, tma, decode, lab, dropout, attn-mask)"
       exit 2
       ;;
   esac

@@ -78,3 +78,19 @@ def test_decode_splits_fill_one_wave_of_programs():
         assert n == 1 or tiles * (n + 1) > slots or n == -(-keys // 128)  # as many as fit, unless keys run out
     assert decode_tiles.choose_num_splits(4, 8, 1, 32768, 132, 128) == 8  # 256 programs, not 9 → 288
     assert decode_tiles.choose_num_splits(1, 8, 1, 1024, 132, 128) == 8  # 1024 keys: no split under 128 keys
+
+
+@pytest.mark.parametrize("sparse,want", [((16, 16), (16, 16, 1)), ((32, 16), (32, 16, 2)), ((32, 32), (32, 32, 4)),
+                                         ((64, 128), (64, 64, 8)), ((128, 128), (128, 64, 8))])
+def test_block_sparse_tiles_divide_the_blocks_and_keep_256_scores_a_warp(sparse, want):
+    """A 16×16 tile over 4 warps gave wrong dropout outputs on the H200 (perf-notes round 7): clamped
+    tiles drop warps until each holds at least 256 scores."""
+    from types import SimpleNamespace
+
+    from flashlab.launch_args import clamp_tiles
+
+    run = SimpleNamespace(flags={"MASK_KIND": 3, "SPARSE_M": sparse[0], "SPARSE_N": sparse[1]})
+    got = clamp_tiles(configs.TileConfig(128, 64, 8, 3), run)
+    assert (got.block_m, got.block_n, got.num_warps, got.num_stages) == (*want, 3)
+    dense = SimpleNamespace(flags={"MASK_KIND": 0})
+    assert clamp_tiles(configs.TileConfig(128, 64, 8, 3), dense) == configs.TileConfig(128, 64, 8, 3)

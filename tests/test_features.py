@@ -165,7 +165,7 @@ def test_sdpa_dropout_changes_between_calls(device):
 
 def test_varlen_dropout_uses_the_documented_counters(device):
     """Packed rows draw counter (head · total + packed position) · counter_stride(max_seqlen_k) + key,
-    as the CPU path and philox.py do (odd lengths: rows do not start on a group of four keys);
+    as the CPU path and philox.py do (odd lengths: rows do not start on a group of eight keys);
     forward and gradients against the reference with that pattern, per sequence."""
     from flashlab import philox
 

@@ -2,11 +2,13 @@
 same masks as the kernels (kernels/scores.py ``dropout_keep``) for the same seed.
 
 Weight (query row r, key j) has the counter ``c = r · stride + j`` with ``stride = counter_stride(
-seqlen_k)`` (a multiple of 4). Its uniform is output word ``c % 4`` of Triton's ``tl.rand4x(seed,
-c // 4)``: 10 rounds of Philox-4x32 on the counter (low 32 bits, high 32 bits, 0, 0) with the key
-(seed low 32 bits, seed high 32 bits); each word as an int32 ``x``, negatives folded with ``~x``,
-scaled by 4.6566127342e-10 in fp32. One Philox call serves four keys. uint32 arithmetic is done here
-in int64 tensors, products split into 16-bit halves so nothing overflows.
+seqlen_k)`` (a multiple of 8). Its random number is a 16-bit half of Triton's
+``tl.randint4x(seed, c // 8)`` (10 rounds of Philox-4x32 on the counter (low 32 bits, high 32 bits,
+0, 0) with the key (seed low 32 bits, seed high 32 bits)): word ``(c % 8) // 2``, its low half for
+even ``c``, its high half for odd. The weight is kept iff that half is ``>= dropout_threshold(p)``
+(``p · 65536`` rounded), so the keep rate is ``1 - p`` to within 2^-17 — flash-attn's CUDA kernels
+compare 8-bit parts of the same kind of words. One Philox call serves eight keys. uint32
+arithmetic is done here in int64 tensors, products split into 16-bit halves so nothing overflows.
 """
 
 from __future__ import annotations
@@ -31,9 +33,16 @@ def _mul32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def counter_stride(seqlen_k: int) -> int:
-    """Dropout counters per query row: seqlen_k rounded up to a multiple of 4, so that each Philox
-    call's four words serve four keys of one row."""
-    return (int(seqlen_k) + 3) // 4 * 4
+    """Dropout counters per query row: seqlen_k rounded up to a multiple of 8, so that each Philox
+    call's four words (eight 16-bit halves) serve eight keys of one row."""
+    return (int(seqlen_k) + 7) // 8 * 8
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """The 16-bit threshold the kernels compare against: ``p · 65536 + 0.5`` in fp32, truncated
+    (the kernels compute it from their fp32 ``dropout_p`` the same way; exact, 65536 is a power of 2)."""
+    t = torch.tensor(dropout_p, dtype=torch.float32) * 65536.0 + 0.5
+    return int(t.item())
 
 
 def philox_words(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -51,32 +60,31 @@ def philox_words(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor, Te
     return c0, c1, c2, c3
 
 
-def _uniform(word: Tensor) -> Tensor:
-    x = torch.where(word >= 1 << 31, word - (1 << 32), word)  # the word as an int32
-    x = torch.where(x < 0, -x - 1, x)  # ~x
-    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+def _halves(words: Tensor) -> Tensor:
+    """[..., 4] uint32 words → [..., 8] 16-bit values: word w's low half at 2w, its high half at 2w + 1."""
+    return torch.stack((words & 0xFFFF, words >> 16), dim=-1).flatten(-2)
 
 
-def philox_uniform(seed: int, counters: Tensor) -> Tensor:
-    """The fp32 uniform in [0, 1) of each non-negative int64 dropout counter (module docstring)."""
-    words = torch.stack(philox_words(seed, counters >> 2))
-    return _uniform(words.gather(0, (counters & 3).unsqueeze(0)).squeeze(0))
+def philox_bits16(seed: int, counters: Tensor) -> Tensor:
+    """The 16-bit random number (0 … 65535, int64) of each non-negative int64 dropout counter."""
+    halves = _halves(torch.stack(philox_words(seed, counters >> 3), dim=-1))
+    return halves.gather(-1, (counters & 7).unsqueeze(-1)).squeeze(-1)
 
 
 def dropout_keep(seed: int, counters: Tensor, dropout_p: float) -> Tensor:
-    """True where a weight survives dropout: the kernels' ``uniform >= p`` (fp32)."""
-    return philox_uniform(seed, counters) >= torch.tensor(dropout_p, dtype=torch.float32)
+    """True where a weight survives dropout (module docstring), one Philox evaluation per counter."""
+    return philox_bits16(seed, counters) >= dropout_threshold(dropout_p)
 
 
 def dropout_keep_rows(seed: int, row_counters: Tensor, j0: int, j1: int, dropout_p: float) -> Tensor:
     """``dropout_keep`` of keys ``j0 .. j1 - 1`` for rows whose key 0 has counter ``row_counters[..., 0]``
-    (a multiple of 4; shape [..., 1]): the same bits, one Philox evaluation per four keys as in the
+    (a multiple of 8; shape [..., 1]): the same bits, one Philox evaluation per eight keys as in the
     kernels instead of one per key. Returns [..., j1 - j0]."""
-    g0, g1 = j0 // 4, -(-j1 // 4)
-    groups = (row_counters >> 2) + torch.arange(g0, g1, dtype=torch.int64)
-    uniforms = _uniform(torch.stack(philox_words(seed, groups), dim=-1).flatten(-2))  # word w of group g: key 4g + w
-    start = j0 - 4 * g0
-    return uniforms[..., start:start + j1 - j0] >= torch.tensor(dropout_p, dtype=torch.float32)
+    g0, g1 = j0 // 8, -(-j1 // 8)
+    groups = (row_counters >> 3) + torch.arange(g0, g1, dtype=torch.int64)
+    bits = _halves(torch.stack(philox_words(seed, groups), dim=-1)).flatten(-2)  # half h of group g: key 8g + h
+    start = j0 - 8 * g0
+    return bits[..., start:start + j1 - j0] >= dropout_threshold(dropout_p)
 
 
 def dense_dropout_pattern(seed: int, dropout_p: float, batch: int, heads: int, seqlen_q: int,

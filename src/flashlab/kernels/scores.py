@@ -4,7 +4,7 @@ Order (flash-attn's): scale, softcap (``softcap · tanh(score / softcap)``), ALi
 (``− slope · |i + diag − j|``), then the user's mask (boolean: keep where True; float: added).
 Everything is in log2 units (× log2 e) because the kernels exponentiate with ``exp2``.
 Dropout keeps a score's probability with chance ``1 − p``, decided by Philox on a counter that is
-unique per (batch, head, query, key), so the backward regenerates the same pattern.
+unique per (batch, head, query, key), so the backward regenerates the same pattern (philox.py).
 """
 
 import triton
@@ -57,20 +57,33 @@ def modified_scores(qk, qi, kj, seqlen_q, seqlen_k, diag, qk_scale, cap_in, cap_
 
 
 @triton.jit
+def _halves(w):
+    """uint32 words → (low 16 bits, high 16 bits) as int32."""
+    return (w & 0xFFFF).to(tl.int32), (w >> 16).to(tl.int32)
+
+
+@triton.jit
 def dropout_keep(seed, counter_base, rows, start_n, stride_counter_m, dropout_p, BLOCK_N: tl.constexpr,
                  TRANSPOSED: tl.constexpr = False):
     """Boolean tile [rows, BLOCK_N] (TRANSPOSED: [BLOCK_N, rows], the dK/dV kernel's orientation) of
     query ``rows`` (1-D) and keys ``start_n + j``: True where the weight survives dropout.
 
-    Counter = (LSE row of the query) × stride + key, the stride and ``counter_base`` multiples of 4;
-    its uniform is word ``counter % 4`` of ``tl.rand4x(seed, counter // 4)`` — one Philox call per
-    four keys, a quarter of ``tl.rand``'s work (philox.py mirrors it on the CPU)."""
+    Counter = (LSE row of the query) × stride + key, the stride, ``counter_base`` and ``start_n``
+    multiples of 8; its random number is 16-bit half ``counter % 8`` of the four words of
+    ``tl.randint4x(seed, counter // 8)`` (word (c % 8) // 2, low half for even c): one Philox call
+    per eight keys (philox.py mirrors it on the CPU and documents the threshold)."""
     groups = (counter_base + rows.to(tl.int64)[:, None] * stride_counter_m + start_n
-              + 4 * tl.arange(0, BLOCK_N // 4)[None, :]) >> 2
-    u0, u1, u2, u3 = tl.rand4x(seed, groups)
-    # join appends an axis: [rows, N/4, 2 (inner join), 2 (outer join)] → word a·2 + b at key 4g + a·2 + b
-    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [rows.shape[0], BLOCK_N])
-    keep = u >= dropout_p
+              + 8 * tl.arange(0, BLOCK_N // 8)[None, :]) >> 3
+    w0, w1, w2, w3 = tl.randint4x(seed, groups)
+    h0, h1 = _halves(w0)
+    h2, h3 = _halves(w1)
+    h4, h5 = _halves(w2)
+    h6, h7 = _halves(w3)
+    # Each join appends an axis: [rows, N/8, a, b, c] is flattened as key 8g + 4a + 2b + c, so the
+    # innermost join picks a, the outermost c (half h_k sits at key 8g + k).
+    bits = tl.join(tl.join(tl.join(h0, h4), tl.join(h2, h6)), tl.join(tl.join(h1, h5), tl.join(h3, h7)))
+    bits = tl.reshape(bits, [rows.shape[0], BLOCK_N])
+    keep = bits >= tl.cast(dropout_p * 65536.0 + 0.5, tl.int32)  # philox.dropout_threshold
     if TRANSPOSED:
         keep = tl.trans(keep)
     return keep
