@@ -178,7 +178,13 @@ def _time_config(rows: list[dict], kind: str, cfg, case: dict, fn, mode: str, g,
         rows.append({"kind": kind, "cfg": str(cfg), **case, "error": f"{type(e).__name__}: {str(e)[:200]}"})
 
 
-def tune(rows: list[dict], seqlens: list[int], head_dims: list[int], dtype) -> None:
+def _print_tune_row(r: dict) -> None:
+    print(r["kind"], r["d"], r["seqlen"], "causal" if r["causal"] else "full", r["cfg"],
+          f"{r['tflops']:.0f}" if "tflops" in r else r["error"], flush=True)
+
+
+def tune(rows: list[dict], seqlens: list[int], head_dims: list[int], dtype, kinds: tuple[str, ...]) -> None:
+    """Time each tile variant (rows printed as they come, so a cut run still reports)."""
     orig_f, orig_b = ops.forward_config, ops.backward_config
     try:
         for d, causal, seqlen in itertools.product(head_dims, (False, True), seqlens):
@@ -188,15 +194,17 @@ def tune(rows: list[dict], seqlens: list[int], head_dims: list[int], dtype) -> N
             g = torch.randn_like(q)
             fn = providers(q, k, v, causal)["flashlab"]
             key = min(x for x in FWD_VARIANTS if x >= d)
-            for cfg in map(lambda c: TileConfig(*c), FWD_VARIANTS[key]):
+            for cfg in map(lambda c: TileConfig(*c), FWD_VARIANTS[key] if "fwd" in kinds else []):
                 ops.forward_config = lambda *a, cfg=cfg: cfg
                 _time_config(rows, "tune-fwd", cfg, case, fn, "fwd", None, None, 0.0)
+                _print_tune_row(rows[-1])
             ops.forward_config = orig_f
             fwd_ms = bench(fn, "fwd", None, None)
-            for pair in BWD_VARIANTS[key]:
+            for pair in BWD_VARIANTS[key] if "bwd" in kinds else []:
                 cfgs = tuple(TileConfig(*c) for c in pair)
                 ops.backward_config = lambda *a, cfgs=cfgs: cfgs
                 _time_config(rows, "tune-bwd", cfgs, case, fn, "fwd+bwd", g, (q, k, v), fwd_ms)
+                _print_tune_row(rows[-1])
             ops.backward_config = orig_b
     finally:
         ops.forward_config, ops.backward_config = orig_f, orig_b
@@ -208,6 +216,7 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--tune-seqlens", type=int, nargs="+", default=[8192])
     ap.add_argument("--tune-head-dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--tune-kinds", nargs="+", choices=["fwd", "bwd"], default=["fwd", "bwd"])
     ap.add_argument("--seqlens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
@@ -229,12 +238,8 @@ def main() -> None:
         print("correctness:", "PASS" if ok else "FAIL", f"({time.time() - t0:.0f}s)")
     dump()
     if args.tune:
-        tune(rows, args.tune_seqlens, args.tune_head_dims, torch.float16)
+        tune(rows, args.tune_seqlens, args.tune_head_dims, torch.float16, tuple(args.tune_kinds))
         dump()
-        for r in rows:
-            if r["kind"].startswith("tune"):
-                print(r["kind"], r["d"], r["seqlen"], "causal" if r["causal"] else "full", r["cfg"],
-                      f"{r['tflops']:.0f}" if "tflops" in r else r["error"])
         print(f"tune done ({time.time() - t0:.0f}s)")
     time_grid(rows, args.seqlens, args.head_dims, args.modes, torch.float16)
     dump()
