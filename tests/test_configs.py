@@ -65,32 +65,24 @@ def test_short_causal_d128_backward_takes_smaller_tiles(hopper):
         128, False, hopper, True, seqlen_k=8192)  # not causal: unchanged
 
 
-def test_decode_splits_fill_one_wave_of_programs():
-    """The split count fills CTAS_PER_SM programs per SM without passing it (no second, nearly empty
-    wave), never splits shorter than the minimum, and is at least 1."""
+def test_decode_splits_fill_the_slots_without_a_sliver_of_a_second_wave():
+    """The split count fills CTAS_PER_SM programs per SM — rounded up unless the overflow is a
+    sliver (under SLIVER of the slots) — never splits shorter than the minimum, and is at least 1."""
     from flashlab import decode_tiles
 
     slots = decode_tiles.CTAS_PER_SM * 132
-    for batch, kv_heads, keys in ((1, 8, 32768), (4, 8, 32768), (16, 8, 8192), (3, 5, 100000), (64, 8, 8192)):
+    for batch, kv_heads, keys in ((1, 8, 32768), (4, 8, 32768), (16, 8, 8192), (3, 5, 100000), (64, 8, 8192),
+                                  (32, 8, 4096), (2, 3, 50000)):
         n = decode_tiles.choose_num_splits(batch, kv_heads, 1, keys, 132, 128)
         tiles = batch * kv_heads
-        assert n >= 1 and (tiles * n <= slots or n == 1), (batch, n)
-        assert n == 1 or tiles * (n + 1) > slots or n == -(-keys // 128)  # as many as fit, unless keys run out
+        assert 1 <= n <= decode_tiles.MAX_SPLITS
+        if n < -(-keys // 128):  # keys did not run out: the rule decided
+            over = tiles * n - slots
+            assert over <= 0 or n == 1 or over >= decode_tiles.SLIVER * slots, (batch, n)  # no sliver
+            # not too few: the slots are full, or one split more would spill only a sliver
+            assert tiles * n >= slots or 0 < tiles * (n + 1) - slots < decode_tiles.SLIVER * slots, (batch, n)
     assert decode_tiles.choose_num_splits(4, 8, 1, 32768, 132, 128) == 8  # 256 programs, not 9 → 288
+    assert decode_tiles.choose_num_splits(16, 8, 1, 8192, 132, 128) == 3  # 384 programs, not 2 → 256
+    assert decode_tiles.choose_num_splits(1, 8, 1, 32768, 132, 128) == 33  # exactly the 264 slots
     assert decode_tiles.choose_num_splits(1, 8, 1, 1024, 132, 128) == 8  # 1024 keys: no split under 128 keys
-
-
-@pytest.mark.parametrize("sparse,want", [((16, 16), (16, 16, 1)), ((32, 16), (32, 16, 2)), ((32, 32), (32, 32, 4)),
-                                         ((64, 128), (64, 64, 8)), ((128, 128), (128, 64, 8))])
-def test_block_sparse_tiles_divide_the_blocks_and_keep_256_scores_a_warp(sparse, want):
-    """A 16×16 tile over 4 warps gave wrong dropout outputs on the H200 (perf-notes round 7): clamped
-    tiles drop warps until each holds at least 256 scores."""
-    from types import SimpleNamespace
-
-    from flashlab.launch_args import clamp_tiles
-
-    run = SimpleNamespace(flags={"MASK_KIND": 3, "SPARSE_M": sparse[0], "SPARSE_N": sparse[1]})
-    got = clamp_tiles(configs.TileConfig(128, 64, 8, 3), run)
-    assert (got.block_m, got.block_n, got.num_warps, got.num_stages) == (*want, 3)
-    dense = SimpleNamespace(flags={"MASK_KIND": 0})
-    assert clamp_tiles(configs.TileConfig(128, 64, 8, 3), dense) == configs.TileConfig(128, 64, 8, 3)
+    assert decode_tiles.choose_num_splits(64, 8, 1, 8192, 132, 128) == 1

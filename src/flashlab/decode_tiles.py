@@ -18,6 +18,7 @@ MAX_SPLITS = 128
 # B1 x 1k keys: 8 splits of 128 keys 6.8 us, 4 of 256 8.5 us (perf-notes round 5).
 MIN_SPLIT_KEYS = 128
 CTAS_PER_SM = 2  # split until batch × kv_heads × splits programs fill this many per SM
+SLIVER = 0.25  # a second wave under this share of the slots is not worth its programs (choose_num_splits)
 FEW_SPLITS = 4  # up to this many splits per sequence, a contiguous cache streams with 2 stages
 
 
@@ -50,11 +51,17 @@ def num_sms(device_index: int | None) -> int:
 
 def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, max_keys: int, num_sms: int,
                       min_split_keys: int) -> int:
-    """Splits per (sequence, kv head): as many programs as fit ``CTAS_PER_SM`` per SM at once — never
-    more, so no second, nearly empty wave (B4 × 32k keys, GQA 32:8: 9 splits are 288 programs for
-    264 slots; 8 splits took 127.7 µs where the 9 of the ceiling took ~137, H200, perf-notes round 6)
-    — but no split shorter than ``min_split_keys`` of the longest sequence, and at most ``MAX_SPLITS``."""
-    tiles = batch * kv_heads * m_blocks
-    want = CTAS_PER_SM * num_sms // max(tiles, 1)
+    """Splits per (sequence, kv head): enough programs to fill ``CTAS_PER_SM`` per SM — rounded up,
+    unless that spills only a sliver into a second wave (under ``SLIVER`` of the slots), then
+    rounded down. H200, GQA 32:8, graph replays (perf-notes rounds 6–7): B4 × 32k (32 tiles, 264
+    slots) 8 splits 125 µs, the 9 of the ceiling 143 (24 programs past the wave); B16 × 8k / 32k
+    (128 tiles) 3 splits 126 / 471 µs, the 2 of the floor 137 / 519 (a memory-bound kernel keeps
+    streaming through a substantial second wave). No split is shorter than ``min_split_keys`` of
+    the longest sequence, and there are at most ``MAX_SPLITS``."""
+    tiles = max(batch * kv_heads * m_blocks, 1)
+    slots = CTAS_PER_SM * num_sms
+    want = -(-slots // tiles)
+    if want > 1 and 0 < want * tiles - slots < SLIVER * slots:
+        want -= 1
     useful = math.ceil(max(max_keys, 1) / min_split_keys)
     return max(1, min(want, useful, MAX_SPLITS))
