@@ -50,6 +50,26 @@ def test_sdpa_drop_in_matches_pytorch_sdpa(head_dim, causal, dtype):
     assert (out.float() - want.float()).abs().max() < 2e-2
 
 
+DROPOUT_CASES = [  # batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal: the shipped tiles, ragged too
+    (1, 1024, 1024, 8, 2, 128, True),
+    (2, 777, 1001, 4, 4, 64, False),
+    (1, 513, 1500, 6, 2, 256, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=[case_id(*c) for c in DROPOUT_CASES])
+def test_dropout_real_sizes_against_its_pattern(case, dtype):
+    """Dropout with the GPU's own tiles (in the interpreter they are 32 × 32): output and gradients
+    against the reference run with the returned keep pattern, and the pattern's keep rate."""
+    torch.manual_seed(sum(case))
+    batch, sq, sk, h, hk, d, causal = case
+    q, k, v = make_qkv(batch, sq, sk, h, hk, d, dtype, "cuda")
+    out, _, keep = flashlab.flash_attn_func(q, k, v, dropout_p=0.15, causal=causal, return_attn_probs=True)
+    assert abs(keep.float().mean().item() - 0.85) < 5e-3
+    check_against_reference(out, q, k, v, causal=causal, dropout_keep=keep, dropout_p=0.15)
+
+
 def test_deterministic_backward_at_scale():
     torch.manual_seed(0)
     q, k, v = make_qkv(2, 4096, 4096, 8, 2, 128, torch.bfloat16, "cuda")
