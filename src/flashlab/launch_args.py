@@ -59,16 +59,11 @@ def _table_strides(table: torch.Tensor) -> tuple[int, int, int]:
 
 
 def clamp_tiles(cfg: TileConfig, run: Launch) -> TileConfig:
-    """Kernel tiles must divide a block-sparse mask's blocks (both are powers of two). A clamped tile
-    keeps at least 256 scores per warp: the H200 computed wrong dropout outputs with 16×16 tiles
-    spread over 4 warps (a score tile smaller than the warps' MMA footprint is replicated across
-    warps; docs/perf-notes.md round 7), and a few warps are all such a tile can feed."""
+    """Kernel tiles must divide a block-sparse mask's blocks (both are powers of two)."""
     if run.flags["MASK_KIND"] != 3:
         return cfg
-    block_m = min(cfg.block_m, run.flags["SPARSE_M"])
-    block_n = min(cfg.block_n, run.flags["SPARSE_N"])
-    return replace(cfg, block_m=block_m, block_n=block_n,
-                   num_warps=max(1, min(cfg.num_warps, block_m * block_n // 256)))
+    return replace(cfg, block_m=min(cfg.block_m, run.flags["SPARSE_M"]),
+                   block_n=min(cfg.block_n, run.flags["SPARSE_N"]))
 
 
 def prepare(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, window_left, window_right,
