@@ -15,6 +15,7 @@
 #           with a kept OUT and --resume by hand to finish one)
 #   dropout    round 6's dropout RNG rewrite: the lab's dropout suite
 #   attn-mask  the SDPA drop-in with dense masks (and the block mask beside it): the attn-mask suite
+#   bsp-dropout  the open 16-block dropout bug (block_sparse_dropout_probe.py)
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:?usage: device_round.sh OUT STAGE...}
@@ -94,8 +95,11 @@ for stage in "$@"; do
         --providers flashlab-sdpa,flashlab,sdpa,sdpa-cudnn --out "$dir/attn-mask" > "$dir/attn-mask.log" 2>&1
       tail -n 30 "$dir/attn-mask.log"
       ;;
+    bsp-dropout)
+      timeout 120 "$py" benchmarks/block_sparse_dropout_probe.py 2>&1 | tee "$dir/probe.txt"
+      ;;
     *)
-      echo "unknown stage: $stage (verify, host, tune, tma, decode, lab, dropout, attn-mask)"
+      echo "unknown stage: $stage (verify, host, tune, tma, decode, lab, dropout, attn-mask, bsp-dropout)"
       exit 2
       ;;
   esac
