@@ -16,6 +16,7 @@
 #   dropout    round 6's dropout RNG rewrite: the lab's dropout suite
 #   attn-mask  the SDPA drop-in with dense masks (and the block mask beside it): the attn-mask suite
 #   bsp-dropout  the open 16-block dropout bug (block_sparse_dropout_probe.py)
+#   gluon   the Gluon forward experiment (gluon_forward.py): correctness, then timed beside flashlab and SDPA
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:?usage: device_round.sh OUT STAGE...}
@@ -98,8 +99,11 @@ for stage in "$@"; do
     bsp-dropout)
       timeout 120 "$py" benchmarks/block_sparse_dropout_probe.py 2>&1 | tee "$dir/probe.txt"
       ;;
+    gluon)
+      timeout 240 "$py" benchmarks/gluon_forward.py --out "$dir" 2>&1 | tee "$dir/gluon.log" | tail -20
+      ;;
     *)
-      echo "unknown stage: $stage (verify, host, tune, tma, decode, lab, dropout, attn-mask, bsp-dropout)"
+      echo "unknown stage: $stage (verify, host, tune, tma, decode, lab, dropout, attn-mask, bsp-dropout, gluon)"
       exit 2
       ;;
   esac

@@ -1,0 +1,275 @@
+"""Experiment (issue 4): a Gluon forward for Hopper (sm_90) with explicit async wgmma.
+
+`tl.range(..., warp_specialize=True)` does nothing on Hopper in Triton 3.6 (perf-notes round 7,
+experiment 6), so overlapping the softmax with the tensor cores (FlashAttention-3's
+intra-warpgroup pipelining) is written here by hand in Gluon: per key block j the program issues
+S_{j+1} = Q·K_{j+1}ᵀ asynchronously, runs the softmax of S_j while it computes, then issues
+O += P_j·V_j and waits only for S_{j+1}. K/V stream through a ring of shared-memory stages
+filled by cp.async. Scope of this first version: the plain dense forward, no mask, head dims 64 and
+128, seqlens multiples of the tiles, fp16/bf16, GQA; (batch, seqlen, heads, head_dim) inputs.
+
+Not part of the package until it beats `flashlab.kernels.forward` on a GPU in one run; it never ran
+on one yet (written 2026-12-02 with no device time left: compiled for sm_90 only).
+
+Usage:
+  python3 benchmarks/gluon_forward.py --compile-only       # no GPU: compile for sm_90 (Triton 3.6)
+  python3 benchmarks/gluon_forward.py --out DIR             # GPU: check against the reference, then
+                                                            # time vs flashlab and SDPA's backends
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
+
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _issue_kv(k_base, v_base, stride_ks, stride_vs, k_smem, v_smem, block, slot, offs_n, offs_d,
+              BLOCK_N: gl.constexpr):
+    """cp.async key block ``block`` of K and V into ring slot ``slot`` (one commit group)."""
+    rows = block * BLOCK_N + offs_n
+    async_copy.async_copy_global_to_shared(k_smem.index(slot), k_base + rows[:, None] * stride_ks + offs_d[None, :])
+    async_copy.async_copy_global_to_shared(v_smem.index(slot), v_base + rows[:, None] * stride_vs + offs_d[None, :])
+
+
+@gluon.jit
+def attn_fwd_gluon_kernel(
+    Q, K, V, Out, LSE,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group_size, qk_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+):
+    """O[b, i, h] = softmax(Q·Kᵀ · scale) · V for one BLOCK_M query block; LSE (natural log).
+    Grid: (seqlen_q / BLOCK_M, heads, batch); seqlen_q % BLOCK_M == seqlen_k % BLOCK_N == 0."""
+    NUM_WARPS: gl.constexpr = gl.num_warps()
+    load_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    dtype = Q.dtype.element_ty
+
+    pid_m = gl.program_id(0)
+    off_h = gl.program_id(1)
+    off_b = gl.program_id(2).to(gl.int64)
+    off_hk = off_h // group_size
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, load_layout))
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, load_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, load_layout))
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], smem_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+
+    n_blocks = seqlen_k // BLOCK_N
+    # Prologue: Q, then key blocks 0 .. STAGES-2 in flight (one commit group each).
+    async_copy.async_copy_global_to_shared(q_smem, q_base + offs_m[:, None] * stride_qs + offs_d[None, :])
+    for s in gl.static_range(STAGES - 1):
+        _issue_kv(k_base, v_base, stride_ks, stride_vs, k_smem, v_smem, s, s, offs_n, offs_d, BLOCK_N)
+        async_copy.commit_group()
+
+    m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+
+    # S_0 = Q·K_0ᵀ
+    async_copy.wait_group(STAGES - 2)
+    gl.thread_barrier()
+    fence_async_shared()
+    s_next = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+    acc = warpgroup_mma_init(acc)
+    for j in range(n_blocks):
+        s_cur = s_next
+        # Block j+1 was committed STAGES-3 groups ago (the refills below): wait for it, then issue
+        # S_{j+1} (the last iteration recomputes S_j and drops it) before the softmax of S_j, so the
+        # tensor cores run under the exponentials.
+        async_copy.wait_group(STAGES - 3)
+        gl.thread_barrier()
+        fence_async_shared()
+        ahead = gl.minimum(j + 1, n_blocks - 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(ahead % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+        # Online softmax of S_j (log2 domain, the scale folded into one FMA).
+        m_ij = gl.maximum(m_i, gl.max(s_cur, axis=1) * qk_scale)
+        p = gl.exp2(s_cur * qk_scale - m_ij[:, None])
+        alpha = gl.exp2(m_i - m_ij)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_ij
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        # Issue order P·V_{j-1}, S_{j+1}: one outstanding means P·V_{j-1} is done (S_{j+1} may run).
+        o = warpgroup_mma_wait(1, deps=[acc])
+        # Block j-1's slot is free now: refill it with block j + STAGES - 1 (an empty group past the end).
+        nxt = j + STAGES - 1
+        if nxt < n_blocks:
+            _issue_kv(k_base, v_base, stride_ks, stride_vs, k_smem, v_smem, nxt, nxt % STAGES, offs_n, offs_d,
+                      BLOCK_N)
+        async_copy.commit_group()
+        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        acc = warpgroup_mma(p_op, v_smem.index(j % STAGES), o, is_async=True)
+        # Issue order S_{j+1}, P·V_j: one outstanding means S_{j+1} is done (P·V_j may run on).
+        s_next = warpgroup_mma_wait(1, deps=[s_tok])
+    acc = warpgroup_mma_wait(0, deps=[acc])
+
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    out = acc / l_o[:, None]
+    om = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    od = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + om[:, None] * stride_os + od[None, :]
+    gl.store(o_ptrs, out.to(dtype))
+    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+    lm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    gl.store(LSE + off_b * stride_lb + off_h * stride_lh + lm, lse)
+
+
+TILES = {64: (128, 128, 4), 128: (128, 64, 4)}  # head dim -> (BLOCK_M, BLOCK_N, STAGES); 8 warps
+VARIANTS = {64: [(128, 128, 4), (128, 64, 4)], 128: [(128, 64, 4), (128, 128, 3), (128, 64, 3)]}
+
+
+def gluon_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
+                    tiles: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) for (batch, seqlen, heads, head_dim) fp16/bf16 CUDA tensors, no mask; seqlens
+    multiples of the tiles, head dim 64 or 128 (this experiment's scope)."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    block_m, block_n, stages = tiles or TILES[head_dim]
+    if seqlen_q % block_m or seqlen_k % block_n or seqlen_k < block_n:
+        raise ValueError(f"the Gluon experiment needs seqlen_q % {block_m} == seqlen_k % {block_n} == 0")
+    scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    grid = (seqlen_q // block_m, heads, batch)
+    attn_fwd_gluon_kernel[grid](
+        q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
+        lse.stride(1), seqlen_q, seqlen_k, heads // kv_heads, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=8)
+    return out, lse
+
+
+def _ptxas_resources(ptx: str) -> str:
+    """Registers and spills by the ptxas Triton bundles (sm_90a)."""
+    import re
+    import subprocess
+    import tempfile
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        report = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", f"{tmp}/k.ptx", "-o", f"{tmp}/k.o"],
+                                capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return f"regs {regs.group(1) if regs else '?'}, spills {spills.groups() if spills else '?'}"
+
+
+def compile_only() -> None:
+    """Compile for sm_90 without a GPU (the shapes a launch specializes: 16-divisible pointers,
+    strides and lengths); prints shared memory and the wgmma / cp.async counts of the TTGIR."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = list(attn_fwd_gluon_kernel.arg_names)
+    for head_dim, block_m, block_n, stages in ((d, *t) for d, ts in VARIANTS.items() for t in ts):
+        for ty in ("fp16", "bf16"):
+            consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages}
+            pointers = ("Q", "K", "V", "Out", "LSE")
+            sig = {n: ("constexpr" if n in consts else "*fp32" if n == "LSE" else f"*{ty}" if n in pointers
+                       else "fp32" if n == "qk_scale" else "i32") for n in names}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                     if n in pointers or n.startswith(("stride", "seqlen"))}
+            src = GluonASTSource(attn_fwd_gluon_kernel, sig, {(names.index(n),): v for n, v in consts.items()}, attrs)
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+            ttgir = kernel.asm["ttgir"]
+            print(f"d{head_dim} {ty} {block_m}x{block_n} stages {stages}: shared {kernel.metadata.shared} B, "
+                  f"wgmma {ttgir.count('warp_group_dot ')}, cp.async {ttgir.count('async_copy_global_to_local')}, "
+                  f"{_ptxas_resources(kernel.asm['ptx'])}", flush=True)
+
+
+def check_and_time(out_dir: Path) -> None:
+    """Accuracy rule against the fp32 reference (several shapes, GQA), then TFLOP/s beside flashlab's
+    forward and SDPA's flash / cuDNN backends in the same run."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import flashlab
+    from flashlab.reference import accuracy_check, naive_attention, reference_attention
+
+    rows = []
+    for batch, seqlen, heads, kv_heads, head_dim, dtype in [(2, 1024, 8, 8, 128, torch.bfloat16),
+                                                             (1, 2048, 8, 2, 64, torch.float16),
+                                                             (1, 512, 4, 4, 128, torch.float16),
+                                                             (3, 256, 6, 2, 64, torch.bfloat16)]:
+        q = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
+        k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+        out, lse = gluon_attention(q, k, v)
+        check = accuracy_check(out, reference_attention(q, k, v, dtype=torch.float32), naive_attention(q, k, v))
+        ref_out, ref_lse = flashlab.ops.attention_forward(q, k, v, head_dim ** -0.5, False, True)
+        lse_err = (lse - ref_lse).abs().max().item()
+        rows.append({"kind": "check", "shape": [batch, seqlen, heads, kv_heads, head_dim], "dtype": str(dtype),
+                     "ok": check.ok, "detail": str(check), "lse_max_err": lse_err})
+        print("check", rows[-1]["shape"], dtype, check, f"lse err {lse_err:.2e}", flush=True)
+    for head_dim in (64, 128):
+        for seqlen in (1024, 4096, 16384):
+            heads, batch = 2048 // head_dim, 16384 // seqlen
+            q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.float16)
+                       for _ in range(3))
+            flops = 4 * batch * heads * seqlen * seqlen * head_dim
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            fns = {f"gluon{t[1]}s{t[2]}": (lambda t=t, q=q, k=k, v=v: gluon_attention(q, k, v, tiles=t))
+                   for t in VARIANTS[head_dim]}
+            fns["flashlab"] = lambda q=q, k=k, v=v: flashlab.flash_attn_func(q, k, v)
+            for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                                  ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+                def run(backend=backend, qt=qt, kt=kt, vt=vt):
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(qt, kt, vt)
+                fns[name] = run
+            line = {}
+            for name, fn in fns.items():
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                line[name] = flops / ms / 1e9
+                rows.append({"kind": "time", "provider": name, "d": head_dim, "seqlen": seqlen, "ms": ms,
+                             "tflops": line[name]})
+            best = max(t for n, t in line.items() if n.startswith("gluon"))
+            print(f"d{head_dim} seqlen {seqlen}: " + "  ".join(f"{n} {t:.0f}" for n, t in line.items())
+                  + f"  best gluon / flashlab {best / line['flashlab']:.2f}x", flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gluon_forward.json").write_text(json.dumps(rows, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if args.compile_only:
+        compile_only()
+    else:
+        check_and_time(args.out or Path("gluon-forward"))
+
+
+if __name__ == "__main__":
+    main()
