@@ -87,8 +87,9 @@ def attn_fwd_gluon_kernel(
     # Prologue: Q, then key blocks 0 .. STAGES-2 in flight (one commit group each).
     async_copy.async_copy_global_to_shared(q_smem, q_base + offs_m[:, None] * stride_qs + offs_d[None, :])
     for s in gl.static_range(STAGES - 1):
-        _issue_kv(k_base, v_base, stride_ks, stride_vs, k_smem, v_smem, s, s, offs_n, offs_d, BLOCK_N)
-        async_copy.commit_group()
+        if s < n_blocks:
+            _issue_kv(k_base, v_base, stride_ks, stride_vs, k_smem, v_smem, s, s, offs_n, offs_d, BLOCK_N)
+        async_copy.commit_group()  # an empty group past the end keeps the wait counts below uniform
 
     m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -121,7 +122,9 @@ def attn_fwd_gluon_kernel(
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         # Issue order P·V_{j-1}, S_{j+1}: one outstanding means P·V_{j-1} is done (S_{j+1} may run).
         o = warpgroup_mma_wait(1, deps=[acc])
-        # Block j-1's slot is free now: refill it with block j + STAGES - 1 (an empty group past the end).
+        # Block j-1's slot is free once both warpgroups' P·V_{j-1} are done (each waited for its own):
+        # refill it with block j + STAGES - 1 (an empty group past the end).
+        gl.thread_barrier()
         nxt = j + STAGES - 1
         if nxt < n_blocks:
             _issue_kv(k_base, v_base, stride_ks, stride_vs, k_smem, v_smem, nxt, nxt % STAGES, offs_n, offs_d,
@@ -149,9 +152,11 @@ VARIANTS = {64: [(128, 128, 4), (128, 64, 4)], 128: [(128, 64, 4), (128, 128, 3)
 
 
 def gluon_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
-                    tiles: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    tiles: tuple[int, int, int] | None = None, poison: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) for (batch, seqlen, heads, head_dim) fp16/bf16 CUDA tensors, no mask; seqlens
-    multiples of the tiles, head dim 64 or 128 (this experiment's scope)."""
+    multiples of the tiles, head dim 64 or 128 (this experiment's scope). ``poison`` fills the
+    outputs with NaN first, so an element the kernel never writes fails the check."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     block_m, block_n, stages = tiles or TILES[head_dim]
@@ -160,6 +165,9 @@ def gluon_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_s
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    if poison:
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
     grid = (seqlen_q // block_m, heads, batch)
     attn_fwd_gluon_kernel[grid](
         q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -224,13 +232,16 @@ def check_and_time(out_dir: Path) -> None:
                                                              (3, 256, 6, 2, 64, torch.bfloat16)]:
         q = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
         k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device="cuda", dtype=dtype) for _ in range(2))
-        out, lse = gluon_attention(q, k, v)
-        check = accuracy_check(out, reference_attention(q, k, v, dtype=torch.float32), naive_attention(q, k, v))
-        ref_out, ref_lse = flashlab.ops.attention_forward(q, k, v, head_dim ** -0.5, False, True)
-        lse_err = (lse - ref_lse).abs().max().item()
-        rows.append({"kind": "check", "shape": [batch, seqlen, heads, kv_heads, head_dim], "dtype": str(dtype),
-                     "ok": check.ok, "detail": str(check), "lse_max_err": lse_err})
-        print("check", rows[-1]["shape"], dtype, check, f"lse err {lse_err:.2e}", flush=True)
+        for tiles in VARIANTS[head_dim]:
+            out, lse = gluon_attention(q, k, v, tiles=tiles, poison=True)
+            check = accuracy_check(out, reference_attention(q, k, v, dtype=torch.float32), naive_attention(q, k, v))
+            _, ref_lse = flashlab.ops.attention_forward(q, k, v, head_dim ** -0.5, False, True)
+            lse_err = (lse - ref_lse).abs().max().item()  # NaN if a row was never written
+            ok = check.ok and not out.isnan().any().item() and lse_err < 1e-3
+            rows.append({"kind": "check", "shape": [batch, seqlen, heads, kv_heads, head_dim], "dtype": str(dtype),
+                         "tiles": list(tiles), "ok": ok, "detail": str(check), "lse_max_err": lse_err})
+            print("check", "PASS" if ok else "FAIL", rows[-1]["shape"], dtype, tiles, check,
+                  f"lse err {lse_err:.2e}", flush=True)
     for head_dim in (64, 128):
         for seqlen in (1024, 4096, 16384):
             heads, batch = 2048 // head_dim, 16384 // seqlen
