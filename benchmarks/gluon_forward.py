@@ -5,8 +5,9 @@ experiment 6), so overlapping the softmax with the tensor cores (FlashAttention-
 intra-warpgroup pipelining) is written here by hand in Gluon: per key block j the program issues
 S_{j+1} = Q·K_{j+1}ᵀ asynchronously, runs the softmax of S_j while it computes, then issues
 O += P_j·V_j and waits only for S_{j+1}. K/V stream through a ring of shared-memory stages
-filled by cp.async. Scope of this first version: the plain dense forward, no mask, head dims 64 and
-128, seqlens multiples of the tiles, fp16/bf16, GQA; (batch, seqlen, heads, head_dim) inputs.
+filled by cp.async. Scope of this first version: the dense forward, no mask or causal (seqlen_q ==
+seqlen_k, diagonal blocks masked, longest rows first), head dims 64 and 128, seqlens multiples of
+the tiles, fp16/bf16, GQA; (batch, seqlen, heads, head_dim) inputs.
 
 Not part of the package until it beats `flashlab.kernels.forward` on a GPU in one run; it never ran
 on one yet (written 2026-12-02 with no device time left: compiled for sm_90 only).
@@ -20,6 +21,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -54,9 +56,11 @@ def attn_fwd_gluon_kernel(
     stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
     seqlen_q, seqlen_k, group_size, qk_scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    CAUSAL: gl.constexpr,
 ):
     """O[b, i, h] = softmax(Q·Kᵀ · scale) · V for one BLOCK_M query block; LSE (natural log).
-    Grid: (seqlen_q / BLOCK_M, heads, batch); seqlen_q % BLOCK_M == seqlen_k % BLOCK_N == 0."""
+    Grid: (seqlen_q / BLOCK_M, heads, batch); seqlen_q % BLOCK_M == seqlen_k % BLOCK_N == 0; with
+    CAUSAL seqlen_q == seqlen_k (key j visible to query i iff j <= i)."""
     NUM_WARPS: gl.constexpr = gl.num_warps()
     load_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
     smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
@@ -68,6 +72,8 @@ def attn_fwd_gluon_kernel(
     dtype = Q.dtype.element_ty
 
     pid_m = gl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first so the tail is short
+        pid_m = gl.num_programs(0) - 1 - pid_m
     off_h = gl.program_id(1)
     off_b = gl.program_id(2).to(gl.int64)
     off_hk = off_h // group_size
@@ -84,6 +90,10 @@ def attn_fwd_gluon_kernel(
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
 
     n_blocks = seqlen_k // BLOCK_N
+    if CAUSAL:  # key blocks up to the diagonal
+        n_blocks = gl.minimum(n_blocks, (pid_m * BLOCK_M + BLOCK_M + BLOCK_N - 1) // BLOCK_N)
+    rows_s = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    cols_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     # Prologue: Q, then key blocks 0 .. STAGES-2 in flight (one commit group each).
     async_copy.async_copy_global_to_shared(q_smem, q_base + offs_m[:, None] * stride_qs + offs_d[None, :])
     for s in gl.static_range(STAGES - 1):
@@ -113,6 +123,9 @@ def attn_fwd_gluon_kernel(
         ahead = gl.minimum(j + 1, n_blocks - 1)
         s_tok = warpgroup_mma(q_smem, k_smem.index(ahead % STAGES).permute((1, 0)), s_zero, use_acc=False,
                               is_async=True)
+        if CAUSAL:
+            if (j + 1) * BLOCK_N > pid_m * BLOCK_M:  # a block that crosses the diagonal
+                s_cur = gl.where(j * BLOCK_N + cols_s[None, :] <= rows_s[:, None], s_cur, float("-inf"))
         # Online softmax of S_j (log2 domain, the scale folded into one FMA).
         m_ij = gl.maximum(m_i, gl.max(s_cur, axis=1) * qk_scale)
         p = gl.exp2(s_cur * qk_scale - m_ij[:, None])
@@ -151,17 +164,18 @@ TILES = {64: (128, 128, 4), 128: (128, 64, 4)}  # head dim -> (BLOCK_M, BLOCK_N,
 VARIANTS = {64: [(128, 128, 4), (128, 64, 4)], 128: [(128, 64, 4), (128, 128, 3), (128, 64, 3)]}
 
 
-def gluon_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
-                    tiles: tuple[int, int, int] | None = None, poison: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) for (batch, seqlen, heads, head_dim) fp16/bf16 CUDA tensors, no mask; seqlens
-    multiples of the tiles, head dim 64 or 128 (this experiment's scope). ``poison`` fills the
-    outputs with NaN first, so an element the kernel never writes fails the check."""
+def gluon_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                    softmax_scale: float | None = None, tiles: tuple[int, int, int] | None = None,
+                    poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) for (batch, seqlen, heads, head_dim) fp16/bf16 CUDA tensors, no mask or causal
+    (seqlen_q == seqlen_k); seqlens multiples of the tiles, head dim 64 or 128 (this experiment's
+    scope). ``poison`` fills the outputs with NaN first, so an element never written fails the check."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     block_m, block_n, stages = tiles or TILES[head_dim]
-    if seqlen_q % block_m or seqlen_k % block_n or seqlen_k < block_n:
-        raise ValueError(f"the Gluon experiment needs seqlen_q % {block_m} == seqlen_k % {block_n} == 0")
+    if seqlen_q % block_m or seqlen_k % block_n or seqlen_k < block_n or (causal and seqlen_q != seqlen_k):
+        raise ValueError(f"the Gluon experiment needs seqlen_q % {block_m} == seqlen_k % {block_n} == 0 "
+                         "(and seqlen_q == seqlen_k when causal)")
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
@@ -173,7 +187,7 @@ def gluon_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_s
         q, k, v, out, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
         lse.stride(1), seqlen_q, seqlen_k, heads // kv_heads, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=8)
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal), num_warps=8)
     return out, lse
 
 
@@ -201,8 +215,9 @@ def compile_only() -> None:
 
     names = list(attn_fwd_gluon_kernel.arg_names)
     for head_dim, block_m, block_n, stages in ((d, *t) for d, ts in VARIANTS.items() for t in ts):
-        for ty in ("fp16", "bf16"):
-            consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages}
+        for ty, causal in (("fp16", False), ("bf16", True)):
+            consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages,
+                      "CAUSAL": causal}
             pointers = ("Q", "K", "V", "Out", "LSE")
             sig = {n: ("constexpr" if n in consts else "*fp32" if n == "LSE" else f"*{ty}" if n in pointers
                        else "fp32" if n == "qk_scale" else "i32") for n in names}
@@ -211,7 +226,8 @@ def compile_only() -> None:
             src = GluonASTSource(attn_fwd_gluon_kernel, sig, {(names.index(n),): v for n, v in consts.items()}, attrs)
             kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
             ttgir = kernel.asm["ttgir"]
-            print(f"d{head_dim} {ty} {block_m}x{block_n} stages {stages}: shared {kernel.metadata.shared} B, "
+            mask = "causal" if causal else "full"
+            print(f"d{head_dim} {ty} {mask} {block_m}x{block_n} stages {stages}: shared {kernel.metadata.shared} B, "
                   f"wgmma {ttgir.count('warp_group_dot ')}, cp.async {ttgir.count('async_copy_global_to_local')}, "
                   f"{_ptxas_resources(kernel.asm['ptx'])}", flush=True)
 
@@ -232,41 +248,49 @@ def check_and_time(out_dir: Path) -> None:
                                                              (3, 256, 6, 2, 64, torch.bfloat16)]:
         q = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
         k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device="cuda", dtype=dtype) for _ in range(2))
-        for tiles in VARIANTS[head_dim]:
-            out, lse = gluon_attention(q, k, v, tiles=tiles, poison=True)
-            check = accuracy_check(out, reference_attention(q, k, v, dtype=torch.float32), naive_attention(q, k, v))
-            _, ref_lse = flashlab.ops.attention_forward(q, k, v, head_dim ** -0.5, False, True)
-            lse_err = (lse - ref_lse).abs().max().item()  # NaN if a row was never written
-            ok = check.ok and not out.isnan().any().item() and lse_err < 1e-3
-            rows.append({"kind": "check", "shape": [batch, seqlen, heads, kv_heads, head_dim], "dtype": str(dtype),
-                         "tiles": list(tiles), "ok": ok, "detail": str(check), "lse_max_err": lse_err})
-            print("check", "PASS" if ok else "FAIL", rows[-1]["shape"], dtype, tiles, check,
-                  f"lse err {lse_err:.2e}", flush=True)
-    for head_dim in (64, 128):
-        for seqlen in (1024, 4096, 16384):
-            heads, batch = 2048 // head_dim, 16384 // seqlen
-            q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.float16)
-                       for _ in range(3))
-            flops = 4 * batch * heads * seqlen * seqlen * head_dim
-            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-            fns = {f"gluon{t[1]}s{t[2]}": (lambda t=t, q=q, k=k, v=v: gluon_attention(q, k, v, tiles=t))
-                   for t in VARIANTS[head_dim]}
-            fns["flashlab"] = lambda q=q, k=k, v=v: flashlab.flash_attn_func(q, k, v)
-            for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
-                                  ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
-                def run(backend=backend, qt=qt, kt=kt, vt=vt):
-                    with sdpa_kernel(backend):
-                        return F.scaled_dot_product_attention(qt, kt, vt)
-                fns[name] = run
-            line = {}
-            for name, fn in fns.items():
-                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                line[name] = flops / ms / 1e9
-                rows.append({"kind": "time", "provider": name, "d": head_dim, "seqlen": seqlen, "ms": ms,
-                             "tflops": line[name]})
-            best = max(t for n, t in line.items() if n.startswith("gluon"))
-            print(f"d{head_dim} seqlen {seqlen}: " + "  ".join(f"{n} {t:.0f}" for n, t in line.items())
-                  + f"  best gluon / flashlab {best / line['flashlab']:.2f}x", flush=True)
+        for causal in (False, True):
+            ref = reference_attention(q, k, v, dtype=torch.float32, causal=causal)
+            low = naive_attention(q, k, v, causal=causal)
+            _, ref_lse = flashlab.ops.attention_forward(q, k, v, head_dim ** -0.5, causal, True)
+            for tiles in VARIANTS[head_dim]:
+                out, lse = gluon_attention(q, k, v, causal=causal, tiles=tiles, poison=True)
+                check = accuracy_check(out, ref, low)
+                lse_err = (lse - ref_lse).abs().max().item()  # NaN if a row was never written
+                ok = check.ok and not out.isnan().any().item() and lse_err < 1e-3
+                rows.append({"kind": "check", "shape": [batch, seqlen, heads, kv_heads, head_dim], "causal": causal,
+                             "dtype": str(dtype), "tiles": list(tiles), "ok": ok, "detail": str(check),
+                             "lse_max_err": lse_err})
+                print("check", "PASS" if ok else "FAIL", rows[-1]["shape"], "causal" if causal else "full", dtype,
+                      tiles, check, f"lse err {lse_err:.2e}", flush=True)
+    if not all(r["ok"] for r in rows):
+        print("correctness FAILED: not timing")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "gluon_forward.json").write_text(json.dumps(rows, indent=1))
+        return
+    for head_dim, causal, seqlen in itertools.product((64, 128), (False, True), (1024, 4096, 16384)):
+        heads, batch = 2048 // head_dim, 16384 // seqlen
+        q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.float16) for _ in range(3))
+        flops = 4 * batch * heads * seqlen * seqlen * head_dim // (2 if causal else 1)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        fns = {f"gluon{t[1]}s{t[2]}": (lambda t=t, q=q, k=k, v=v, c=causal: gluon_attention(q, k, v, c, tiles=t))
+               for t in VARIANTS[head_dim]}
+        fns["flashlab"] = lambda q=q, k=k, v=v, c=causal: flashlab.flash_attn_func(q, k, v, causal=c)
+        for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def run(backend=backend, qt=qt, kt=kt, vt=vt, c=causal):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(qt, kt, vt, is_causal=c)
+            fns[name] = run
+        line = {}
+        for name, fn in fns.items():
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            line[name] = flops / ms / 1e9
+            rows.append({"kind": "time", "provider": name, "d": head_dim, "causal": causal, "seqlen": seqlen,
+                         "ms": ms, "tflops": line[name]})
+        best = max(t for n, t in line.items() if n.startswith("gluon"))
+        print(f"d{head_dim} {'causal' if causal else 'full'} seqlen {seqlen}: "
+              + "  ".join(f"{n} {t:.0f}" for n, t in line.items())
+              + f"  best gluon / flashlab {best / line['flashlab']:.2f}x, / cudnn {best / line['sdpa-cudnn']:.2f}x",
+              flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gluon_forward.json").write_text(json.dumps(rows, indent=1))
 
