@@ -107,9 +107,11 @@ def attn_fwd_gluon_kernel(
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
 
     # S_0 = Q·K_0ᵀ
+    # Each thread's cp.async writes are done after its wait; each thread fences them for the async
+    # proxy (wgmma reads shared memory through it), then the barrier makes all of them visible.
     async_copy.wait_group(STAGES - 2)
-    gl.thread_barrier()
     fence_async_shared()
+    gl.thread_barrier()
     s_next = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
     acc = warpgroup_mma_init(acc)
     for j in range(n_blocks):
@@ -118,8 +120,8 @@ def attn_fwd_gluon_kernel(
         # S_{j+1} (the last iteration recomputes S_j and drops it) before the softmax of S_j, so the
         # tensor cores run under the exponentials.
         async_copy.wait_group(STAGES - 3)
-        gl.thread_barrier()
         fence_async_shared()
+        gl.thread_barrier()
         ahead = gl.minimum(j + 1, n_blocks - 1)
         s_tok = warpgroup_mma(q_smem, k_smem.index(ahead % STAGES).permute((1, 0)), s_zero, use_acc=False,
                               is_async=True)
