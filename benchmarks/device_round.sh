@@ -100,7 +100,7 @@ for stage in "$@"; do
       timeout 120 "$py" benchmarks/block_sparse_dropout_probe.py 2>&1 | tee "$dir/probe.txt"
       ;;
     gluon)
-      timeout 300 "$py" benchmarks/gluon_forward.py --out "$dir" 2>&1 | tee "$dir/gluon.log" | tail -20
+      timeout 420 "$py" benchmarks/gluon_forward.py --out "$dir" 2>&1 | tee "$dir/gluon.log" | tail -20
       ;;
     *)
       echo "unknown stage: $stage (verify, host, tune, tma, decode, lab, dropout, attn-mask, bsp-dropout, gluon)"
