@@ -217,27 +217,16 @@ def gluon_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return out, lse
 
 
-def _ptxas_resources(ptx: str) -> str:
-    """Registers and spills by the ptxas Triton bundles (sm_90a)."""
-    import re
-    import subprocess
-    import tempfile
-
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "k.ptx").write_text(ptx)
-        report = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", f"{tmp}/k.ptx", "-o", f"{tmp}/k.o"],
-                                capture_output=True, text=True).stderr
-    regs = re.search(r"Used (\d+) registers", report)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    return f"regs {regs.group(1) if regs else '?'}, spills {spills.groups() if spills else '?'}"
-
-
 def compile_only() -> None:
     """Compile for sm_90 without a GPU (the shapes a launch specializes: 16-divisible pointers,
     strides and lengths); prints shared memory and the wgmma / cp.async counts of the TTGIR."""
+    import sys
+
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from kernel_compile import ptxas_resources  # the resource report the test tier uses
 
     names = list(attn_fwd_gluon_kernel.arg_names)
     for head_dim, block_m, block_n, stages, overlap in ((d, *t) for d, ts in VARIANTS.items() for t in ts):
@@ -256,7 +245,7 @@ def compile_only() -> None:
             tile = f"{block_m}x{block_n} stages {stages} overlap {overlap:d}"
             print(f"d{head_dim} {ty} {mask} {tile}: shared {kernel.metadata.shared} B, "
                   f"wgmma {ttgir.count('warp_group_dot ')}, cp.async {ttgir.count('async_copy_global_to_local')}, "
-                  f"{_ptxas_resources(kernel.asm['ptx'])}", flush=True)
+                  f"{ptxas_resources(kernel.asm['ptx'], 90)}", flush=True)
 
 
 def check_and_time(out_dir: Path) -> None:
