@@ -97,10 +97,14 @@ for stage in "$@"; do
       tail -n 30 "$dir/attn-mask.log"
       ;;
     bsp-dropout)
-      timeout 120 "$py" benchmarks/block_sparse_dropout_probe.py 2>&1 | tee "$dir/probe.txt"
+      timeout 90 "$py" benchmarks/block_sparse_dropout_probe.py 2>&1 | tee "$dir/probe.txt"
+      # The experiment: narrow tiles draw one Philox call per element instead of joining halves.
+      echo "--- FLASHLAB_DROPOUT_NARROW=elementwise"
+      FLASHLAB_DROPOUT_NARROW=elementwise TRITON_CACHE_DIR=/tmp/triton-narrow timeout 90 "$py" \
+        benchmarks/block_sparse_dropout_probe.py 2>&1 | tee "$dir/probe-elementwise.txt"
       ;;
     gluon)
-      timeout 420 "$py" benchmarks/gluon_forward.py --out "$dir" 2>&1 | tee "$dir/gluon.log" | tail -20
+      timeout 360 "$py" benchmarks/gluon_forward.py --out "$dir" 2>&1 | tee "$dir/gluon.log" | tail -20
       ;;
     *)
       echo "unknown stage: $stage (verify, host, tune, tma, decode, lab, dropout, attn-mask, bsp-dropout, gluon)"

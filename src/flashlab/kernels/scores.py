@@ -7,6 +7,8 @@ Dropout keeps a score's probability with chance ``1 − p``, decided by Philox o
 unique per (batch, head, query, key), so the backward regenerates the same pattern (philox.py).
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -56,6 +58,11 @@ def modified_scores(qk, qi, kj, seqlen_q, seqlen_k, diag, qk_scale, cap_in, cap_
     return s, t
 
 
+# Experiment (docs/perf-notes.md round 8): draw narrow (< 32 key) tiles' numbers one Philox call
+# per element instead of joining eight halves; the 16-block block-sparse dropout bug's probe sets it.
+NARROW_ELEMENTWISE = tl.constexpr(os.environ.get("FLASHLAB_DROPOUT_NARROW", "join") == "elementwise")
+
+
 @triton.jit
 def _halves(w):
     """uint32 words → (low 16 bits, high 16 bits) as int32."""
@@ -72,6 +79,18 @@ def dropout_keep(seed, counter_base, rows, start_n, stride_counter_m, dropout_p,
     multiples of 8; its random number is 16-bit half ``counter % 8`` of the four words of
     ``tl.randint4x(seed, counter // 8)`` (word (c % 8) // 2, low half for even c): one Philox call
     per eight keys (philox.py mirrors it on the CPU and documents the threshold)."""
+    threshold = tl.cast(dropout_p * 65536.0 + 0.5, tl.int32)  # philox.dropout_threshold
+    if NARROW_ELEMENTWISE and BLOCK_N < 32:
+        c = (counter_base + rows.to(tl.int64)[:, None] * stride_counter_m + start_n
+             + tl.arange(0, BLOCK_N)[None, :])
+        w0, w1, w2, w3 = tl.randint4x(seed, c >> 3)
+        sel = (c & 7).to(tl.int32)
+        word = tl.where(sel < 4, tl.where(sel < 2, w0, w1), tl.where(sel < 6, w2, w3))
+        half = tl.where((sel & 1) == 0, word & 0xFFFF, word >> 16).to(tl.int32)
+        keep = half >= threshold
+        if TRANSPOSED:
+            keep = tl.trans(keep)
+        return keep
     groups = (counter_base + rows.to(tl.int64)[:, None] * stride_counter_m + start_n
               + 8 * tl.arange(0, BLOCK_N // 8)[None, :]) >> 3
     w0, w1, w2, w3 = tl.randint4x(seed, groups)
@@ -83,7 +102,7 @@ def dropout_keep(seed, counter_base, rows, start_n, stride_counter_m, dropout_p,
     # innermost join picks a, the outermost c (half h_k sits at key 8g + k).
     bits = tl.join(tl.join(tl.join(h0, h4), tl.join(h2, h6)), tl.join(tl.join(h1, h5), tl.join(h3, h7)))
     bits = tl.reshape(bits, [rows.shape[0], BLOCK_N])
-    keep = bits >= tl.cast(dropout_p * 65536.0 + 0.5, tl.int32)  # philox.dropout_threshold
+    keep = bits >= threshold
     if TRANSPOSED:
         keep = tl.trans(keep)
     return keep
