@@ -10,6 +10,7 @@ Usage (GPU): PYTHONPATH=src python3 benchmarks/block_sparse_dropout_probe.py
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import sys
 from pathlib import Path
@@ -17,7 +18,6 @@ from pathlib import Path
 import torch
 
 import flashlab
-import flashlab.block_mask as block_mask_module
 from flashlab.reference import accuracy_check, naive_attention, reference_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -59,7 +59,8 @@ def run(sq: int, sk: int, head_dim: int, block: int, dropout: bool, alibi: bool,
 
 def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU: TRITON_INTERPRET=1
-    block_mask_module.MIN_DROPOUT_BLOCK = 1  # reproduce the refused case
+    # The module, not flashlab.block_mask (the function that package attribute names).
+    importlib.import_module("flashlab.block_mask").MIN_DROPOUT_BLOCK = 1  # reproduce the refused case
     for dropout, alibi, softcap in itertools.product([False, True], repeat=3):
         run(50, 70, 24, 16, dropout, alibi, softcap, "band-mod3", device)
     for block, name in itertools.product((16, 32, 64), ("band-mod3", "all")):

@@ -15,6 +15,8 @@
 #           with a kept OUT and --resume by hand to finish one)
 #   dropout    round 6's dropout RNG rewrite: the lab's dropout suite
 #   attn-mask  the SDPA drop-in with dense masks (and the block mask beside it): the attn-mask suite
+#   decode-tune  the decode split-count rule beside its tune (graph replays, B4/16/32 at 8k/32k)
+#   bwd-tune     the backward's dK/dV and dQ tile sweep at d64/d128
 #   bsp-dropout  the open 16-block dropout bug (block_sparse_dropout_probe.py)
 #   gluon   the Gluon forward experiment (gluon_forward.py): correctness, then timed beside flashlab and SDPA
 set -uo pipefail
@@ -96,6 +98,17 @@ for stage in "$@"; do
         --providers flashlab-sdpa,flashlab,sdpa,sdpa-cudnn --out "$dir/attn-mask" > "$dir/attn-mask.log" 2>&1
       tail -n 30 "$dir/attn-mask.log"
       ;;
+    decode-tune)
+      # The split-count rule (decode_tiles.choose_num_splits) against its tune, graph replays.
+      timeout 150 "$py" benchmarks/decode_bench.py --out "$dir" --budget-s 130 --cudagraph --skip-correctness \
+        --batches 4 16 32 --cache-lens 8192 32768 > "$dir/decode.log" 2>&1
+      tail -n 30 "$dir/decode.log"
+      ;;
+    bwd-tune)
+      timeout 330 "$py" benchmarks/kernel_check.py --out "$dir" --tune --tune-kinds bwd --tune-head-dims 64 128 \
+        --tune-seqlens 2048 8192 --seqlens 2048 --modes fwd+bwd > "$dir/tune.log" 2>&1
+      tail -n 40 "$dir/tune.log"
+      ;;
     bsp-dropout)
       timeout 90 "$py" benchmarks/block_sparse_dropout_probe.py 2>&1 | tee "$dir/probe.txt"
       # The experiment: narrow tiles draw one Philox call per element instead of joining halves.
@@ -107,7 +120,7 @@ for stage in "$@"; do
       timeout 360 "$py" benchmarks/gluon_forward.py --out "$dir" 2>&1 | tee "$dir/gluon.log" | tail -20
       ;;
     *)
-      echo "unknown stage: $stage (verify, host, tune, tma, decode, lab, dropout, attn-mask, bsp-dropout, gluon)"
+      echo "unknown stage: $stage (verify, host, tune, tma, decode, decode-tune, bwd-tune, lab, dropout, attn-mask, bsp-dropout, gluon)"
       exit 2
       ;;
   esac
