@@ -17,7 +17,6 @@
 #   attn-mask  the SDPA drop-in with dense masks (and the block mask beside it): the attn-mask suite
 #   decode-tune  the decode split-count rule beside its tune (graph replays, B4/16/32 at 8k/32k)
 #   bwd-tune     the backward's dK/dV and dQ tile sweep at d64/d128
-#   bsp-dropout  the open 16-block dropout bug (block_sparse_dropout_probe.py)
 #   gluon   the Gluon forward experiment (gluon_forward.py): correctness, then timed beside flashlab and SDPA
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -109,18 +108,11 @@ for stage in "$@"; do
         --tune-seqlens 2048 8192 --seqlens 2048 --modes fwd+bwd > "$dir/tune.log" 2>&1
       tail -n 40 "$dir/tune.log"
       ;;
-    bsp-dropout)
-      timeout 90 "$py" benchmarks/block_sparse_dropout_probe.py 2>&1 | tee "$dir/probe.txt"
-      # The experiment: narrow tiles draw one Philox call per element instead of joining halves.
-      echo "--- FLASHLAB_DROPOUT_NARROW=elementwise"
-      FLASHLAB_DROPOUT_NARROW=elementwise TRITON_CACHE_DIR=/tmp/triton-narrow timeout 90 "$py" \
-        benchmarks/block_sparse_dropout_probe.py 2>&1 | tee "$dir/probe-elementwise.txt"
-      ;;
     gluon)
       timeout 360 "$py" benchmarks/gluon_forward.py --out "$dir" 2>&1 | tee "$dir/gluon.log" | tail -20
       ;;
     *)
-      echo "unknown stage: $stage (verify, host, tune, tma, decode, decode-tune, bwd-tune, lab, dropout, attn-mask, bsp-dropout, gluon)"
+      echo "unknown stage: $stage (verify, host, tune, tma, decode, decode-tune, bwd-tune, lab, dropout, attn-mask, gluon)"
       exit 2
       ;;
   esac

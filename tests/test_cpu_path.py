@@ -76,7 +76,7 @@ def test_dropout_on_cpu_path_uses_the_kernels_pattern(cpu_path, causal):
 
 def test_varlen_dropout_on_cpu_path(cpu_path):
     """Packed batches draw the kernels' counters: (head · total + packed position) · stride + key, the
-    stride max_seqlen_k rounded up to a multiple of 8 (philox.counter_stride)."""
+    stride max_seqlen_k rounded up to a multiple of 32 (philox.counter_stride)."""
     torch.manual_seed(10)
     cu = torch.tensor([0, 13, 30], dtype=torch.int32)
     q, k, v = (torch.randn(30, 4, 16, dtype=torch.float16, requires_grad=True) for _ in range(3))
@@ -85,7 +85,7 @@ def test_varlen_dropout_on_cpu_path(cpu_path):
     torch.manual_seed(11)
     seed = int(torch.randint(0, 2**62, (1,)).item())  # what the call drew
     for a, b in [(0, 13), (13, 30)]:
-        rows = (torch.arange(4)[:, None] * 30 + torch.arange(a, b)[None, :]) * 24  # (heads, tokens); 17 → 24
+        rows = (torch.arange(4)[:, None] * 30 + torch.arange(a, b)[None, :]) * 32  # (heads, tokens); 17 → 32
         counters = rows[..., None] + torch.arange(b - a)
         keep = philox.dropout_keep(seed, counters, 0.25)[None]
         check_against_reference(out[a:b][None], q[a:b][None], k[a:b][None], v[a:b][None], grads=False,

@@ -34,15 +34,17 @@ def _randint4x_kernel(OUT, OFFSETS, seed, n, BLOCK: tl.constexpr):
 
 @pytest.mark.parametrize("seed", [0, 1234567, 2**40 + 17, 2**62 - 1])
 def test_bits_are_halves_of_tl_randint4x(seed, device):
-    """Counter c's 16 bits are half c % 2 of word (c % 8) // 2 of tl.randint4x(seed, c // 8)."""
+    """Counter c's 16 bits are half c % 2 of word (c // 8) % 4 of tl.randint4x(seed, 4 (c // 32) + (c % 8) // 2)."""
     groups = torch.cat([torch.arange(0, 300), torch.arange(2**32 - 150, 2**32 + 150),  # across the word edge
                         torch.randint(0, 2**48, (300,))]).to(torch.int64)
     words = torch.empty(4 * groups.numel(), dtype=torch.int64, device=device)
     _randint4x_kernel[(triton.cdiv(groups.numel(), 128),)](words, groups.to(device), seed, groups.numel(), BLOCK=128)
     words = words.cpu().reshape(-1, 4)
     assert words.min() >= 0 and words.max() < 2**32 and words.unique().numel() > 3000  # real uint32 words
-    want = torch.stack((words & 0xFFFF, words >> 16), dim=-1).reshape(-1)
-    counters = (8 * groups[:, None] + torch.arange(8)).reshape(-1)
+    want = torch.stack((words & 0xFFFF, words >> 16), dim=-1).reshape(-1)  # group g's word w, half h at 8g + 2w + h
+    # the counters group g serves: span g // 4, t = g % 4, keys 32 span + 8 w + 2 t + h
+    offsets = (8 * torch.arange(4)[:, None] + torch.arange(2)).reshape(-1)  # 8w + h, in (w, h) order
+    counters = (32 * (groups[:, None] // 4) + 2 * (groups[:, None] % 4) + offsets).reshape(-1)
     assert torch.equal(philox_bits16(seed, counters), want)
 
 
@@ -52,7 +54,7 @@ def test_threshold_and_keep_rate():
     for p in (0.1, 0.5, 0.9):
         rate = dropout_keep(7, counters, p).double().mean().item()
         assert abs(rate - (1 - p)) < 3e-3  # 2^20 draws: ~5 standard deviations
-    assert counter_stride(1) == 8 and counter_stride(17) == 24 and counter_stride(64) == 64
+    assert counter_stride(1) == 32 and counter_stride(33) == 64 and counter_stride(64) == 64
 
 
 @pytest.mark.parametrize("seed,p", [(99, 0.2), (2**61 + 5, 0.75)])
@@ -61,10 +63,10 @@ def test_dense_pattern_matches_the_kernels(seed, p, device):
     assert torch.equal(dense_dropout_pattern(seed, p, 2, 3, 19, 33), want.cpu())
 
 
-@pytest.mark.parametrize("j0,j1", [(0, 33), (3, 40), (5, 6), (9, 15), (64, 128)])
+@pytest.mark.parametrize("j0,j1", [(0, 33), (3, 40), (5, 6), (9, 15), (31, 97), (64, 128)])
 def test_rows_of_keys_equal_per_counter_draws(j0, j1):
     """dropout_keep_rows (one Philox per eight keys, the CPU path's tiles) equals dropout_keep per counter,
-    also for key ranges that start or end inside a group of eight."""
-    rows = torch.arange(2 * 3 * 5, dtype=torch.int64).reshape(2, 3, 5, 1) * counter_stride(130) + 2**33 * 8
+    also for key ranges that start or end inside a 32-key span."""
+    rows = torch.arange(2 * 3 * 5, dtype=torch.int64).reshape(2, 3, 5, 1) * counter_stride(130) + 2**33 * 32
     want = dropout_keep(2**45 + 3, rows + torch.arange(j0, j1), 0.4)
     assert torch.equal(dropout_keep_rows(2**45 + 3, rows, j0, j1, 0.4), want)

@@ -197,17 +197,10 @@ def block_mask(predicate: Predicate, batch: int | None, heads: int | None, seqle
                      tiles)
 
 
-# Dropout with a block mask of 16-blocks gives wrong outputs on the GPU (H200, Triton 3.6: calls whose
-# tables list partial blocks; 32-blocks and up, and 16-blocks without dropout, are right; it passes
-# in the interpreter; cause open, perf-notes round 7).
-MIN_DROPOUT_BLOCK = 32
-
-
 def check_block_mask(mask: object, batch: int, heads: int, seqlen_q: int, seqlen_k: int, device: torch.device,
-                     conflicts: dict[str, bool], dropout_p: float = 0.0) -> BlockMask | None:
+                     conflicts: dict[str, bool]) -> BlockMask | None:
     """Validate ``block_mask=`` against the call: shapes, device, and options it cannot combine
-    with (``conflicts``: argument name → whether the call uses it; dropout needs blocks of at
-    least ``MIN_DROPOUT_BLOCK`` on a GPU)."""
+    with (``conflicts``: argument name → whether the call uses it)."""
     if mask is None:
         return None
     if not isinstance(mask, BlockMask):
@@ -226,8 +219,4 @@ def check_block_mask(mask: object, batch: int, heads: int, seqlen_q: int, seqlen
     if used:
         raise ValueError(f"block_mask cannot be combined with {used[0]}: express it in the predicate "
                          "(e.g. causal: q_idx >= kv_idx)")
-    small = min(mask.block_m, mask.block_n)
-    if dropout_p > 0 and device.type == "cuda" and small < MIN_DROPOUT_BLOCK:
-        raise ValueError(f"dropout_p > 0 with a block_mask of block_size {small} is not supported on GPUs (wrong "
-                         f"results, an open bug): build the mask with block_size >= {MIN_DROPOUT_BLOCK}")
     return mask

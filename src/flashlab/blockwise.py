@@ -269,7 +269,7 @@ def blockwise_attention(
         dropout_p, dropout_seed: dropout on the attention weights with the kernels' pattern
             (philox.py): weight (b, h, i, j) is kept iff counter (rows[b, h] + i) · stride + j
             passes philox.dropout_keep; ``dropout_rows`` (batch, heads) int64 defaults to (b · heads
-            + h) · seqlen_q and ``dropout_stride`` (a multiple of 8) to counter_stride(seqlen_k), as
+            + h) · seqlen_q and ``dropout_stride`` (a multiple of 32) to counter_stride(seqlen_k), as
             for dense attention in the kernels.
 
     Returns:
@@ -289,8 +289,8 @@ def blockwise_attention(
         dropout_rows = torch.arange(batch * heads, dtype=torch.int64).reshape(batch, heads) * seqlen_q
     if dropout_stride is None:
         dropout_stride = counter_stride(k.shape[1])
-    elif dropout_stride % 8:
-        raise ValueError(f"dropout_stride must be a multiple of 8 (philox.counter_stride), got {dropout_stride}")
+    elif dropout_stride % 32:
+        raise ValueError(f"dropout_stride must be a multiple of 32 (philox.counter_stride), got {dropout_stride}")
     mods = ScoreMods(causal=bool(causal), offset=int(causal_offset), window_left=left, window_right=right,
                      softcap=float(softcap), alibi_slopes=alibi_slopes, attn_mask=attn_mask,
                      dropout_p=float(dropout_p), dropout_seed=int(dropout_seed), dropout_rows=dropout_rows,

@@ -135,8 +135,7 @@ def flash_attn_func(
     options = _feature_options(q, q.shape[0], window_size, softcap, alibi_slopes, dropout_p)
     if block_mask is not None:
         conflicts = {"causal": bool(causal), "window_size": (options.window_left, options.window_right) != (-1, -1)}
-        bm = check_block_mask(block_mask, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device, conflicts,
-                              options.dropout_p)
+        bm = check_block_mask(block_mask, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device, conflicts)
         options = replace(options, block_mask=bm)
     out, lse = attention(q, k, v, scale, bool(causal), True, options)
     if return_attn_probs:
@@ -270,7 +269,7 @@ def scaled_dot_product_attention(
         mask = checks.check_attn_mask(attn_mask, batch, heads, seqlen_q, k.shape[2], q.device)
     p = checks.check_dropout(dropout_p)
     conflicts = {"attn_mask": attn_mask is not None, "is_causal": bool(is_causal)}
-    bm = check_block_mask(block_mask, batch, heads, seqlen_q, k.shape[2], q.device, conflicts, p)
+    bm = check_block_mask(block_mask, batch, heads, seqlen_q, k.shape[2], q.device, conflicts)
     options = AttentionOptions(attn_mask=mask, dropout_p=p, seed=_dropout_seed(p), block_mask=bm)
     softmax_scale = checks.resolve_scale(scale, q.shape[-1], "scale")
     out, _ = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale, bool(is_causal),

@@ -2,13 +2,16 @@
 same masks as the kernels (kernels/scores.py ``dropout_keep``) for the same seed.
 
 Weight (query row r, key j) has the counter ``c = r · stride + j`` with ``stride = counter_stride(
-seqlen_k)`` (a multiple of 8). Its random number is a 16-bit half of Triton's
-``tl.randint4x(seed, c // 8)`` (10 rounds of Philox-4x32 on the counter (low 32 bits, high 32 bits,
-0, 0) with the key (seed low 32 bits, seed high 32 bits)): word ``(c % 8) // 2``, its low half for
-even ``c``, its high half for odd. The weight is kept iff that half is ``>= dropout_threshold(p)``
-(``p · 65536`` rounded), so the keep rate is ``1 - p`` to within 2^-17 — flash-attn's CUDA kernels
-compare 8-bit parts of the same kind of words. One Philox call serves eight keys. uint32
-arithmetic is done here in int64 tensors, products split into 16-bit halves so nothing overflows.
+seqlen_k)`` (a multiple of 32). Its random number is a 16-bit half of Triton's
+``tl.randint4x(seed, group(c))`` (10 rounds of Philox-4x32 on the counter (low 32 bits, high 32
+bits, 0, 0) with the key (seed low 32 bits, seed high 32 bits)), ``group(c) = 4 · (c // 32) +
+(c % 8) // 2``: word ``(c // 8) % 4``, its low half for even ``c``, its high half for odd. So one
+Philox call serves the eight keys ``32s + 8w + 2t + {0, 1}`` (w = 0..3) of a 32-key span: the
+keys one thread holds of a tensor-core accumulator row, where the kernels build the mask. The
+weight is kept iff that half is ``>= dropout_threshold(p)`` (``p · 65536`` rounded), so the keep
+rate is ``1 - p`` to within 2^-17 — flash-attn's CUDA kernels compare 8-bit parts of the same kind
+of words. uint32 arithmetic is done here in int64 tensors, products split into 16-bit halves so
+nothing overflows.
 """
 
 from __future__ import annotations
@@ -33,9 +36,14 @@ def _mul32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def counter_stride(seqlen_k: int) -> int:
-    """Dropout counters per query row: seqlen_k rounded up to a multiple of 8, so that each Philox
-    call's four words (eight 16-bit halves) serve eight keys of one row."""
-    return (int(seqlen_k) + 7) // 8 * 8
+    """Dropout counters per query row: seqlen_k rounded up to a multiple of 32, so that each
+    32-key span's four Philox calls serve keys of one row only."""
+    return (int(seqlen_k) + 31) // 32 * 32
+
+
+def philox_group(counters: Tensor) -> Tensor:
+    """The Philox counter (``tl.randint4x`` offset) that serves each dropout counter."""
+    return 4 * (counters >> 5) + ((counters & 7) >> 1)
 
 
 def dropout_threshold(dropout_p: float) -> int:
@@ -60,15 +68,11 @@ def philox_words(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor, Te
     return c0, c1, c2, c3
 
 
-def _halves(words: Tensor) -> Tensor:
-    """[..., 4] uint32 words → [..., 8] 16-bit values: word w's low half at 2w, its high half at 2w + 1."""
-    return torch.stack((words & 0xFFFF, words >> 16), dim=-1).flatten(-2)
-
-
 def philox_bits16(seed: int, counters: Tensor) -> Tensor:
     """The 16-bit random number (0 … 65535, int64) of each non-negative int64 dropout counter."""
-    halves = _halves(torch.stack(philox_words(seed, counters >> 3), dim=-1))
-    return halves.gather(-1, (counters & 7).unsqueeze(-1)).squeeze(-1)
+    words = torch.stack(philox_words(seed, philox_group(counters)), dim=-1)
+    word = words.gather(-1, ((counters >> 3) & 3).unsqueeze(-1)).squeeze(-1)
+    return torch.where((counters & 1) == 1, word >> 16, word & 0xFFFF)
 
 
 def dropout_keep(seed: int, counters: Tensor, dropout_p: float) -> Tensor:
@@ -78,12 +82,14 @@ def dropout_keep(seed: int, counters: Tensor, dropout_p: float) -> Tensor:
 
 def dropout_keep_rows(seed: int, row_counters: Tensor, j0: int, j1: int, dropout_p: float) -> Tensor:
     """``dropout_keep`` of keys ``j0 .. j1 - 1`` for rows whose key 0 has counter ``row_counters[..., 0]``
-    (a multiple of 8; shape [..., 1]): the same bits, one Philox evaluation per eight keys as in the
-    kernels instead of one per key. Returns [..., j1 - j0]."""
-    g0, g1 = j0 // 8, -(-j1 // 8)
-    groups = (row_counters >> 3) + torch.arange(g0, g1, dtype=torch.int64)
-    bits = _halves(torch.stack(philox_words(seed, groups), dim=-1)).flatten(-2)  # half h of group g: key 8g + h
-    start = j0 - 8 * g0
+    (a multiple of 32; shape [..., 1]): the same bits, one Philox evaluation per eight keys as in
+    the kernels instead of one per key. Returns [..., j1 - j0]."""
+    s0, s1 = j0 // 32, -(-j1 // 32)  # the 32-key spans covered
+    groups = (row_counters >> 3)[..., None] + 4 * torch.arange(s0, s1, dtype=torch.int64)[:, None] + torch.arange(4)
+    words = torch.stack(philox_words(seed, groups), dim=-1)  # [..., span, t, word]
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=-1)  # [..., span, t, word, high]
+    bits = halves.transpose(-3, -2).flatten(-4)  # key 32·span + 8·word + 2t + high
+    start = j0 - 32 * s0
     return bits[..., start:start + j1 - j0] >= dropout_threshold(dropout_p)
 
 

@@ -7,8 +7,6 @@ Dropout keeps a score's probability with chance ``1 − p``, decided by Philox o
 unique per (batch, head, query, key), so the backward regenerates the same pattern (philox.py).
 """
 
-import os
-
 import triton
 import triton.language as tl
 
@@ -58,15 +56,11 @@ def modified_scores(qk, qi, kj, seqlen_q, seqlen_k, diag, qk_scale, cap_in, cap_
     return s, t
 
 
-# Experiment (docs/perf-notes.md round 8): draw narrow (< 32 key) tiles' numbers one Philox call
-# per element instead of joining eight halves; the 16-block block-sparse dropout bug's probe sets it.
-NARROW_ELEMENTWISE = tl.constexpr(os.environ.get("FLASHLAB_DROPOUT_NARROW", "join") == "elementwise")
-
-
 @triton.jit
-def _halves(w):
-    """uint32 words → (low 16 bits, high 16 bits) as int32."""
-    return (w & 0xFFFF).to(tl.int32), (w >> 16).to(tl.int32)
+def _half(w0, w1, w2, w3, word, high):
+    """16-bit half (``high``: the upper one) of word ``word`` (0..3) of four uint32 words, as int32."""
+    w = tl.where(word < 2, tl.where(word == 0, w0, w1), tl.where(word == 2, w2, w3))
+    return tl.where(high, w >> 16, w & 0xFFFF).to(tl.int32)
 
 
 @triton.jit
@@ -75,34 +69,31 @@ def dropout_keep(seed, counter_base, rows, start_n, stride_counter_m, dropout_p,
     """Boolean tile [rows, BLOCK_N] (TRANSPOSED: [BLOCK_N, rows], the dK/dV kernel's orientation) of
     query ``rows`` (1-D) and keys ``start_n + j``: True where the weight survives dropout.
 
-    Counter = (LSE row of the query) × stride + key, the stride, ``counter_base`` and ``start_n``
-    multiples of 8; its random number is 16-bit half ``counter % 8`` of the four words of
-    ``tl.randint4x(seed, counter // 8)`` (word (c % 8) // 2, low half for even c): one Philox call
-    per eight keys (philox.py mirrors it on the CPU and documents the threshold)."""
+    Counter c = (LSE row of the query) × stride + key, the stride, ``counter_base`` and ``start_n``
+    multiples of 32. Its random number is 16-bit half ``c % 2`` of word ``(c // 8) % 4`` of
+    ``tl.randint4x(seed, 4 · (c // 32) + (c % 8) // 2)`` (philox.py mirrors it and documents the
+    threshold): one Philox call serves keys {8w + 2t, 8w + 2t + 1 : w < 4} of a 32-key span, which
+    are the ones a thread holds of a wgmma / mma accumulator row, so the tile is built where the
+    scores live, with no layout conversion (perf-notes round 8).
+
+    Tiles narrower than 32 on either side draw the same numbers one Philox call per element: the
+    joined form gave wrong patterns in 16 × 16 block-sparse partial tiles on the H200 (Triton 3.6,
+    GPU only; perf-notes round 8), and the per-element form was right there."""
     threshold = tl.cast(dropout_p * 65536.0 + 0.5, tl.int32)  # philox.dropout_threshold
-    if NARROW_ELEMENTWISE and BLOCK_N < 32:
-        c = (counter_base + rows.to(tl.int64)[:, None] * stride_counter_m + start_n
-             + tl.arange(0, BLOCK_N)[None, :])
-        w0, w1, w2, w3 = tl.randint4x(seed, c >> 3)
-        sel = (c & 7).to(tl.int32)
-        word = tl.where(sel < 4, tl.where(sel < 2, w0, w1), tl.where(sel < 6, w2, w3))
-        half = tl.where((sel & 1) == 0, word & 0xFFFF, word >> 16).to(tl.int32)
-        keep = half >= threshold
-        if TRANSPOSED:
-            keep = tl.trans(keep)
-        return keep
-    groups = (counter_base + rows.to(tl.int64)[:, None] * stride_counter_m + start_n
-              + 8 * tl.arange(0, BLOCK_N // 8)[None, :]) >> 3
-    w0, w1, w2, w3 = tl.randint4x(seed, groups)
-    h0, h1 = _halves(w0)
-    h2, h3 = _halves(w1)
-    h4, h5 = _halves(w2)
-    h6, h7 = _halves(w3)
-    # Each join appends an axis: [rows, N/8, a, b, c] is flattened as key 8g + 4a + 2b + c, so the
-    # innermost join picks a, the outermost c (half h_k sits at key 8g + k).
-    bits = tl.join(tl.join(tl.join(h0, h4), tl.join(h2, h6)), tl.join(tl.join(h1, h5), tl.join(h3, h7)))
-    bits = tl.reshape(bits, [rows.shape[0], BLOCK_N])
-    keep = bits >= threshold
+    row_base = counter_base + rows.to(tl.int64) * stride_counter_m + start_n  # multiples of 32
+    if BLOCK_N < 32 or rows.shape[0] < 32:
+        c = row_base[:, None] + tl.arange(0, BLOCK_N)[None, :]
+        w0, w1, w2, w3 = tl.randint4x(seed, 4 * (c >> 5) + ((c & 7) >> 1))
+        keep = _half(w0, w1, w2, w3, ((c >> 3) & 3).to(tl.int32), (c & 1) != 0) >= threshold
+    else:
+        # groups [rows, span, t]: 4 · (row_base + 32 · span) / 32 + t
+        groups = ((row_base >> 3)[:, None, None] + 4 * tl.arange(0, BLOCK_N // 32)[None, :, None]
+                  + tl.arange(0, 4)[None, None, :])
+        w0, w1, w2, w3 = tl.randint4x(seed, groups)
+        words = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [rows, span, t, x, y]: word 2x + y
+        words = tl.permute(words, (0, 1, 3, 4, 2))  # [rows, span, x, y, t]
+        halves = tl.join((words & 0xFFFF).to(tl.int32), (words >> 16).to(tl.int32))  # [..., t, high]
+        keep = tl.reshape(halves, [rows.shape[0], BLOCK_N]) >= threshold  # key 32·span + 8·word + 2t + high
     if TRANSPOSED:
         keep = tl.trans(keep)
     return keep
