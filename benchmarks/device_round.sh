@@ -17,6 +17,7 @@
 #   attn-mask  the SDPA drop-in with dense masks (and the block mask beside it): the attn-mask suite
 #   decode-tune  the decode split-count rule beside its tune (graph replays, B4/16/32 at 8k/32k)
 #   bwd-tune     the backward's dK/dV and dQ tile sweep at d64/d128
+#   dropout-tune the same sweep with dropout 0.1 at d128, 8k
 #   gluon   the Gluon forward experiment (gluon_forward.py): correctness, then timed beside flashlab and SDPA
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -108,11 +109,18 @@ for stage in "$@"; do
         --tune-seqlens 2048 8192 --seqlens 2048 --modes fwd+bwd > "$dir/tune.log" 2>&1
       tail -n 40 "$dir/tune.log"
       ;;
+    dropout-tune)
+      # The backward's tiles with dropout (its dK/dV kernel spills 228 B with the shipped tiles at d128).
+      timeout 200 "$py" benchmarks/kernel_check.py --out "$dir" --tune --tune-kinds bwd --tune-head-dims 128 \
+        --tune-seqlens 8192 --tune-dropout 0.1 --skip-correctness --seqlens 2048 --head-dims 128 --modes fwd \
+        > "$dir/tune.log" 2>&1
+      grep tune-bwd "$dir/tune.log"
+      ;;
     gluon)
       timeout 360 "$py" benchmarks/gluon_forward.py --out "$dir" 2>&1 | tee "$dir/gluon.log" | tail -20
       ;;
     *)
-      echo "unknown stage: $stage (verify, host, tune, tma, decode, decode-tune, bwd-tune, lab, dropout, attn-mask, gluon)"
+      echo "unknown stage: $stage (verify, host, tune, tma, decode, decode-tune, bwd-tune, dropout-tune, lab, dropout, attn-mask, gluon)"
       exit 2
       ;;
   esac

@@ -248,6 +248,22 @@ def compile_only() -> None:
                   f"{ptxas_resources(kernel.asm['ptx'], 90)}", flush=True)
 
 
+def implementations(head_dim: int) -> dict:
+    """name -> fn(q, k, v, causal, poison) -> (out, lse): this file's tile variants and the
+    producer-warp kernel's (gluon_forward_ws.py, round 8)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gluon_forward_ws as ws
+
+    impls = {variant_name(t): (lambda q, k, v, c, poison=False, t=t: gluon_attention(q, k, v, c, tiles=t,
+                                                                                     poison=poison))
+             for t in VARIANTS[head_dim]}
+    impls.update({ws.ws_variant_name(t): (lambda q, k, v, c, poison=False, t=t: ws.gluon_ws_attention(
+        q, k, v, c, tiles=t, poison=poison)) for t in ws.WS_VARIANTS[head_dim]})
+    return impls
+
+
 def check_and_time(out_dir: Path) -> None:
     """Accuracy rule against the fp32 reference (several shapes, GQA), then TFLOP/s beside flashlab's
     forward and SDPA's flash / cuDNN backends in the same run."""
@@ -258,6 +274,7 @@ def check_and_time(out_dir: Path) -> None:
     from flashlab.reference import accuracy_check, naive_attention, reference_attention
 
     rows = []
+    impls = {d: implementations(d) for d in (64, 128)}
     for batch, seqlen, heads, kv_heads, head_dim, dtype in [(2, 1024, 8, 8, 128, torch.bfloat16),
                                                              (1, 2048, 8, 2, 64, torch.float16),
                                                              (1, 512, 4, 4, 128, torch.float16),
@@ -268,17 +285,23 @@ def check_and_time(out_dir: Path) -> None:
             ref = reference_attention(q, k, v, dtype=torch.float32, causal=causal)
             low = naive_attention(q, k, v, causal=causal)
             _, ref_lse = flashlab.ops.attention_forward(q, k, v, head_dim ** -0.5, causal, True)
-            for tiles in VARIANTS[head_dim]:
-                out, lse = gluon_attention(q, k, v, causal=causal, tiles=tiles, poison=True)
+            for name, fn in impls[head_dim].items():
+                try:
+                    out, lse = fn(q, k, v, causal, poison=True)
+                except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or launch is reported
+                    detail = f"{type(exc).__name__}: {exc}"[:300]
+                    rows.append({"kind": "check", "d": head_dim, "name": name, "ok": False, "detail": detail})
+                    print("check FAIL", name, rows[-1]["detail"], flush=True)
+                    continue
                 check = accuracy_check(out, ref, low)
                 lse_err = (lse - ref_lse).abs().max().item()  # NaN if a row was never written
                 ok = check.ok and not out.isnan().any().item() and lse_err < 1e-3
                 rows.append({"kind": "check", "shape": [batch, seqlen, heads, kv_heads, head_dim], "causal": causal,
-                             "dtype": str(dtype), "tiles": list(tiles), "ok": ok, "detail": str(check),
+                             "dtype": str(dtype), "d": head_dim, "name": name, "ok": ok, "detail": str(check),
                              "lse_max_err": lse_err})
                 print("check", "PASS" if ok else "FAIL", rows[-1]["shape"], "causal" if causal else "full", dtype,
-                      tiles, check, f"lse err {lse_err:.2e}", flush=True)
-    failed = {(r["shape"][4], tuple(r["tiles"])) for r in rows if not r["ok"]}
+                      name, check, f"lse err {lse_err:.2e}", flush=True)
+    failed = {(r["d"], r["name"]) for r in rows if not r["ok"]}
     if failed:
         print("correctness FAILED for", sorted(failed), "- those variants are not timed")
     for head_dim, causal, seqlen in itertools.product((64, 128), (False, True), (1024, 4096, 16384)):
@@ -286,8 +309,8 @@ def check_and_time(out_dir: Path) -> None:
         q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.float16) for _ in range(3))
         flops = 4 * batch * heads * seqlen * seqlen * head_dim // (2 if causal else 1)
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        fns = {variant_name(t): (lambda t=t, q=q, k=k, v=v, c=causal: gluon_attention(q, k, v, c, tiles=t))
-               for t in VARIANTS[head_dim] if (head_dim, t) not in failed}
+        fns = {name: (lambda fn=fn, q=q, k=k, v=v, c=causal: fn(q, k, v, c))
+               for name, fn in impls[head_dim].items() if (head_dim, name) not in failed}
         fns["flashlab"] = lambda q=q, k=k, v=v, c=causal: flashlab.flash_attn_func(q, k, v, causal=c)
         for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
             def run(backend=backend, qt=qt, kt=kt, vt=vt, c=causal):
@@ -300,7 +323,7 @@ def check_and_time(out_dir: Path) -> None:
             line[name] = flops / ms / 1e9
             rows.append({"kind": "time", "provider": name, "d": head_dim, "causal": causal, "seqlen": seqlen,
                          "ms": ms, "tflops": line[name]})
-        best = max((t for n, t in line.items() if n.startswith("gluon")), default=math.nan)
+        best = max((t for n, t in line.items() if n.startswith(("gluon", "ws"))), default=math.nan)
         print(f"d{head_dim} {'causal' if causal else 'full'} seqlen {seqlen}: "
               + "  ".join(f"{n} {t:.0f}" for n, t in line.items())
               + f"  best gluon / flashlab {best / line['flashlab']:.2f}x, / cudnn {best / line['sdpa-cudnn']:.2f}x",

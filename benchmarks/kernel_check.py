@@ -179,20 +179,27 @@ def _time_config(rows: list[dict], kind: str, cfg, case: dict, fn, mode: str, g,
 
 
 def _print_tune_row(r: dict) -> None:
-    print(r["kind"], r["d"], r["seqlen"], "causal" if r["causal"] else "full", r["cfg"],
+    print(r["kind"], r["d"], r["seqlen"], "causal" if r["causal"] else "full",
+          f"dropout {r['dropout_p']}" if "dropout_p" in r else "", r["cfg"],
           f"{r['tflops']:.0f}" if "tflops" in r else r["error"], flush=True)
 
 
-def tune(rows: list[dict], seqlens: list[int], head_dims: list[int], dtype, kinds: tuple[str, ...]) -> None:
-    """Time each tile variant (rows printed as they come, so a cut run still reports)."""
+def tune(rows: list[dict], seqlens: list[int], head_dims: list[int], dtype, kinds: tuple[str, ...],
+         dropout_p: float = 0.0) -> None:
+    """Time each tile variant (rows printed as they come, so a cut run still reports); with
+    ``dropout_p`` the timed calls use dropout (its own tile question: the dK/dV kernel spills)."""
     orig_f, orig_b = ops.forward_config, ops.backward_config
     try:
         for d, causal, seqlen in itertools.product(head_dims, (False, True), seqlens):
             case = {"d": d, "causal": causal, "seqlen": seqlen, "b": 16384 // seqlen, "h": 2048 // d}
+            if dropout_p:
+                case["dropout_p"] = dropout_p
             q, k, v = (torch.randn(case["b"], seqlen, case["h"], d, device="cuda", dtype=dtype, requires_grad=True)
                        for _ in range(3))
             g = torch.randn_like(q)
             fn = providers(q, k, v, causal)["flashlab"]
+            if dropout_p:
+                fn = lambda q=q, k=k, v=v, c=causal: flashlab.flash_attn_func(q, k, v, causal=c, dropout_p=dropout_p)  # noqa: E731
             key = min(x for x in FWD_VARIANTS if x >= d)
             for cfg in map(lambda c: TileConfig(*c), FWD_VARIANTS[key] if "fwd" in kinds else []):
                 ops.forward_config = lambda *a, cfg=cfg: cfg
@@ -217,6 +224,7 @@ def main() -> None:
     ap.add_argument("--tune-seqlens", type=int, nargs="+", default=[8192])
     ap.add_argument("--tune-head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--tune-kinds", nargs="+", choices=["fwd", "bwd"], default=["fwd", "bwd"])
+    ap.add_argument("--tune-dropout", type=float, default=0.0, help="tune with this dropout_p")
     ap.add_argument("--seqlens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
@@ -238,7 +246,7 @@ def main() -> None:
         print("correctness:", "PASS" if ok else "FAIL", f"({time.time() - t0:.0f}s)")
     dump()
     if args.tune:
-        tune(rows, args.tune_seqlens, args.tune_head_dims, torch.float16, tuple(args.tune_kinds))
+        tune(rows, args.tune_seqlens, args.tune_head_dims, torch.float16, tuple(args.tune_kinds), args.tune_dropout)
         dump()
         print(f"tune done ({time.time() - t0:.0f}s)")
     time_grid(rows, args.seqlens, args.head_dims, args.modes, torch.float16)

@@ -1,0 +1,256 @@
+"""Experiment (issue 4): the Gluon forward for Hopper with a producer warp (perf-notes round 8).
+
+Round 7's Gluon kernel (gluon_forward.py) issued its cp.async K/V loads from the math warps and
+synchronized both warpgroups with CTA barriers twice per key block; its intra-warpgroup overlap
+gained nothing (H200, 2026-12-02: d128 overlap 411 vs 420 TFLOP/s without). Here the loads move to
+a one-warp producer partition (``gl.warp_specialize``) that streams K/V tiles by TMA into a ring
+of shared-memory stages, each stage guarded by two mbarriers: ``full`` (the TMA transaction bytes
+landed) and ``empty`` (the consumers are done with it). The consumer partition (8 warps, two
+warpgroups over a 128-row query block) keeps round 7's schedule: S_{j+1} = Q·K_{j+1}ᵀ issued
+asynchronously before the softmax of S_j, P·V_j left in flight.
+
+Scope as round 7's: no mask or causal (seqlen_q == seqlen_k), head dims 64/128, fp16/bf16, GQA,
+seqlens multiples of the tiles, contiguous (batch, seqlen, heads, head_dim) inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _kv_blocks(pid_m, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """How many key blocks query block ``pid_m`` visits (both partitions must agree)."""
+    n = seqlen_k // BLOCK_N
+    if CAUSAL:
+        n = gl.minimum(n, (pid_m * BLOCK_M + BLOCK_M + BLOCK_N - 1) // BLOCK_N)
+    return n
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, full, empty, q_row, k_row, q_col, k_col,
+              n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: Q once, then key block i into ring slot i % STAGES when the consumers freed it."""
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem)
+    for i in range(n_blocks):
+        slot = i % STAGES
+        # mbarriers start as if phase 1 had completed: the first pass over the ring does not wait.
+        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+        bar = full.index(slot)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row + i * BLOCK_N, k_col], bar, k_smem.index(slot))
+        tma.async_copy_global_to_shared(v_desc, [k_row + i * BLOCK_N, k_col], bar, v_smem.index(slot))
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, q_bar, full, empty, pid_m, n_blocks, qk_scale, dtype: gl.constexpr,
+              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr):
+    """The math warps: online softmax over the ring's key blocks; returns (acc, m_i, l_i)."""
+    NUM_WARPS: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows_s = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    cols_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(full.index(0), 0)
+    s_next = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+    acc = warpgroup_mma_init(acc)
+    for j in range(n_blocks):
+        s_cur = s_next
+        ahead = gl.minimum(j + 1, n_blocks - 1)  # the last iteration recomputes S_j and drops it
+        mbarrier.wait(full.index(ahead % STAGES), (ahead // STAGES) & 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(ahead % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+        if CAUSAL:
+            if (j + 1) * BLOCK_N > pid_m * BLOCK_M:  # a block that crosses the diagonal
+                s_cur = gl.where(j * BLOCK_N + cols_s[None, :] <= rows_s[:, None], s_cur, float("-inf"))
+        m_ij = gl.maximum(m_i, gl.max(s_cur, axis=1) * qk_scale)
+        p = gl.exp2(s_cur * qk_scale - m_ij[:, None])
+        alpha = gl.exp2(m_i - m_ij)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_ij
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+        # Issue order P·V_{j-1}, S_{j+1}: one outstanding means P·V_{j-1} is done.
+        o = warpgroup_mma_wait(1, deps=[acc])
+        if j > 0:
+            # Block j-1's slot is free once both warpgroups' P·V_{j-1} are done: the partition's
+            # barrier, then one arrive (mbarrier.arrive is issued by the partition's first thread).
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)
+        o = o * alpha_o[:, None]
+        acc = warpgroup_mma(p_op, v_smem.index(j % STAGES), o, is_async=True)
+        # Issue order S_{j+1}, P·V_j: one outstanding means S_{j+1} is done.
+        s_next = warpgroup_mma_wait(1, deps=[s_tok])
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def attn_fwd_ws_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                       heads, seqlen_q, seqlen_k, group_size, qk_scale,
+                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """O[b, i, h] = softmax(Q·Kᵀ · scale) · V for one BLOCK_M query block; LSE (natural log).
+    q_desc / k_desc / v_desc view the inputs as 2-D (batch · seqlen, heads · head_dim).
+    Grid: (seqlen_q / BLOCK_M, heads, batch)."""
+    NUM_WARPS: gl.constexpr = gl.num_warps()
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    dtype: gl.constexpr = q_desc.dtype
+
+    pid_m = gl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    off_h = gl.program_id(1)
+    off_b = gl.program_id(2)
+    off_hk = off_h // group_size
+    n_blocks = _kv_blocks(pid_m, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(full.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    fence_async_shared()  # the barriers' initialization, before the async proxy uses them
+
+    q_row = off_b * seqlen_q + pid_m * BLOCK_M
+    k_row = off_b * seqlen_k
+    acc, m_i, l_i = gl.warp_specialize([
+        (_consumer, (q_smem, k_smem, v_smem, q_bar, full, empty, pid_m, n_blocks, qk_scale, dtype, HEAD_DIM,
+                     BLOCK_M, BLOCK_N, STAGES, CAUSAL)),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, full, empty, q_row, k_row,
+                     off_h * HEAD_DIM, off_hk * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
+    ], [1], [24])
+
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    out = acc / l_o[:, None]
+    om = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    od = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o_ptrs = (Out + off_b.to(gl.int64) * stride_ob + off_h * stride_oh + om[:, None] * stride_os + od[None, :])
+    gl.store(o_ptrs, out.to(dtype))
+    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+    lm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    gl.store(LSE + off_b.to(gl.int64) * stride_lb + off_h * stride_lh + lm, lse)
+
+
+# head dim -> (BLOCK_M, BLOCK_N, STAGES, maxnreg); 8 consumer warps + 1 producer warp (12 warps
+# allocated: maxnreg · 384 threads must fit the 64K-register file).
+WS_VARIANTS = {64: [(128, 128, 3, 168), (128, 64, 4, 168)],
+               128: [(128, 64, 4, 168), (128, 128, 3, 168), (128, 64, 3, 168)]}
+
+
+def ws_variant_name(tiles: tuple[int, int, int, int]) -> str:
+    return f"ws{tiles[1]}s{tiles[2]}"
+
+
+def gluon_ws_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                       softmax_scale: float | None = None, tiles: tuple[int, int, int, int] | None = None,
+                       poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) for contiguous (batch, seqlen, heads, head_dim) fp16/bf16 CUDA tensors (the
+    experiment's scope: see the module docstring)."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    block_m, block_n, stages, maxnreg = tiles or WS_VARIANTS[head_dim][0]
+    if seqlen_q % block_m or seqlen_k % block_n or (causal and seqlen_q != seqlen_k):
+        raise ValueError(f"the Gluon experiment needs seqlen_q % {block_m} == seqlen_k % {block_n} == 0 "
+                         "(and seqlen_q == seqlen_k when causal)")
+    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+        raise ValueError("the Gluon experiment needs contiguous q, k, v")
+    gl_dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+    q_layout = gl.NVMMASharedLayout.get_default_for([block_m, head_dim], gl_dtype)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gl_dtype)
+    q_desc = TensorDescriptor.from_tensor(q.view(batch * seqlen_q, heads * head_dim), [block_m, head_dim], q_layout)
+    k_desc = TensorDescriptor.from_tensor(k.view(batch * seqlen_k, kv_heads * head_dim), [block_n, head_dim],
+                                          kv_layout)
+    v_desc = TensorDescriptor.from_tensor(v.view(batch * seqlen_k, kv_heads * head_dim), [block_n, head_dim],
+                                          kv_layout)
+    scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    if poison:
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    attn_fwd_ws_kernel[(seqlen_q // block_m, heads, batch)](
+        q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        heads, seqlen_q, seqlen_k, heads // kv_heads, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
+        num_warps=8, maxnreg=maxnreg)
+    return out, lse
+
+
+def compile_only() -> None:
+    """Compile every variant for sm_90 without a GPU; prints registers / spills per variant."""
+    import sys
+    from pathlib import Path
+
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from kernel_compile import ptxas_resources
+
+    names = list(attn_fwd_ws_kernel.arg_names)
+    for head_dim, variants in WS_VARIANTS.items():
+        for (block_m, block_n, stages, maxnreg), (ty, causal) in ((t, c) for t in variants
+                                                                   for c in (("fp16", False), ("bf16", True))):
+            gl_ty = gl.float16 if ty == "fp16" else gl.bfloat16
+            descs = {"q_desc": [block_m, head_dim], "k_desc": [block_n, head_dim], "v_desc": [block_n, head_dim]}
+            consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages,
+                      "CAUSAL": causal}
+            sig = {}
+            for n in names:
+                if n in consts:
+                    sig[n] = "constexpr"
+                elif n in descs:  # the string a launch specializes a TensorDescriptor to
+                    layout = gl.NVMMASharedLayout.get_default_for(descs[n], gl_ty)
+                    fake = torch.empty(1024, 1024, dtype=torch.float16 if ty == "fp16" else torch.bfloat16)
+                    sig[n] = mangle_type(TensorDescriptor.from_tensor(fake, descs[n], layout))
+                elif n in ("Out", "LSE"):
+                    sig[n] = f"*{ty}" if n == "Out" else "*fp32"
+                else:
+                    sig[n] = "fp32" if n == "qk_scale" else "i32"
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                     if n in ("Out", "LSE") or n.startswith(("stride", "seqlen"))}
+            src = GluonASTSource(attn_fwd_ws_kernel, sig, {(names.index(n),): v for n, v in consts.items()}, attrs)
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8,
+                                                                                    "maxnreg": maxnreg})
+            print(f"ws d{head_dim} {ty} {'causal' if causal else 'full'} {block_m}x{block_n} stages {stages} "
+                  f"maxnreg {maxnreg}: shared {kernel.metadata.shared} B, {ptxas_resources(kernel.asm['ptx'], 90)}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    compile_only()
