@@ -13,6 +13,7 @@
 #   decode  first-call time, then decoding (decode_bench.py): eager, as CUDA graph replays, windowed
 #   lab     the feature suites not yet measured in full (softcap-alibi, sliding-window fwd+bwd; rerun
 #           with a kept OUT and --resume by hand to finish one)
+#   dropout-tests  every dropout test on the GPU
 #   dropout    round 6's dropout RNG rewrite: the lab's dropout suite
 #   attn-mask  the SDPA drop-in with dense masks (and the block mask beside it): the attn-mask suite
 #   decode-tune  the decode split-count rule beside its tune (graph replays, B4/16/32 at 8k/32k)
@@ -88,6 +89,12 @@ for stage in "$@"; do
         > "$dir/window.log" 2>&1
       tail -n 30 "$dir"/*.log
       ;;
+    dropout-tests)
+      # Every dropout test (CPU tier and GPU tier) on the GPU.
+      timeout 240 "$py" -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_philox.py tests/test_features.py \
+        tests/test_block_mask.py tests/test_gpu.py tests/test_cpu_path.py -k dropout > "$dir/tests.log" 2>&1
+      tail -n 5 "$dir/tests.log"
+      ;;
     dropout)
       timeout 200 "$py" -m flashlab.lab.cli bench --rep-ms 50 --suite dropout \
         --providers flashlab,sdpa-flash,sdpa-efficient --out "$dir/dropout" > "$dir/dropout.log" 2>&1
@@ -120,7 +127,7 @@ for stage in "$@"; do
       timeout 360 "$py" benchmarks/gluon_forward.py --out "$dir" 2>&1 | tee "$dir/gluon.log" | tail -20
       ;;
     *)
-      echo "unknown stage: $stage (verify, host, tune, tma, decode, decode-tune, bwd-tune, dropout-tune, lab, dropout, attn-mask, gluon)"
+      echo "unknown stage: $stage (verify, host, tune, tma, decode, dropout-tests, decode-tune, bwd-tune, dropout-tune, lab, dropout, attn-mask, gluon)"
       exit 2
       ;;
   esac

@@ -165,14 +165,134 @@ def attn_fwd_ws_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os, s
     gl.store(LSE + off_b.to(gl.int64) * stride_lb + off_h * stride_lh + lm, lse)
 
 
-# head dim -> (BLOCK_M, BLOCK_N, STAGES, maxnreg); 8 consumer warps + 1 producer warp (12 warps
-# allocated: maxnreg · 384 threads must fit the 64K-register file).
-WS_VARIANTS = {64: [(128, 128, 3, 168), (128, 64, 4, 168)],
-               128: [(128, 64, 4, 168), (128, 128, 3, 168), (128, 64, 3, 168)]}
+@gluon.jit
+def _half_block(q_smem, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
+                stride_lh, off_b, off_h, row0, n_blocks, qk_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """One consumer warpgroup of the split kernel: query rows row0 .. row0 + BLOCK_M (its half of
+    the block) over every key block of the ring, then its own epilogue. Both warpgroups release each
+    slot (empty barriers count 2), so neither waits for the other: their softmaxes drift apart and
+    run under each other's matrix products (FA3's ping-pong, left to the warp schedulers)."""
+    NUM_WARPS: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows_s = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    cols_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(full.index(0), 0)
+    s_next = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+    acc = warpgroup_mma_init(acc)
+    for j in range(n_blocks):
+        s_cur = s_next
+        ahead = gl.minimum(j + 1, n_blocks - 1)
+        mbarrier.wait(full.index(ahead % STAGES), (ahead // STAGES) & 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(ahead % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+        if CAUSAL:
+            if (j + 1) * BLOCK_N > row0:  # a block that crosses this half's diagonal
+                s_cur = gl.where(j * BLOCK_N + cols_s[None, :] <= rows_s[:, None], s_cur, float("-inf"))
+        m_ij = gl.maximum(m_i, gl.max(s_cur, axis=1) * qk_scale)
+        p = gl.exp2(s_cur * qk_scale - m_ij[:, None])
+        alpha = gl.exp2(m_i - m_ij)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_ij
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+        o = warpgroup_mma_wait(1, deps=[acc])  # P·V_{j-1} done
+        if j > 0:
+            gl.thread_barrier()  # this warpgroup's four warps, then its one arrive
+            mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)
+        o = o * alpha_o[:, None]
+        acc = warpgroup_mma(p_op, v_smem.index(j % STAGES), o, is_async=True)
+        s_next = warpgroup_mma_wait(1, deps=[s_tok])  # S_{j+1} done
+    acc = warpgroup_mma_wait(0, deps=[acc])
+
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    out = acc / l_o[:, None]
+    om = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    od = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    gl.store(Out + off_b.to(gl.int64) * stride_ob + off_h * stride_oh + om[:, None] * stride_os + od[None, :],
+             out.to(dtype))
+    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+    gl.store(LSE + off_b.to(gl.int64) * stride_lb + off_h * stride_lh + rows_s, lse)
 
 
-def ws_variant_name(tiles: tuple[int, int, int, int]) -> str:
-    return f"ws{tiles[1]}s{tiles[2]}"
+@gluon.jit
+def _producer2(q_desc, k_desc, v_desc, q0, q1, k_smem, v_smem, q_bar, full, empty, q_row, k_row, q_col, k_col,
+               n_blocks, HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The split kernel's producer: both Q halves, then the K/V ring (as _producer)."""
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q0)
+    tma.async_copy_global_to_shared(q_desc, [q_row + HALF, q_col], q_bar, q1)
+    for i in range(n_blocks):
+        slot = i % STAGES
+        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+        bar = full.index(slot)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row + i * BLOCK_N, k_col], bar, k_smem.index(slot))
+        tma.async_copy_global_to_shared(v_desc, [k_row + i * BLOCK_N, k_col], bar, v_smem.index(slot))
+
+
+@gluon.jit
+def attn_fwd_ws2_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                        heads, seqlen_q, seqlen_k, group_size, qk_scale,
+                        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                        STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """As attn_fwd_ws_kernel, with the 128-row block split between two independent consumer
+    partitions (the default one, 4 warps, and a 4-warp worker); q_desc's blocks are BLOCK_M / 2 rows."""
+    HALF: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q_desc.dtype
+    pid_m = gl.program_id(0)
+    if CAUSAL:
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    off_h = gl.program_id(1)
+    off_b = gl.program_id(2)
+    n_blocks = _kv_blocks(pid_m, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+
+    q0 = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], q_desc.layout)
+    q1 = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(full.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)  # one arrive from each consumer warpgroup
+    fence_async_shared()
+
+    row0 = pid_m * BLOCK_M
+    gl.warp_specialize([
+        (_half_block, (q0, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
+                       stride_lh, off_b, off_h, row0, n_blocks, qk_scale, dtype, HEAD_DIM, HALF, BLOCK_N, STAGES,
+                       CAUSAL)),
+        (_half_block, (q1, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
+                       stride_lh, off_b, off_h, row0 + HALF, n_blocks, qk_scale, dtype, HEAD_DIM, HALF, BLOCK_N,
+                       STAGES, CAUSAL)),
+        (_producer2, (q_desc, k_desc, v_desc, q0, q1, k_smem, v_smem, q_bar, full, empty, off_b * seqlen_q + row0,
+                      off_b * seqlen_k, off_h * HEAD_DIM, (off_h // group_size) * HEAD_DIM, n_blocks, HALF, BLOCK_N,
+                      STAGES)),
+    ], [4, 1], [240, 24])
+
+
+# head dim -> (BLOCK_M, BLOCK_N, STAGES, maxnreg, SPLIT); 8 consumer warps + 1 producer warp (12
+# warps allocated: maxnreg · 384 threads must fit the 64K-register file). SPLIT: the two consumer
+# warpgroups as independent partitions (attn_fwd_ws2_kernel).
+WS_VARIANTS = {64: [(128, 128, 3, 168, False), (128, 128, 3, 168, True), (128, 64, 4, 168, True)],
+               128: [(128, 128, 3, 168, False), (128, 128, 3, 168, True), (128, 64, 4, 168, True)]}
+
+
+def ws_variant_name(tiles: tuple[int, int, int, int, bool]) -> str:
+    return f"ws{'2-' if tiles[4] else ''}{tiles[1]}s{tiles[2]}"
 
 
 def gluon_ws_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -182,16 +302,17 @@ def gluon_ws_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
     experiment's scope: see the module docstring)."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    block_m, block_n, stages, maxnreg = tiles or WS_VARIANTS[head_dim][0]
+    block_m, block_n, stages, maxnreg, split = tiles or WS_VARIANTS[head_dim][0]
     if seqlen_q % block_m or seqlen_k % block_n or (causal and seqlen_q != seqlen_k):
         raise ValueError(f"the Gluon experiment needs seqlen_q % {block_m} == seqlen_k % {block_n} == 0 "
                          "(and seqlen_q == seqlen_k when causal)")
     if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
         raise ValueError("the Gluon experiment needs contiguous q, k, v")
     gl_dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    q_layout = gl.NVMMASharedLayout.get_default_for([block_m, head_dim], gl_dtype)
+    q_rows = block_m // 2 if split else block_m  # the split kernel loads each consumer's half
+    q_layout = gl.NVMMASharedLayout.get_default_for([q_rows, head_dim], gl_dtype)
     kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gl_dtype)
-    q_desc = TensorDescriptor.from_tensor(q.view(batch * seqlen_q, heads * head_dim), [block_m, head_dim], q_layout)
+    q_desc = TensorDescriptor.from_tensor(q.view(batch * seqlen_q, heads * head_dim), [q_rows, head_dim], q_layout)
     k_desc = TensorDescriptor.from_tensor(k.view(batch * seqlen_k, kv_heads * head_dim), [block_n, head_dim],
                                           kv_layout)
     v_desc = TensorDescriptor.from_tensor(v.view(batch * seqlen_k, kv_heads * head_dim), [block_n, head_dim],
@@ -202,16 +323,18 @@ def gluon_ws_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
     if poison:
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
-    attn_fwd_ws_kernel[(seqlen_q // block_m, heads, batch)](
+    kernel = attn_fwd_ws2_kernel if split else attn_fwd_ws_kernel
+    kernel[(seqlen_q // block_m, heads, batch)](
         q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         heads, seqlen_q, seqlen_k, heads // kv_heads, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
-        num_warps=8, maxnreg=maxnreg)
+        num_warps=4 if split else 8, maxnreg=maxnreg)
     return out, lse
 
 
 def compile_only() -> None:
     """Compile every variant for sm_90 without a GPU; prints registers / spills per variant."""
+    import re
     import sys
     from pathlib import Path
 
@@ -224,10 +347,11 @@ def compile_only() -> None:
 
     names = list(attn_fwd_ws_kernel.arg_names)
     for head_dim, variants in WS_VARIANTS.items():
-        for (block_m, block_n, stages, maxnreg), (ty, causal) in ((t, c) for t in variants
-                                                                   for c in (("fp16", False), ("bf16", True))):
+        for (block_m, block_n, stages, maxnreg, split), (ty, causal) in (
+                (t, c) for t in variants for c in (("fp16", False), ("bf16", True))):
             gl_ty = gl.float16 if ty == "fp16" else gl.bfloat16
-            descs = {"q_desc": [block_m, head_dim], "k_desc": [block_n, head_dim], "v_desc": [block_n, head_dim]}
+            q_rows = block_m // 2 if split else block_m
+            descs = {"q_desc": [q_rows, head_dim], "k_desc": [block_n, head_dim], "v_desc": [block_n, head_dim]}
             consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages,
                       "CAUSAL": causal}
             sig = {}
@@ -244,12 +368,15 @@ def compile_only() -> None:
                     sig[n] = "fp32" if n == "qk_scale" else "i32"
             attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
                      if n in ("Out", "LSE") or n.startswith(("stride", "seqlen"))}
-            src = GluonASTSource(attn_fwd_ws_kernel, sig, {(names.index(n),): v for n, v in consts.items()}, attrs)
-            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8,
-                                                                                    "maxnreg": maxnreg})
-            print(f"ws d{head_dim} {ty} {'causal' if causal else 'full'} {block_m}x{block_n} stages {stages} "
-                  f"maxnreg {maxnreg}: shared {kernel.metadata.shared} B, {ptxas_resources(kernel.asm['ptx'], 90)}",
-                  flush=True)
+            fn = attn_fwd_ws2_kernel if split else attn_fwd_ws_kernel
+            src = GluonASTSource(fn, sig, {(names.index(n),): v for n, v in consts.items()}, attrs)
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": 4 if split else 8, "maxnreg": maxnreg})
+            ptx = kernel.asm["ptx"]
+            regs = sorted({int(n) for n in re.findall(r"setmaxnreg[.a-z]*[.]u32\s*(\d+)", ptx)})
+            print(f"{ws_variant_name((block_m, block_n, stages, maxnreg, split))} d{head_dim} {ty} "
+                  f"{'causal' if causal else 'full'} {block_m}x{block_n} stages {stages} setmaxnreg {regs} "
+                  f"maxnreg {maxnreg}: shared {kernel.metadata.shared} B, {ptxas_resources(ptx, 90)}", flush=True)
 
 
 if __name__ == "__main__":

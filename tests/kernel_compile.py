@@ -124,7 +124,8 @@ def _compile_job(job: tuple[int, int, str, str, int]) -> str:
     block_d = configs.padded_head_dim(head_dim)
     causal = flags.get("HAS_UPPER", False)
     aligned = head_dim == 256 and not flags.get("IS_VARLEN", False)
-    kv_cfg, dq_cfg = configs.backward_config(block_d, causal, device, aligned, seqlen_k)
+    kv_cfg, dq_cfg = configs.backward_config(block_d, causal, device, aligned, seqlen_k,
+                                             flags.get("HAS_DROPOUT", False))
     fwd_cfg = configs.forward_config(block_d, causal, device, aligned)
     kernel, cfg = {"fwd": (forward.attn_fwd_kernel, fwd_cfg), "fwd-tma": (forward_tma.attn_fwd_tma_kernel, fwd_cfg),
                    "dkdv": (backward.attn_bwd_dkdv_kernel, kv_cfg), "dq": (backward.attn_bwd_dq_kernel, dq_cfg)}[

@@ -65,6 +65,17 @@ def test_short_causal_d128_backward_takes_smaller_tiles(hopper):
         128, False, hopper, True, seqlen_k=8192)  # not causal: unchanged
 
 
+def test_dropout_d128_backward_takes_its_own_tiles(hopper):
+    """Round 8's dropout tune at d128, 8k: 32x128 / 128x32 tiles (+9% full, +7% causal); other head
+    dims and the short causal case keep their tiles."""
+    kv, dq = configs.backward_config(128, False, hopper, True, 8192, dropout=True)
+    assert (kv.block_m, kv.block_n, kv.num_stages, dq.block_m, dq.block_n) == (32, 128, 3, 128, 32)
+    assert configs.backward_config(64, False, hopper, True, 8192, dropout=True) == configs.backward_config(
+        64, False, hopper, True, 8192)
+    short = configs.backward_config(128, True, hopper, True, configs.SHORT_CAUSAL_KEYS, dropout=True)
+    assert short == configs.backward_config(128, True, hopper, True, configs.SHORT_CAUSAL_KEYS)
+
+
 def test_decode_splits_fill_the_slots_without_a_sliver_of_a_second_wave():
     """The split count fills CTAS_PER_SM programs per SM — rounded up unless the overflow is a
     sliver (under SLIVER of the slots) — never splits shorter than the minimum, and is at least 1."""

@@ -154,7 +154,7 @@ def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch
     )
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg_kv, cfg_q = (clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,
-                                                                    aligned, run.seqlen_k))
+                                                                    aligned, run.seqlen_k, run.flags["HAS_DROPOUT"]))
     launch_fn(
         bwd_kernels.attn_bwd_dkdv_kernel, (cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads, run.batch),
         run.q4, run.k4, run.v4, do4, lse, delta, dk4, dv4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_q,
