@@ -24,7 +24,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
     tma,
     warpgroup_mma,
-    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -58,17 +57,37 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, full, empty
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, q_bar, full, empty, pid_m, n_blocks, qk_scale, dtype: gl.constexpr,
-              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr):
-    """The math warps: online softmax over the ring's key blocks; returns (acc, m_i, l_i)."""
+def _softmax_step(s, m_i, l_i, blk, rows_s, cols_s, row0, qk_scale, p_layout: gl.constexpr, dtype: gl.constexpr,
+                  BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """Online softmax of score tile ``s`` (key block ``blk``): (P as the P·V operand, m, l, alpha)."""
+    if CAUSAL:
+        if (blk + 1) * BLOCK_N > row0:  # a block that crosses these rows' diagonal
+            s = gl.where(blk * BLOCK_N + cols_s[None, :] <= rows_s[:, None], s, float("-inf"))
+    m_ij = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_ij[:, None])
+    alpha = gl.exp2(m_i - m_ij)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return gl.convert_layout(p.to(dtype), p_layout), m_ij, l_i, alpha
+
+
+@gluon.jit
+def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, qk_scale, dtype: gl.constexpr,
+            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+            CAUSAL: gl.constexpr):
+    """The consumer loop over the ring's key blocks for query rows row0 .. row0 + BLOCK_M (all the
+    calling partition's warps); returns (acc, m_i, l_i), acc not yet divided by l.
+
+    FA3's intra-warpgroup order: issue S_{j+1} = Q·K_{j+1}ᵀ, then O += P_j·V_j, wait for S_{j+1}
+    only and run its softmax under P_j·V_j, then wait for P_j·V_j, free slot j and rescale O. O's
+    registers are touched only with no product in flight: round 8's first order rescaled O while
+    S_{j+1} ran, and ptxas serialized every wgmma for it (C7514)."""
     NUM_WARPS: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    rows_s = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    rows_s = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     cols_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -77,37 +96,55 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, full, empty, pid_m, n_blocks, qk_sc
 
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(full.index(0), 0)
-    s_next = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-    acc = warpgroup_mma_init(acc)
-    for j in range(n_blocks):
-        s_cur = s_next
-        ahead = gl.minimum(j + 1, n_blocks - 1)  # the last iteration recomputes S_j and drops it
-        mbarrier.wait(full.index(ahead % STAGES), (ahead // STAGES) & 1)
-        s_tok = warpgroup_mma(q_smem, k_smem.index(ahead % STAGES).permute((1, 0)), s_zero, use_acc=False,
+    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+    p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, rows_s, cols_s, row0, qk_scale, p_layout, dtype, BLOCK_N,
+                                          CAUSAL)
+    for j in range(n_blocks - 1):
+        nxt = j + 1
+        mbarrier.wait(full.index(nxt % STAGES), (nxt // STAGES) & 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), s_zero, use_acc=False,
                               is_async=True)
-        if CAUSAL:
-            if (j + 1) * BLOCK_N > pid_m * BLOCK_M:  # a block that crosses the diagonal
-                s_cur = gl.where(j * BLOCK_N + cols_s[None, :] <= rows_s[:, None], s_cur, float("-inf"))
-        m_ij = gl.maximum(m_i, gl.max(s_cur, axis=1) * qk_scale)
-        p = gl.exp2(s_cur * qk_scale - m_ij[:, None])
-        alpha = gl.exp2(m_i - m_ij)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_ij
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
-        # Issue order P·V_{j-1}, S_{j+1}: one outstanding means P·V_{j-1} is done.
-        o = warpgroup_mma_wait(1, deps=[acc])
-        if j > 0:
-            # Block j-1's slot is free once both warpgroups' P·V_{j-1} are done: the partition's
-            # barrier, then one arrive (mbarrier.arrive is issued by the partition's first thread).
-            gl.thread_barrier()
-            mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)
-        o = o * alpha_o[:, None]
-        acc = warpgroup_mma(p_op, v_smem.index(j % STAGES), o, is_async=True)
-        # Issue order S_{j+1}, P·V_j: one outstanding means S_{j+1} is done.
-        s_next = warpgroup_mma_wait(1, deps=[s_tok])
-    acc = warpgroup_mma_wait(0, deps=[acc])
+        acc = warpgroup_mma(p_op, v_smem.index(j % STAGES), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])  # issue order S_{j+1}, P_j·V_j: S_{j+1} is done
+        p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, nxt, rows_s, cols_s, row0, qk_scale, p_layout, dtype,
+                                              BLOCK_N, CAUSAL)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        # Slot j is free once this partition's warps are past P_j·V_j: their barrier, then one arrive
+        # (mbarrier.arrive is issued by the partition's first thread).
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(j % STAGES), count=1)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    last = n_blocks - 1
+    acc = warpgroup_mma(p_op, v_smem.index(last % STAGES), acc)
     return acc, m_i, l_i
+
+
+@gluon.jit
+def _store_rows(acc, m_i, l_i, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, off_b, off_h, row0,
+                dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """O = acc / l and LSE for rows row0 .. row0 + BLOCK_M."""
+    NUM_WARPS: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    om = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    od = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    gl.store(Out + off_b.to(gl.int64) * stride_ob + off_h * stride_oh + om[:, None] * stride_os + od[None, :],
+             out.to(dtype))
+    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+    lm = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    gl.store(LSE + off_b.to(gl.int64) * stride_lb + off_h * stride_lh + lm, lse)
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, q_bar, full, empty, pid_m, n_blocks, qk_scale, dtype: gl.constexpr,
+              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr):
+    """The default partition of attn_fwd_ws_kernel: both warpgroups over the 128-row block."""
+    return _attend(q_smem, k_smem, v_smem, q_bar, full, empty, pid_m * BLOCK_M, n_blocks, qk_scale, dtype, HEAD_DIM,
+                   BLOCK_M, BLOCK_N, STAGES, CAUSAL)
 
 
 @gluon.jit
@@ -118,11 +155,6 @@ def attn_fwd_ws_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os, s
     """O[b, i, h] = softmax(Q·Kᵀ · scale) · V for one BLOCK_M query block; LSE (natural log).
     q_desc / k_desc / v_desc view the inputs as 2-D (batch · seqlen, heads · head_dim).
     Grid: (seqlen_q / BLOCK_M, heads, batch)."""
-    NUM_WARPS: gl.constexpr = gl.num_warps()
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
     dtype: gl.constexpr = q_desc.dtype
 
     pid_m = gl.program_id(0)
@@ -154,75 +186,22 @@ def attn_fwd_ws_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os, s
                      off_h * HEAD_DIM, off_hk * HEAD_DIM, n_blocks, BLOCK_N, STAGES)),
     ], [1], [24])
 
-    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-    out = acc / l_o[:, None]
-    om = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-    od = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    o_ptrs = (Out + off_b.to(gl.int64) * stride_ob + off_h * stride_oh + om[:, None] * stride_os + od[None, :])
-    gl.store(o_ptrs, out.to(dtype))
-    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
-    lm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    gl.store(LSE + off_b.to(gl.int64) * stride_lb + off_h * stride_lh + lm, lse)
+    _store_rows(acc, m_i, l_i, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, off_b, off_h,
+                pid_m * BLOCK_M, dtype, HEAD_DIM, BLOCK_M, BLOCK_N)
 
 
 @gluon.jit
 def _half_block(q_smem, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
                 stride_lh, off_b, off_h, row0, n_blocks, qk_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """One consumer warpgroup of the split kernel: query rows row0 .. row0 + BLOCK_M (its half of
-    the block) over every key block of the ring, then its own epilogue. Both warpgroups release each
-    slot (empty barriers count 2), so neither waits for the other: their softmaxes drift apart and
-    run under each other's matrix products (FA3's ping-pong, left to the warp schedulers)."""
-    NUM_WARPS: gl.constexpr = gl.num_warps()
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    rows_s = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    cols_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(full.index(0), 0)
-    s_next = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-    acc = warpgroup_mma_init(acc)
-    for j in range(n_blocks):
-        s_cur = s_next
-        ahead = gl.minimum(j + 1, n_blocks - 1)
-        mbarrier.wait(full.index(ahead % STAGES), (ahead // STAGES) & 1)
-        s_tok = warpgroup_mma(q_smem, k_smem.index(ahead % STAGES).permute((1, 0)), s_zero, use_acc=False,
-                              is_async=True)
-        if CAUSAL:
-            if (j + 1) * BLOCK_N > row0:  # a block that crosses this half's diagonal
-                s_cur = gl.where(j * BLOCK_N + cols_s[None, :] <= rows_s[:, None], s_cur, float("-inf"))
-        m_ij = gl.maximum(m_i, gl.max(s_cur, axis=1) * qk_scale)
-        p = gl.exp2(s_cur * qk_scale - m_ij[:, None])
-        alpha = gl.exp2(m_i - m_ij)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_ij
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
-        o = warpgroup_mma_wait(1, deps=[acc])  # P·V_{j-1} done
-        if j > 0:
-            gl.thread_barrier()  # this warpgroup's four warps, then its one arrive
-            mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)
-        o = o * alpha_o[:, None]
-        acc = warpgroup_mma(p_op, v_smem.index(j % STAGES), o, is_async=True)
-        s_next = warpgroup_mma_wait(1, deps=[s_tok])  # S_{j+1} done
-    acc = warpgroup_mma_wait(0, deps=[acc])
-
-    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-    out = acc / l_o[:, None]
-    om = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-    od = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    gl.store(Out + off_b.to(gl.int64) * stride_ob + off_h * stride_oh + om[:, None] * stride_os + od[None, :],
-             out.to(dtype))
-    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
-    gl.store(LSE + off_b.to(gl.int64) * stride_lb + off_h * stride_lh + rows_s, lse)
+    """One consumer warpgroup of the split kernel: its half of the block, then its own epilogue.
+    Both warpgroups release each slot (empty barriers count 2), so neither waits for the other:
+    their softmaxes drift apart and can run under each other's matrix products (FA3's ping-pong,
+    left to the warp schedulers)."""
+    acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, qk_scale, dtype, HEAD_DIM,
+                            BLOCK_M, BLOCK_N, STAGES, CAUSAL)
+    _store_rows(acc, m_i, l_i, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, off_b, off_h, row0,
+                dtype, HEAD_DIM, BLOCK_M, BLOCK_N)
 
 
 @gluon.jit
@@ -287,8 +266,9 @@ def attn_fwd_ws2_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os, 
 # head dim -> (BLOCK_M, BLOCK_N, STAGES, maxnreg, SPLIT); 8 consumer warps + 1 producer warp (12
 # warps allocated: maxnreg · 384 threads must fit the 64K-register file). SPLIT: the two consumer
 # warpgroups as independent partitions (attn_fwd_ws2_kernel).
-WS_VARIANTS = {64: [(128, 128, 3, 168, False), (128, 128, 3, 168, True), (128, 64, 4, 168, True)],
-               128: [(128, 128, 3, 168, False), (128, 128, 3, 168, True), (128, 64, 4, 168, True)]}
+WS_VARIANTS = {64: [(128, 128, 3, 168, False), (128, 128, 3, 168, True), (128, 128, 2, 168, True)],
+               128: [(128, 128, 2, 168, False), (128, 128, 3, 168, False), (128, 128, 2, 168, True),
+                     (128, 128, 3, 168, True)]}
 
 
 def ws_variant_name(tiles: tuple[int, int, int, int, bool]) -> str:
@@ -330,6 +310,20 @@ def gluon_ws_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
         num_warps=4 if split else 8, maxnreg=maxnreg)
     return out, lse
+
+
+def wgmma_serialized(ptx: str) -> bool:
+    """Whether ptxas serializes the kernel's wgmma (its C7514 note): the overlap is then gone."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        report = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", f"{tmp}/k.ptx", "-o", f"{tmp}/k.o"],
+                                capture_output=True, text=True).stderr
+    return "C7514" in report
 
 
 def compile_only() -> None:
@@ -374,9 +368,11 @@ def compile_only() -> None:
                                     options={"num_warps": 4 if split else 8, "maxnreg": maxnreg})
             ptx = kernel.asm["ptx"]
             regs = sorted({int(n) for n in re.findall(r"setmaxnreg[.a-z]*[.]u32\s*(\d+)", ptx)})
+            serialized = " WGMMA SERIALIZED (ptxas C7514)" if wgmma_serialized(ptx) else ""
             print(f"{ws_variant_name((block_m, block_n, stages, maxnreg, split))} d{head_dim} {ty} "
                   f"{'causal' if causal else 'full'} {block_m}x{block_n} stages {stages} setmaxnreg {regs} "
-                  f"maxnreg {maxnreg}: shared {kernel.metadata.shared} B, {ptxas_resources(ptx, 90)}", flush=True)
+                  f"maxnreg {maxnreg}: shared {kernel.metadata.shared} B, {ptxas_resources(ptx, 90)}{serialized}",
+                  flush=True)
 
 
 if __name__ == "__main__":
