@@ -19,7 +19,7 @@
 #   decode-tune  the decode split-count rule beside its tune (graph replays, B4/16/32 at 8k/32k)
 #   bwd-tune     the backward's dK/dV and dQ tile sweep at d64/d128
 #   dropout-tune the same sweep with dropout 0.1 at d128, 8k
-#   gluon   the Gluon forward experiment (gluon_forward.py): correctness, then timed beside flashlab and SDPA
+#   gluon   the Gluon forward (FLASHLAB_FWD_GLUON=1): tests/test_forward_gluon.py, then gluon_forward.py
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:?usage: device_round.sh OUT STAGE...}
@@ -124,7 +124,11 @@ for stage in "$@"; do
       grep tune-bwd "$dir/tune.log"
       ;;
     gluon)
-      timeout 360 "$py" benchmarks/gluon_forward.py --out "$dir" 2>&1 | tee "$dir/gluon.log" | tail -20
+      # The package's Gluon forward (FLASHLAB_FWD_GLUON=1): its tests, then checked and timed.
+      timeout 200 "$py" -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_forward_gluon.py \
+        > "$dir/tests.log" 2>&1
+      tail -n 3 "$dir/tests.log"
+      timeout 300 "$py" benchmarks/gluon_forward.py --out "$dir" 2>&1 | tee "$dir/gluon.log" | tail -14
       ;;
     *)
       echo "unknown stage: $stage (verify, host, tune, tma, decode, dropout-tests, decode-tune, bwd-tune, dropout-tune, lab, dropout, attn-mask, gluon)"

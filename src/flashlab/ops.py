@@ -26,6 +26,7 @@ import torch
 
 from flashlab import launch_plans
 from flashlab.block_mask import BlockMask
+from flashlab.gluon_forward import gluon_eligible, launch_fwd_gluon
 from flashlab.kernels.configs import (
     FP_FUSION,
     backward_config,
@@ -58,7 +59,9 @@ def _launch_fwd(
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     optional = _optional(args)
     signature = None
-    if _plannable(args) and os.environ.get("FLASHLAB_FWD_TMA", "0") != "1":
+    # The opt-in forwards launch outside launch_fn, so a recorded plan would hold none of their launches.
+    opt_in = os.environ.get("FLASHLAB_FWD_TMA", "0") == "1" or os.environ.get("FLASHLAB_FWD_GLUON", "0") == "1"
+    if _plannable(args) and not opt_in:
         signature = (forward_config, *launch_plans.layout(q, k, v, *optional), *args[7:13], args[16])
     launch_plans.run(signature, (q, k, v, out, lse, *optional),
                      lambda launch_fn: _fwd_launches(out, lse, args, launch_fn))
@@ -77,7 +80,7 @@ def _plannable(args: tuple) -> bool:
 
 
 def _fwd_launches(out: torch.Tensor, lse: torch.Tensor, args: tuple, launch_fn) -> None:
-    """The forward's launch (or the TMA forward's) into ``out`` / ``lse``; ``args`` as _launch_fwd's."""
+    """The forward's launch (or an opt-in one: Gluon's, TMA's) into ``out`` / ``lse``; ``args`` as _launch_fwd's."""
     from flashlab.kernels import forward as fwd_kernels  # here: importing flashlab needs no Triton
     run = prepare(*args)
     q = args[0]
@@ -85,6 +88,10 @@ def _fwd_launches(out: torch.Tensor, lse: torch.Tensor, args: tuple, launch_fn) 
     block_d = padded_head_dim(run.head_dim)
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg = clamp_tiles(forward_config(block_d, run.flags["HAS_UPPER"], q.device, aligned), run)
+    if gluon_eligible(run.flags, run.head_dim, run.seqlen_q, run.seqlen_k, run.scalars[1], run.q4, run.k4, run.v4):
+        launch_fwd_gluon(run.q4, run.k4, run.v4, as4d(out), lse, run.lse_strides, run.scalars[2],
+                         run.flags["HAS_UPPER"])
+        return
     if tma_eligible(run.flags, run.head_dim, run.q4, run.k4, run.v4, out):
         launch_fwd_tma(run.q4, run.k4, run.v4, out, lse, run.lse_strides, run.seqlen_q, run.seqlen_k, run.heads,
                        run.kv_heads, run.head_dim, block_d, run.scalars, run.flags, cfg)

@@ -1,0 +1,107 @@
+"""Host side of the Gluon forward (kernels/forward_gluon.py): when it may run, and its launch.
+
+Opt-in with ``FLASHLAB_FWD_GLUON=1`` (docs/perf-notes.md round 8: 1.18–1.30× the standard forward at
+head dim 128 from 1k tokens, 0.93–1.04× cuDNN from 4k, on the H200; never run yet from inside the
+package on a GPU). It takes what the kernel was checked on and nothing else:
+
+* a Hopper GPU (compute capability 9.0) and Triton 3.6 (Gluon's API changes between releases);
+* fp16 / bf16, head dim 128 (any tile-multiple seqlen) or 64 (from 4096 keys: shorter, it loses);
+* no softcap, ALiBi, masks, block masks, dropout, varlen or window; causal only with
+  seqlen_q == seqlen_k (where both alignments agree);
+* seqlen_q and seqlen_k multiples of 128; q, k, v in the (batch, seqlen, heads, dim) or the
+  (batch, heads, seqlen, dim) memory order, dense, 16-byte aligned.
+
+Every other call takes the standard kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from flashlab.kernels import configs
+from flashlab.kernels.configs import interpreting
+
+BLOCK_M = BLOCK_N = 128
+STAGES = 3  # 2 stages leave the producer no slot to run ahead: 17% slower at d128 (round 8)
+MAXNREG = 168  # 12 warps (4 + 4 consumers, the producer's warp group) × 32 × 168 fills the 64K registers
+MIN_KEYS = {128: BLOCK_N, 64: 4096}  # head dim 64 below 4096 keys: 0.90× the standard forward (round 8)
+_FEATURE_FLAGS = ("IS_VARLEN", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT", "HAS_LOWER")
+
+
+def _triton_has_gluon_36() -> bool:
+    import triton
+
+    return triton.__version__.startswith("3.6.")
+
+
+def rows_view(t4: torch.Tensor) -> tuple[torch.Tensor, int, int, int] | None:
+    """A (batch, seqlen, heads, dim) view as the 2-D tensor the kernel's descriptors read, with
+    (rows a batch, rows a head, columns a head) — or None if its memory order is neither
+    (batch, seqlen, heads, dim) nor (batch, heads, seqlen, dim), dense."""
+    b, s, h, d = t4.shape
+    st = t4.stride()
+    if st == (s * h * d, h * d, d, 1) or (b == 1 and st[1:] == (h * d, d, 1)):
+        return torch.as_strided(t4, (b * s, h * d), (h * d, 1)), s, 0, d
+    if st == (h * s * d, d, s * d, 1) or (b == 1 and st[1:] == (d, s * d, 1)):
+        return torch.as_strided(t4, (b * h * s, d), (d, 1)), h * s, s, 0
+    return None
+
+
+def gluon_shape_ok(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, dtype: torch.dtype,
+                   window_right: int) -> bool:
+    """The kernel's scope without looking at devices or memory (module docstring). ``flags`` and
+    ``window_right`` (0 under causal) as launch_args.prepare builds them."""
+    if any(flags[f] for f in _FEATURE_FLAGS) or flags["MASK_KIND"] != 0:
+        return False
+    if dtype not in (torch.float16, torch.bfloat16) or head_dim not in MIN_KEYS or seqlen_k < MIN_KEYS[head_dim]:
+        return False
+    if seqlen_q % BLOCK_M or seqlen_k % BLOCK_N or seqlen_q == 0:
+        return False
+    # An upper band edge is causal only with right == 0 (a window (-1, r > 0) sets it too).
+    return not flags["HAS_UPPER"] or (window_right == 0 and seqlen_q == seqlen_k)
+
+
+def gluon_eligible(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, window_right: int,
+                   *tensors: torch.Tensor) -> bool:
+    """Whether the Gluon forward runs this call; ``tensors`` are the 4-D q, k, v."""
+    if os.environ.get("FLASHLAB_FWD_GLUON", "0") != "1":
+        return False
+    q = tensors[0]
+    if q.numel() == 0 or not q.is_cuda or interpreting() or configs.device_capability(q.device) != (9, 0):
+        return False
+    if not gluon_shape_ok(flags, head_dim, seqlen_q, seqlen_k, q.dtype, window_right) or not _triton_has_gluon_36():
+        return False
+    for t in tensors[:3]:
+        if rows_view(t) is None or t.data_ptr() % 16 or math.prod(t.shape[:3]) >= 2**31:
+            return False  # TMA coordinates are 32-bit
+    return True
+
+
+def launch_fwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, out4: torch.Tensor, lse: torch.Tensor,
+                     lse_strides: tuple[int, int], softmax_scale: float, causal: bool) -> None:
+    """Launch kernels/forward_gluon.py (the call passed gluon_eligible); out4 (batch, seqlen, heads,
+    dim) any strides with a unit last one, lse (batch, heads, seqlen_q) fp32 by ``lse_strides``."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from flashlab.kernels.forward_gluon import attn_fwd_gluon_kernel
+
+    batch, seqlen_q, heads, head_dim = q4.shape
+    seqlen_k, kv_heads = k4.shape[1], k4.shape[2]
+    gl_dtype = gl.float16 if q4.dtype == torch.float16 else gl.bfloat16
+    (q2, q_rows_b, q_rows_h, q_col_h), (k2, k_rows_b, k_rows_h, k_col_h), (v2, *_) = (
+        rows_view(t) for t in (q4, k4, v4))
+    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, head_dim], gl_dtype)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, head_dim], gl_dtype)
+    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BLOCK_M // 2, head_dim], q_layout)
+    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BLOCK_N, head_dim], kv_layout)
+    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BLOCK_N, head_dim], kv_layout)
+    attn_fwd_gluon_kernel[(seqlen_q // BLOCK_M, heads, batch)](
+        q_desc, k_desc, v_desc, out4, lse, out4.stride(0), out4.stride(1), out4.stride(2), *lse_strides,
+        q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_k, heads // kv_heads,
+        softmax_scale * 1.4426950408889634,
+        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
+        num_warps=4, maxnreg=MAXNREG)

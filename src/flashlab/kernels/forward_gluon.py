@@ -1,0 +1,185 @@
+"""The Hopper forward in Gluon (Triton 3.6's ``triton.experimental.gluon``): FlashAttention-3's
+structure, opt-in (gluon_forward.py says when it runs; docs/perf-notes.md round 8 how it was found).
+
+One program per 128-row query block and (head, batch), in three warp-specialized partitions:
+
+* a 1-warp producer issues TMA loads of the two 64-row Q halves, then of each key block's K and V
+  into a ring of ``STAGES`` shared-memory slots; slot s is guarded by mbarriers ``full[s]`` (the TMA
+  transaction bytes landed) and ``empty[s]`` (both consumers are done with it);
+* two 4-warp consumers (one warpgroup each, the default partition and a worker) own 64 query rows
+  each and never wait for each other, so one's softmax runs under the other's matrix products.
+
+Each consumer follows FlashAttention-3's intra-warpgroup order: issue S_{j+1} = Q·K_{j+1}ᵀ, issue
+O += P_j·V_j (P from registers), wait for S_{j+1} only and run its softmax under P_j·V_j, wait for
+P_j·V_j, free slot j, rescale O. O's registers are touched only with no product in flight: anything
+else makes ptxas serialize every wgmma (its note C7514), which is what round 8 first ran into.
+
+Scope: no softcap / ALiBi / masks / dropout / varlen / window; causal only with seqlen_q == seqlen_k;
+head dims 64 and 128; seqlens multiples of 128; q, k, v viewed as 2-D tensors by the host
+(gluon_forward.py): row ``b · rows_b + h · rows_h + position``, columns from ``h · col_h``.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+M_INIT = gl.constexpr(-1.0e30)  # the running max starts finite (forward.py's M_INIT)
+LN2 = gl.constexpr(0.6931471805599453)
+
+
+@gluon.jit
+def _kv_blocks(pid_m, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """How many key blocks query block ``pid_m`` visits (every partition must agree)."""
+    n = seqlen_k // BLOCK_N
+    if CAUSAL:
+        n = gl.minimum(n, (pid_m * BLOCK_M + BLOCK_M + BLOCK_N - 1) // BLOCK_N)
+    return n
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, blk, rows_s, cols_s, row0, qk_scale, p_layout: gl.constexpr, dtype: gl.constexpr,
+                  BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """Online softmax of score tile ``s`` (key block ``blk``, log2 domain): (P as the P·V register
+    operand, the new row max, the new row sum, alpha = the rescale factor of the old O)."""
+    if CAUSAL:
+        if (blk + 1) * BLOCK_N > row0:  # a block that crosses these rows' diagonal
+            s = gl.where(blk * BLOCK_N + cols_s[None, :] <= rows_s[:, None], s, float("-inf"))
+    m_ij = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_ij[:, None])
+    alpha = gl.exp2(m_i - m_ij)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return gl.convert_layout(p.to(dtype), p_layout), m_ij, l_i, alpha
+
+
+@gluon.jit
+def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, qk_scale, dtype: gl.constexpr,
+            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+            CAUSAL: gl.constexpr):
+    """One consumer's loop for query rows row0 .. row0 + BLOCK_M: (acc, m_i, l_i), acc not yet / l."""
+    NUM_WARPS: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows_s = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    cols_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    m_i = gl.full([BLOCK_M], M_INIT, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(full.index(0), 0)
+    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+    p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, rows_s, cols_s, row0, qk_scale, p_layout, dtype, BLOCK_N,
+                                          CAUSAL)
+    for j in range(n_blocks - 1):
+        nxt = j + 1
+        mbarrier.wait(full.index(nxt % STAGES), (nxt // STAGES) & 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+        acc = warpgroup_mma(p_op, v_smem.index(j % STAGES), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])  # issue order S_{j+1}, P_j·V_j: S_{j+1} is done
+        p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, nxt, rows_s, cols_s, row0, qk_scale, p_layout, dtype,
+                                              BLOCK_N, CAUSAL)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        # Slot j is free once this warpgroup's four warps are past P_j·V_j: their barrier, then the
+        # one arrive (mbarrier.arrive is issued by the partition's first thread).
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(j % STAGES), count=1)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    last = n_blocks - 1
+    acc = warpgroup_mma(p_op, v_smem.index(last % STAGES), acc)
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
+              stride_lh, off_b, off_h, row0, n_blocks, qk_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """One consumer warpgroup: its rows over every key block, then O = acc / l and the LSE (natural log)."""
+    acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, qk_scale, dtype, HEAD_DIM,
+                            BLOCK_M, BLOCK_N, STAGES, CAUSAL)
+    NUM_WARPS: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    om = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    od = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    gl.store(Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh + om[:, None].to(gl.int64)
+             * stride_os + od[None, :], out.to(dtype))
+    lse = (m_i + gl.log2(l_i)) * LN2
+    lm = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    gl.store(LSE + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh + lm, lse)
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q0, q1, k_smem, v_smem, q_bar, full, empty, q_row, q_col, k_row, k_col,
+              n_blocks, HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: both Q halves, then key block i into slot i % STAGES once the consumers freed it."""
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q0)
+    tma.async_copy_global_to_shared(q_desc, [q_row + HALF, q_col], q_bar, q1)
+    for i in range(n_blocks):
+        slot = i % STAGES
+        # mbarriers start as if phase 1 had completed: the first pass over the ring does not wait.
+        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+        bar = full.index(slot)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row + i * BLOCK_N, k_col], bar, k_smem.index(slot))
+        tma.async_copy_global_to_shared(v_desc, [k_row + i * BLOCK_N, k_col], bar, v_smem.index(slot))
+
+
+@gluon.jit
+def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                          q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_k, group_size, qk_scale,
+                          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                          STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """O[b, i, h] = softmax(Q·Kᵀ · scale) · V for one BLOCK_M query block, LSE[b, h, i] (natural log).
+    ``qk_scale`` = softmax scale · log2 e. Grid: (seqlen_q / BLOCK_M, heads, batch); launch with
+    ``num_warps=4`` (the default partition) and a register cap (``maxnreg``) for 12 warps."""
+    HALF: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q_desc.dtype
+    pid_m = gl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first so the tail is short
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    off_h = gl.program_id(1)
+    off_b = gl.program_id(2)
+    off_hk = off_h // group_size
+    n_blocks = _kv_blocks(pid_m, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+
+    q0 = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], q_desc.layout)
+    q1 = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(full.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)  # one arrive from each consumer warpgroup
+    fence_async_shared()  # the barriers' initialization, before the async proxy uses them
+
+    row0 = pid_m * BLOCK_M
+    q_row = off_b * q_rows_b + off_h * q_rows_h + row0
+    k_row = off_b * k_rows_b + off_hk * k_rows_h
+    gl.warp_specialize([
+        (_consumer, (q0, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
+                     stride_lh, off_b, off_h, row0, n_blocks, qk_scale, dtype, HEAD_DIM, HALF, BLOCK_N, STAGES,
+                     CAUSAL)),
+        (_consumer, (q1, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
+                     stride_lh, off_b, off_h, row0 + HALF, n_blocks, qk_scale, dtype, HEAD_DIM, HALF, BLOCK_N,
+                     STAGES, CAUSAL)),
+        (_producer, (q_desc, k_desc, v_desc, q0, q1, k_smem, v_smem, q_bar, full, empty, q_row, off_h * q_col_h,
+                     k_row, off_hk * k_col_h, n_blocks, HALF, BLOCK_N, STAGES)),
+    ], [4, 1], [240, 24])

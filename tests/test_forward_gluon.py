@@ -1,0 +1,157 @@
+"""The Gluon forward (kernels/forward_gluon.py, opt-in with FLASHLAB_FWD_GLUON=1): which calls it
+takes (CPU-checkable), and on a Hopper GPU with Triton 3.6 the same results as the reference by the
+accuracy rule, forward and backward (the backward reads its LSE), in both memory orders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attn_checks import check_against_reference, make_qkv
+
+import flashlab
+from flashlab import ops
+from flashlab.gluon_forward import gluon_eligible, gluon_shape_ok, rows_view
+
+PLAIN = dict(IS_VARLEN=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False, HAS_LOWER=False,
+             HAS_UPPER=False, MASK_KIND=0)
+F16, BF16 = torch.float16, torch.bfloat16
+
+
+@pytest.mark.parametrize("change, head_dim, sq, sk, dtype, right, ok", [
+    ({}, 128, 1024, 1024, F16, -1, True),
+    ({}, 128, 128, 256, BF16, -1, True),
+    ({"HAS_UPPER": True}, 128, 512, 512, F16, 0, True),       # causal, square
+    ({"HAS_UPPER": True}, 128, 512, 1024, F16, 0, False),     # causal, not square: the alignments differ
+    ({"HAS_UPPER": True}, 128, 512, 512, F16, 64, False),     # window (-1, 64): not causal
+    ({}, 64, 4096, 4096, F16, -1, True),
+    ({}, 64, 2048, 2048, F16, -1, False),                     # head dim 64 under 4096 keys: slower
+    ({}, 96, 1024, 1024, F16, -1, False),
+    ({}, 128, 1000, 1024, F16, -1, False),                    # not a multiple of 128
+    ({}, 128, 1024, 1024, torch.float32, -1, False),
+    ({"HAS_DROPOUT": True}, 128, 1024, 1024, F16, -1, False),
+    ({"HAS_LOWER": True}, 128, 1024, 1024, F16, -1, False),
+    ({"MASK_KIND": 3}, 128, 1024, 1024, F16, -1, False),
+    ({"IS_VARLEN": True}, 128, 1024, 1024, F16, -1, False),
+])
+def test_scope(change, head_dim, sq, sk, dtype, right, ok):
+    assert gluon_shape_ok({**PLAIN, **change}, head_dim, sq, sk, dtype, right) is ok
+
+
+def test_rows_view_of_both_memory_orders_and_refusal_of_others():
+    bshd = torch.randn(2, 256, 4, 64)
+    view, rows_b, rows_h, col_h = rows_view(bshd)
+    assert view.shape == (512, 256) and (rows_b, rows_h, col_h) == (256, 0, 64)
+    assert torch.equal(view[1 * 256 + 7, 3 * 64:4 * 64], bshd[1, 7, 3])
+    bhsd = torch.randn(2, 4, 256, 64).transpose(1, 2)  # SDPA's layout, seen as (batch, seqlen, heads, dim)
+    view, rows_b, rows_h, col_h = rows_view(bhsd)
+    assert view.shape == (2 * 4 * 256, 64) and (rows_b, rows_h, col_h) == (1024, 256, 0)
+    assert torch.equal(view[1 * 1024 + 3 * 256 + 7], bhsd[1, 7, 3])
+    assert rows_view(torch.randn(2, 256, 4, 128)[..., :64]) is None  # rows not dense
+    assert rows_view(torch.randn(256, 2, 4, 64).transpose(0, 1)) is None
+
+
+def test_off_unless_asked_and_off_on_the_cpu(monkeypatch):
+    q = torch.randn(1, 1024, 2, 128, dtype=F16)
+    monkeypatch.delenv("FLASHLAB_FWD_GLUON", raising=False)
+    assert not gluon_eligible(PLAIN, 128, 1024, 1024, -1, q, q, q)
+    monkeypatch.setenv("FLASHLAB_FWD_GLUON", "1")
+    assert not gluon_eligible(PLAIN, 128, 1024, 1024, -1, q, q, q)  # a CPU tensor
+
+
+@pytest.fixture
+def gluon_calls(monkeypatch):
+    import triton
+
+    if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith("3.6."):
+        pytest.skip("the Gluon forward needs a Hopper GPU and Triton 3.6")
+    monkeypatch.setenv("FLASHLAB_FWD_GLUON", "1")
+    calls = []
+    real = ops.launch_fwd_gluon
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ops, "launch_fwd_gluon", spy)
+    return calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, seqlen, heads, kv_heads, head_dim, causal, dtype", [
+    (2, 1024, 8, 8, 128, False, BF16),
+    (2, 1024, 8, 8, 128, True, F16),
+    (1, 384, 6, 2, 128, True, BF16),    # GQA 6:2, three query blocks
+    (3, 128, 4, 1, 128, False, F16),    # one block, MQA
+    (1, 4096, 8, 2, 64, False, F16),
+    (1, 4096, 4, 1, 64, True, BF16),
+])
+def test_matches_the_reference(gluon_calls, batch, seqlen, heads, kv_heads, head_dim, causal, dtype):
+    torch.manual_seed(3)
+    q, k, v = make_qkv(batch, seqlen, seqlen, heads, kv_heads, head_dim, dtype, "cuda")
+    out = flashlab.flash_attn_func(q, k, v, causal=causal)
+    assert len(gluon_calls) == 1
+    check_against_reference(out, q, k, v, causal=causal)
+
+
+@pytest.mark.gpu
+def test_sdpa_layout_and_scale(gluon_calls):
+    torch.manual_seed(4)
+    q, k, v = make_qkv(2, 512, 512, 8, 2, 128, BF16, "cuda", layout="bhsd")
+    out = flashlab.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.05, enable_gqa=True)
+    assert len(gluon_calls) == 1
+    check_against_reference(out, q, k, v, layout="bhsd", causal=True, causal_align="top_left", softmax_scale=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("what", ["ragged", "softcap", "window"])
+def test_steps_aside(gluon_calls, what):
+    """Calls out of its scope run the standard kernel, correctly."""
+    torch.manual_seed(5)
+    seqlen = 1000 if what == "ragged" else 1024
+    q, k, v = make_qkv(1, seqlen, seqlen, 4, 4, 128, F16, "cuda")
+    kw = {"softcap": 5.0} if what == "softcap" else {"window_size": (-1, 64)} if what == "window" else {}
+    out = flashlab.flash_attn_func(q, k, v, **kw)
+    assert gluon_calls == []
+    check_against_reference(out, q, k, v, grads=False, **kw)
+
+
+class _FakeKernel:
+    """Stands in for the Gluon kernel on the CPU: records the launch instead of running it."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_launch_arguments(monkeypatch, layout):
+    """The host glue without a GPU: grid, descriptors over the 2-D views, the row / column offsets
+    of both memory orders, GQA, the log2-domain scale and the launch options."""
+    import flashlab.kernels.forward_gluon as kernels
+    from flashlab.gluon_forward import launch_fwd_gluon
+
+    fake = _FakeKernel()
+    monkeypatch.setattr(kernels, "attn_fwd_gluon_kernel", fake)
+    b, s, h, hk, d = 2, 256, 6, 2, 128
+    shapes = {"bshd": lambda n: (b, s, n, d), "bhsd": lambda n: (b, n, s, d)}
+    q, k, v = (torch.randn(*shapes[layout](n), dtype=F16) for n in (h, hk, hk))
+    if layout == "bhsd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, seqlen, heads, dim) views
+    out = torch.empty(b, s, h, d, dtype=F16)
+    lse = torch.empty(b, h, s)
+    launch_fwd_gluon(q, k, v, out, lse, (h * s, s), 0.125, True)
+    (grid, args, kwargs), = fake.launches
+    assert grid == (s // 128, h, b)
+    q_desc, k_desc, v_desc = args[:3]
+    assert q_desc.block_shape == [64, d] and k_desc.block_shape == v_desc.block_shape == [128, d]
+    rows = args[10:16]
+    if layout == "bshd":
+        assert q_desc.shape == [b * s, h * d] and k_desc.shape == [b * s, hk * d]
+        assert rows == (s, 0, d, s, 0, d)
+    else:
+        assert q_desc.shape == [b * h * s, d] and k_desc.shape == [b * hk * s, d]
+        assert rows == (h * s, s, 0, hk * s, s, 0)
+    assert args[16:18] == (s, h // hk) and args[18] == pytest.approx(0.125 * 1.4426950408889634)
+    assert kwargs["CAUSAL"] is True and kwargs["HEAD_DIM"] == d and kwargs["num_warps"] == 4
+    assert kwargs["maxnreg"] * 12 * 32 <= 65536
