@@ -20,6 +20,7 @@
 #   bwd-tune     the backward's dK/dV and dQ tile sweep at d64/d128
 #   dropout-tune the same sweep with dropout 0.1 at d128, 8k
 #   gluon   the Gluon forward (FLASHLAB_FWD_GLUON=1): tests/test_forward_gluon.py, then gluon_forward.py
+#   fa-grid-gluon  the lab's FlashAttention grid (d64/d128, 2k-16k, fwd) with flashlab-gluon and Flex
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:?usage: device_round.sh OUT STAGE...}
@@ -123,6 +124,14 @@ for stage in "$@"; do
         > "$dir/tune.log" 2>&1
       grep tune-bwd "$dir/tune.log"
       ;;
+    fa-grid-gluon)
+      # Issue 4's grid with the Gluon forward beside every peer, FlexAttention included (one compile a
+      # shape: forward only fits a call; rerun with the same OUT and --resume to finish).
+      timeout 480 "$py" -m flashlab.lab.cli bench --tokens 16384 --seqlen 2048,4096,8192,16384 --embed 2048 \
+        --head-dim 64,128 --causal both --dtypes fp16 --modes fwd --rep-ms 50 \
+        --providers flashlab,flashlab-gluon,sdpa-flash,sdpa-cudnn,flex --out "$dir/grid" > "$dir/grid.log" 2>&1
+      tail -n 40 "$dir/grid.log"
+      ;;
     gluon)
       # The package's Gluon forward (FLASHLAB_FWD_GLUON=1): its tests, then checked and timed.
       timeout 200 "$py" -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_forward_gluon.py \
@@ -131,7 +140,7 @@ for stage in "$@"; do
       timeout 300 "$py" benchmarks/gluon_forward.py --out "$dir" 2>&1 | tee "$dir/gluon.log" | tail -14
       ;;
     *)
-      echo "unknown stage: $stage (verify, host, tune, tma, decode, dropout-tests, decode-tune, bwd-tune, dropout-tune, lab, dropout, attn-mask, gluon)"
+      echo "unknown stage: $stage (verify, host, tune, tma, decode, dropout-tests, decode-tune, bwd-tune, dropout-tune, lab, dropout, attn-mask, gluon, fa-grid-gluon)"
       exit 2
       ;;
   esac

@@ -398,3 +398,5 @@ for _name, _module, _attr, _pkg, _cap, _desc in (
     register(Provider(_name, _desc, build=_flash_pkg_builder(_module, _attr), devices=("cuda",),
                       dtypes=("fp16", "bf16"), requires=_needs_module(_module, _pkg), min_capability=_cap,
                       default_on=("cuda",)))
+
+from flashlab.lab import opt_in_providers  # noqa: E402, F401 - registers flashlab-gluon
