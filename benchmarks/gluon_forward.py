@@ -97,12 +97,12 @@ def check(rows: list[dict]) -> bool:
     try:
         for stages in STAGE_VARIANTS:
             gluon_host.STAGES = stages
-            for batch, seqlen, heads, kv_heads, head_dim, dtype, causal in [
-                    (2, 1024, 8, 8, 128, torch.bfloat16, False), (2, 1024, 8, 8, 128, torch.float16, True),
-                    (1, 384, 6, 2, 128, torch.bfloat16, True), (1, 4096, 8, 2, 64, torch.float16, False),
-                    (1, 4096, 4, 1, 64, torch.bfloat16, True)]:
-                torch.manual_seed(seqlen + head_dim)
-                q, k, v = make_qkv(batch, seqlen, seqlen, heads, kv_heads, head_dim, dtype, "cuda")
+            for batch, sq, sk, heads, kv_heads, head_dim, dtype, causal in [
+                    (2, 1024, 1024, 8, 8, 128, torch.bfloat16, False), (2, 1024, 1024, 8, 8, 128, torch.float16, True),
+                    (1, 1100, 1100, 6, 2, 128, torch.bfloat16, True), (3, 1030, 2049, 4, 1, 128, torch.float16, False),
+                    (1, 4096, 4096, 8, 2, 64, torch.float16, False), (1, 4100, 4100, 4, 1, 64, torch.bfloat16, True)]:
+                torch.manual_seed(sq + sk + head_dim)
+                q, k, v = make_qkv(batch, sq, sk, heads, kv_heads, head_dim, dtype, "cuda")
                 calls.clear()
                 try:
                     out = flashlab.flash_attn_func(q, k, v, causal=causal)
@@ -111,7 +111,7 @@ def check(rows: list[dict]) -> bool:
                 except AssertionError as exc:
                     passed, detail = False, str(exc)
                 ok &= passed
-                rows.append({"kind": "check", "stages": stages, "shape": [batch, seqlen, heads, kv_heads, head_dim],
+                rows.append({"kind": "check", "stages": stages, "shape": [batch, sq, sk, heads, kv_heads, head_dim],
                              "dtype": str(dtype), "causal": causal, "ok": passed, "detail": detail})
                 print("check", "PASS" if passed else "FAIL", rows[-1], flush=True)
     finally:

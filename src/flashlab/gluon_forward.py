@@ -5,11 +5,12 @@ head dim 128 from 1k tokens, 0.93–1.04× cuDNN from 4k, on the H200; never run
 package on a GPU). It takes what the kernel was checked on and nothing else:
 
 * a Hopper GPU (compute capability 9.0) and Triton 3.6 (Gluon's API changes between releases);
-* fp16 / bf16, head dim 128 (any tile-multiple seqlen) or 64 (from 4096 keys: shorter, it loses);
+* fp16 / bf16, head dim 128 from 1024 tokens, or 64 from 4096 (shorter, it loses: round 8), for
+  queries and keys alike, any length past that;
 * no softcap, ALiBi, masks, block masks, dropout, varlen or window; causal only with
   seqlen_q == seqlen_k (where both alignments agree);
-* seqlen_q and seqlen_k multiples of 128; q, k, v in the (batch, seqlen, heads, dim) or the
-  (batch, heads, seqlen, dim) memory order, dense, 16-byte aligned.
+* q, k, v in the (batch, seqlen, heads, dim) or the (batch, heads, seqlen, dim) memory order,
+  dense, 16-byte aligned.
 
 Every other call takes the standard kernel.
 """
@@ -27,7 +28,8 @@ from flashlab.kernels.configs import interpreting
 BLOCK_M = BLOCK_N = 128
 STAGES = 3  # 2 stages leave the producer no slot to run ahead: 17% slower at d128 (round 8)
 MAXNREG = 168  # 12 warps (4 + 4 consumers, the producer's warp group) × 32 × 168 fills the 64K registers
-MIN_KEYS = {128: BLOCK_N, 64: 4096}  # head dim 64 below 4096 keys: 0.90× the standard forward (round 8)
+# The shortest sequences measured faster than the standard forward (round 8: d64 at 1k was 0.90×).
+MIN_SEQLEN = {128: 1024, 64: 4096}
 _FEATURE_FLAGS = ("IS_VARLEN", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT", "HAS_LOWER")
 
 
@@ -56,9 +58,9 @@ def gluon_shape_ok(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, dty
     ``window_right`` (0 under causal) as launch_args.prepare builds them."""
     if any(flags[f] for f in _FEATURE_FLAGS) or flags["MASK_KIND"] != 0:
         return False
-    if dtype not in (torch.float16, torch.bfloat16) or head_dim not in MIN_KEYS or seqlen_k < MIN_KEYS[head_dim]:
+    if dtype not in (torch.float16, torch.bfloat16) or head_dim not in MIN_SEQLEN:
         return False
-    if seqlen_q % BLOCK_M or seqlen_k % BLOCK_N or seqlen_q == 0:
+    if min(seqlen_q, seqlen_k) < MIN_SEQLEN[head_dim]:
         return False
     # An upper band edge is causal only with right == 0 (a window (-1, r > 0) sets it too).
     return not flags["HAS_UPPER"] or (window_right == 0 and seqlen_q == seqlen_k)
@@ -99,9 +101,9 @@ def launch_fwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, out4:
     q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BLOCK_M // 2, head_dim], q_layout)
     k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BLOCK_N, head_dim], kv_layout)
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BLOCK_N, head_dim], kv_layout)
-    attn_fwd_gluon_kernel[(seqlen_q // BLOCK_M, heads, batch)](
+    attn_fwd_gluon_kernel[(configs.cdiv(seqlen_q, BLOCK_M), heads, batch)](
         q_desc, k_desc, v_desc, out4, lse, out4.stride(0), out4.stride(1), out4.stride(2), *lse_strides,
-        q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_k, heads // kv_heads,
+        q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_q, seqlen_k, heads // kv_heads,
         softmax_scale * 1.4426950408889634,
         HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
         num_warps=4, maxnreg=MAXNREG)

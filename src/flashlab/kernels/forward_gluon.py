@@ -15,8 +15,10 @@ P_j·V_j, free slot j, rescale O. O's registers are touched only with no product
 else makes ptxas serialize every wgmma (its note C7514), which is what round 8 first ran into.
 
 Scope: no softcap / ALiBi / masks / dropout / varlen / window; causal only with seqlen_q == seqlen_k;
-head dims 64 and 128; seqlens multiples of 128; q, k, v viewed as 2-D tensors by the host
-(gluon_forward.py): row ``b · rows_b + h · rows_h + position``, columns from ``h · col_h``.
+head dims 64 and 128; any seqlens; q, k, v viewed as 2-D tensors by the host (gluon_forward.py):
+row ``b · rows_b + h · rows_h + position``, columns from ``h · col_h``. A tile that runs past a
+sequence reads the next (batch, head)'s rows, or TMA's zeros past the tensor: keys there are masked
+out of the last block's scores (their V rows meet P = 0), query rows there are never stored.
 """
 
 from triton.experimental import gluon
@@ -36,17 +38,19 @@ LN2 = gl.constexpr(0.6931471805599453)
 @gluon.jit
 def _kv_blocks(pid_m, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
     """How many key blocks query block ``pid_m`` visits (every partition must agree)."""
-    n = seqlen_k // BLOCK_N
+    n = gl.cdiv(seqlen_k, BLOCK_N)
     if CAUSAL:
         n = gl.minimum(n, (pid_m * BLOCK_M + BLOCK_M + BLOCK_N - 1) // BLOCK_N)
     return n
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, blk, rows_s, cols_s, row0, qk_scale, p_layout: gl.constexpr, dtype: gl.constexpr,
-                  BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+def _softmax_step(s, m_i, l_i, blk, rows_s, cols_s, row0, seqlen_k, qk_scale, p_layout: gl.constexpr,
+                  dtype: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
     """Online softmax of score tile ``s`` (key block ``blk``, log2 domain): (P as the P·V register
     operand, the new row max, the new row sum, alpha = the rescale factor of the old O)."""
+    if (blk + 1) * BLOCK_N > seqlen_k:  # the last, ragged block: keys past the sequence
+        s = gl.where(blk * BLOCK_N + cols_s[None, :] < seqlen_k, s, float("-inf"))
     if CAUSAL:
         if (blk + 1) * BLOCK_N > row0:  # a block that crosses these rows' diagonal
             s = gl.where(blk * BLOCK_N + cols_s[None, :] <= rows_s[:, None], s, float("-inf"))
@@ -58,7 +62,7 @@ def _softmax_step(s, m_i, l_i, blk, rows_s, cols_s, row0, qk_scale, p_layout: gl
 
 
 @gluon.jit
-def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, qk_scale, dtype: gl.constexpr,
+def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, seqlen_k, qk_scale, dtype: gl.constexpr,
             HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
             CAUSAL: gl.constexpr):
     """One consumer's loop for query rows row0 .. row0 + BLOCK_M: (acc, m_i, l_i), acc not yet / l."""
@@ -78,8 +82,8 @@ def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, qk_scale
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(full.index(0), 0)
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-    p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, rows_s, cols_s, row0, qk_scale, p_layout, dtype, BLOCK_N,
-                                          CAUSAL)
+    p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, rows_s, cols_s, row0, seqlen_k, qk_scale, p_layout, dtype,
+                                          BLOCK_N, CAUSAL)
     for j in range(n_blocks - 1):
         nxt = j + 1
         mbarrier.wait(full.index(nxt % STAGES), (nxt // STAGES) & 1)
@@ -87,8 +91,8 @@ def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, qk_scale
                               is_async=True)
         acc = warpgroup_mma(p_op, v_smem.index(j % STAGES), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])  # issue order S_{j+1}, P_j·V_j: S_{j+1} is done
-        p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, nxt, rows_s, cols_s, row0, qk_scale, p_layout, dtype,
-                                              BLOCK_N, CAUSAL)
+        p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, nxt, rows_s, cols_s, row0, seqlen_k, qk_scale, p_layout,
+                                              dtype, BLOCK_N, CAUSAL)
         acc = warpgroup_mma_wait(0, deps=[acc])
         # Slot j is free once this warpgroup's four warps are past P_j·V_j: their barrier, then the
         # one arrive (mbarrier.arrive is issued by the partition's first thread).
@@ -102,11 +106,13 @@ def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, qk_scale
 
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
-              stride_lh, off_b, off_h, row0, n_blocks, qk_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """One consumer warpgroup: its rows over every key block, then O = acc / l and the LSE (natural log)."""
-    acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, qk_scale, dtype, HEAD_DIM,
-                            BLOCK_M, BLOCK_N, STAGES, CAUSAL)
+              stride_lh, off_b, off_h, row0, n_blocks, seqlen_q, seqlen_k, qk_scale, dtype: gl.constexpr,
+              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr):
+    """One consumer warpgroup: its rows over every key block, then O = acc / l and the LSE (natural
+    log) of the rows inside the sequence."""
+    acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, seqlen_k, qk_scale, dtype,
+                            HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL)
     NUM_WARPS: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -116,10 +122,10 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, s
     om = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     od = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     gl.store(Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh + om[:, None].to(gl.int64)
-             * stride_os + od[None, :], out.to(dtype))
+             * stride_os + od[None, :], out.to(dtype), mask=om[:, None] < seqlen_q)
     lse = (m_i + gl.log2(l_i)) * LN2
     lm = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    gl.store(LSE + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh + lm, lse)
+    gl.store(LSE + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh + lm, lse, mask=lm < seqlen_q)
 
 
 @gluon.jit
@@ -141,11 +147,12 @@ def _producer(q_desc, k_desc, v_desc, q0, q1, k_smem, v_smem, q_bar, full, empty
 
 @gluon.jit
 def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                          q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_k, group_size, qk_scale,
+                          q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_q, seqlen_k, group_size,
+                          qk_scale,
                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """O[b, i, h] = softmax(Q·Kᵀ · scale) · V for one BLOCK_M query block, LSE[b, h, i] (natural log).
-    ``qk_scale`` = softmax scale · log2 e. Grid: (seqlen_q / BLOCK_M, heads, batch); launch with
+    ``qk_scale`` = softmax scale · log2 e. Grid: (cdiv(seqlen_q, BLOCK_M), heads, batch); launch with
     ``num_warps=4`` (the default partition) and a register cap (``maxnreg``) for 12 warps."""
     HALF: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
@@ -175,11 +182,11 @@ def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os
     k_row = off_b * k_rows_b + off_hk * k_rows_h
     gl.warp_specialize([
         (_consumer, (q0, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
-                     stride_lh, off_b, off_h, row0, n_blocks, qk_scale, dtype, HEAD_DIM, HALF, BLOCK_N, STAGES,
-                     CAUSAL)),
+                     stride_lh, off_b, off_h, row0, n_blocks, seqlen_q, seqlen_k, qk_scale, dtype, HEAD_DIM, HALF,
+                     BLOCK_N, STAGES, CAUSAL)),
         (_consumer, (q1, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
-                     stride_lh, off_b, off_h, row0 + HALF, n_blocks, qk_scale, dtype, HEAD_DIM, HALF, BLOCK_N,
-                     STAGES, CAUSAL)),
+                     stride_lh, off_b, off_h, row0 + HALF, n_blocks, seqlen_q, seqlen_k, qk_scale, dtype, HEAD_DIM,
+                     HALF, BLOCK_N, STAGES, CAUSAL)),
         (_producer, (q_desc, k_desc, v_desc, q0, q1, k_smem, v_smem, q_bar, full, empty, q_row, off_h * q_col_h,
                      k_row, off_hk * k_col_h, n_blocks, HALF, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
