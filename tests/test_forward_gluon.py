@@ -156,3 +156,19 @@ def test_launch_arguments(monkeypatch, layout):
     assert args[16:19] == (s, s, h // hk) and args[19] == pytest.approx(0.125 * 1.4426950408889634)
     assert kwargs["CAUSAL"] is True and kwargs["HEAD_DIM"] == d and kwargs["num_warps"] == 4
     assert kwargs["maxnreg"] * 12 * 32 <= 65536
+
+
+def test_k_and_v_must_share_a_memory_order(monkeypatch):
+    """v is addressed with k's offsets: a call with k and v in different orders is not taken."""
+    import flashlab.gluon_forward as host
+
+    monkeypatch.setenv("FLASHLAB_FWD_GLUON", "1")
+    monkeypatch.setattr(host, "interpreting", lambda: False)
+    monkeypatch.setattr(host.configs, "device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(host, "_triton_has_gluon_36", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    q = torch.randn(1, 1024, 4, 128, dtype=F16)
+    k = torch.randn(1, 1024, 2, 128, dtype=F16)
+    v_other = torch.randn(1, 2, 1024, 128, dtype=F16).transpose(1, 2)
+    assert gluon_eligible(PLAIN, 128, 1024, 1024, -1, q, k, k.clone())
+    assert not gluon_eligible(PLAIN, 128, 1024, 1024, -1, q, k, v_other)

@@ -10,7 +10,11 @@ package on a GPU). It takes what the kernel was checked on and nothing else:
 * no softcap, ALiBi, masks, block masks, dropout, varlen or window; causal only with
   seqlen_q == seqlen_k (where both alignments agree);
 * q, k, v in the (batch, seqlen, heads, dim) or the (batch, heads, seqlen, dim) memory order,
-  dense, 16-byte aligned.
+  dense, 16-byte aligned, k and v in the same one.
+
+A tile that runs past a sequence reads the next (batch, head)'s rows (masked out of the scores,
+multiplied by P = 0): a non-finite value in one sequence's k / v can then reach the output of the
+sequence before it, where the standard kernel keeps sequences apart.
 
 Every other call takes the standard kernel.
 """
@@ -76,10 +80,11 @@ def gluon_eligible(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, win
         return False
     if not gluon_shape_ok(flags, head_dim, seqlen_q, seqlen_k, q.dtype, window_right) or not _triton_has_gluon_36():
         return False
-    for t in tensors[:3]:
-        if rows_view(t) is None or t.data_ptr() % 16 or math.prod(t.shape[:3]) >= 2**31:
-            return False  # TMA coordinates are 32-bit
-    return True
+    views = [rows_view(t) for t in tensors[:3]]
+    if any(view is None for view in views) or views[1][1:] != views[2][1:]:
+        return False  # v is addressed with k's row / column offsets
+    # TMA coordinates are 32-bit.
+    return all(t.data_ptr() % 16 == 0 and math.prod(t.shape[:3]) < 2**31 for t in tensors[:3])
 
 
 def launch_fwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, out4: torch.Tensor, lse: torch.Tensor,
