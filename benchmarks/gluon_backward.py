@@ -1,7 +1,8 @@
-"""Experiment (issue 5): the dK/dV half of the backward in Gluon for Hopper, with the Gluon
-forward's structure (src/flashlab/kernels/forward_gluon.py; docs/perf-notes.md round 8).
+"""Experiment (issue 5): the backward in Gluon for Hopper — a dK/dV kernel and a dQ kernel — with
+the Gluon forward's structure (src/flashlab/kernels/forward_gluon.py; docs/perf-notes.md round 8,
+experiment 10). The kernels are in gluon_bwd_kernels.py; this file launches, checks and times them.
 
-One program per 128 keys and (kv head, batch): a 1-warp producer loads the program's K and V once,
+dK/dV: one program per 128 keys and (kv head, batch): a 1-warp producer loads the program's K and V once,
 then streams (Q_i, dO_i) tiles of 64 query rows by TMA through a ring of stages (full / empty
 mbarriers); two 4-warp consumers own 64 keys each and never wait for each other. Per query tile a
 consumer computes, in the keys-as-rows orientation (so P and dS are register operands):
@@ -10,12 +11,17 @@ consumer computes, in the keys-as-rows orientation (so P and dS are register ope
     Pᵀ = exp2(Sᵀ · scale · log2 e − LSEᵢ · log2 e),  dSᵀ = Pᵀ ⊙ (dPᵀ − Δᵢ)
     dV += Pᵀ dOᵢ,  dK += dSᵀ Qᵢ                     (left in flight under the next tile's Sᵀ, dPᵀ)
 
-with Δ = rowsum(dO ⊙ O) and the forward's LSE; dK is scaled once at the end. dQ stays with
-flashlab's `tl` dQ kernel. GQA loops over the group's query heads inside the program. Scope as
-the forward's: head dims 64 / 128, causal only square, any lengths, (batch, seqlen, heads, dim)
-inputs, q and dO in the same memory order. Never run on a GPU (written 2026-12-02 after the device
-budget was spent): `--compile-only` compiles it for sm_90; on a GPU the script checks dK/dV against
-the fp64 reference and times it beside flashlab's whole backward.
+with Δ = rowsum(dO ⊙ O) and the forward's LSE; dK is scaled once at the end. GQA loops over the
+group's query heads inside the program.
+
+dQ: one program per 128 query rows (two consumers of 64), Q and dO loaded once, K and V streamed:
+S = Q Kⱼᵀ and dP = dO Vⱼᵀ together, then dQ += dS Kⱼ left in flight (FA2's separate-kernel split: no
+atomics, S and dP computed twice in all).
+
+Scope as the forward's: head dims 64 / 128, causal only square, any lengths, dense inputs with q /
+dO and k / v each in one memory order. Never run on a GPU (written 2026-12-02 after the device
+budget was spent): `--compile-only` compiles both for sm_90; on a GPU the script checks dQ, dK, dV
+against the fp64 reference and times them beside flashlab's whole backward and SDPA's.
 
 Usage:
   PYTHONPATH=src python3 benchmarks/gluon_backward.py --compile-only
@@ -32,163 +38,18 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
-    mbarrier,
-    tma,
-    warpgroup_mma,
-    warpgroup_mma_init,
-    warpgroup_mma_wait,
-)
 
-LOG2E = gl.constexpr(1.4426950408889634)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gluon_bwd_kernels import attn_bwd_dkdv_gluon_kernel, attn_bwd_dq_gluon_kernel  # noqa: E402
+
 BLOCK_N, MAXNREG = 128, 168
 # head dim -> [(query rows a tile, ring stages)], the default first. d128 with 64-row tiles spills
 # 140 B (508 causal) in the consumers by ptxas (dK and dV take 128 of their 240 registers); 32 rows: 0 (4).
 TILES = {64: [(64, 3)], 128: [(32, 4), (64, 3)]}
-
-
-@gluon.jit
-def _first_q_block(n0, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
-    """The first query tile that sees any of the keys n0 .. (square causal: query >= key)."""
-    if CAUSAL:
-        return n0 // BLOCK_M
-    return 0
-
-
-@gluon.jit
-def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV,
-                   stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, off_b, off_hk, key0, n0, group_size,
-                   seqlen_q, seqlen_k, qk_scale, softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
-                   BLOCK_M: gl.constexpr, KEYS: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """One consumer warpgroup: keys key0 .. key0 + KEYS over every (query head of the group, query
-    tile), then dK, dV of its keys."""
-    NUM_WARPS: gl.constexpr = gl.num_warps()
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    keys = key0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
-    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-    s_zero = gl.zeros([KEYS, BLOCK_M], gl.float32, layout=s_layout)
-    dk = warpgroup_mma_init(gl.zeros([KEYS, HEAD_DIM], gl.float32, layout=o_layout))
-    dv = warpgroup_mma_init(gl.zeros([KEYS, HEAD_DIM], gl.float32, layout=o_layout))
-
-    mbarrier.wait(kv_bar, 0)
-    i_start = _first_q_block(n0, BLOCK_M, CAUSAL)
-    n_q = gl.cdiv(seqlen_q, BLOCK_M)
-    it = 0
-    for g in range(group_size):
-        off_h = off_hk * group_size + g
-        lse_base = LSE + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
-        delta_base = DELTA + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
-        for i in range(i_start, n_q):
-            slot = it % STAGES
-            mbarrier.wait(full.index(slot), (it // STAGES) & 1)
-            s_tok = warpgroup_mma(k_smem, q_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            dp_tok = warpgroup_mma(v_smem, do_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
-                                   is_async=True)
-            q_idx = i * BLOCK_M + cols
-            in_seq = q_idx < seqlen_q
-            lse2 = gl.load(lse_base + q_idx, mask=in_seq, other=0.0) * LOG2E
-            delta = gl.load(delta_base + q_idx, mask=in_seq, other=0.0)
-            s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])  # the previous tile's dV, dK are done too
-            if it > 0:
-                # The previous slot's Q and dO have been read by this warpgroup's dV, dK products:
-                # its four warps' barrier, then its one arrive (both consumers arrive: count 2).
-                gl.thread_barrier()
-                mbarrier.arrive(empty.index((it - 1) % STAGES), count=1)
-            p = gl.exp2(s * qk_scale - lse2[None, :])
-            visible = in_seq[None, :] & (keys[:, None] < seqlen_k)
-            if CAUSAL:
-                visible = visible & (keys[:, None] <= q_idx[None, :])
-            p = gl.where(visible, p, 0.0)
-            ds = p * (dp - delta[None, :])
-            dv = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do_smem.index(slot), dv, is_async=True)
-            dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), q_smem.index(slot), dk, is_async=True)
-            it += 1
-    dk, dv = warpgroup_mma_wait(0, deps=[dk, dv])
-
-    rows = key0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, o_layout))
-    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    offs = (off_b.to(gl.int64) * stride_kb + rows[:, None].to(gl.int64) * stride_ks + off_hk.to(gl.int64) * stride_kh
-            + dims[None, :])
-    ok = rows[:, None] < seqlen_k
-    gl.store(DK + offs, (dk * softmax_scale).to(dtype), mask=ok)
-    gl.store(DV + offs, dv.to(dtype), mask=ok)
-
-
-@gluon.jit
-def _dkdv_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty, k_row,
-                   k_col, q_rows_b, q_rows_h, q_col_h, off_b, off_hk, n0, group_size, seqlen_q, KEYS: gl.constexpr,
-                   BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """One warp: both consumers' K and V halves, then (Q_i, dO_i) of every (query head, tile)."""
-    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [k_row, k_col], kv_bar, k0)
-    tma.async_copy_global_to_shared(k_desc, [k_row + KEYS, k_col], kv_bar, k1)
-    tma.async_copy_global_to_shared(v_desc, [k_row, k_col], kv_bar, v0)
-    tma.async_copy_global_to_shared(v_desc, [k_row + KEYS, k_col], kv_bar, v1)
-    i_start = _first_q_block(n0, BLOCK_M, CAUSAL)
-    n_q = gl.cdiv(seqlen_q, BLOCK_M)
-    it = 0
-    for g in range(group_size):
-        off_h = off_hk * group_size + g
-        q_row = off_b * q_rows_b + off_h * q_rows_h
-        for i in range(i_start, n_q):
-            slot = it % STAGES
-            mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
-            bar = full.index(slot)
-            mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [q_row + i * BLOCK_M, off_h * q_col_h], bar, q_smem.index(slot))
-            tma.async_copy_global_to_shared(do_desc, [q_row + i * BLOCK_M, off_h * q_col_h], bar, do_smem.index(slot))
-            it += 1
-
-
-@gluon.jit
-def attn_bwd_dkdv_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, DV, stride_lb, stride_lh,
-                               stride_kb, stride_ks, stride_kh, q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h,
-                               k_col_h, seqlen_q, seqlen_k, group_size, qk_scale, softmax_scale,
-                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                               STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """dK, dV of keys n0 .. n0 + BLOCK_N of kv head program_id(1), batch program_id(2) (module
-    docstring). DK / DV are (batch, seqlen_k, kv_heads, head_dim) with K's strides; LSE / DELTA
-    (batch, heads, seqlen_q) fp32. Grid: (cdiv(seqlen_k, BLOCK_N), kv_heads, batch); num_warps=4."""
-    KEYS: gl.constexpr = BLOCK_N // 2
-    dtype: gl.constexpr = q_desc.dtype
-    n0 = gl.program_id(0) * BLOCK_N
-    off_hk = gl.program_id(1)
-    off_b = gl.program_id(2)
-
-    k0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], k_desc.layout)
-    k1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], k_desc.layout)
-    v0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], v_desc.layout)
-    v1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], v_desc.layout)
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(full.index(s), count=1)
-        mbarrier.init(empty.index(s), count=2)
-    fence_async_shared()
-
-    k_row = off_b * k_rows_b + off_hk * k_rows_h + n0
-    gl.warp_specialize([
-        (_dkdv_consumer, (k0, v0, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV, stride_lb, stride_lh,
-                          stride_kb, stride_ks, stride_kh, off_b, off_hk, n0, n0, group_size, seqlen_q, seqlen_k,
-                          qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL)),
-        (_dkdv_consumer, (k1, v1, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV, stride_lb, stride_lh,
-                          stride_kb, stride_ks, stride_kh, off_b, off_hk, n0 + KEYS, n0, group_size, seqlen_q,
-                          seqlen_k, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL)),
-        (_dkdv_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
-                          k_row, off_hk * k_col_h, q_rows_b, q_rows_h, q_col_h, off_b, off_hk, n0, group_size,
-                          seqlen_q, KEYS, BLOCK_M, STAGES, CAUSAL)),
-    ], [4, 1], [240, 24])
+# The dQ kernel: 128 query rows a program (64 a consumer); head dim -> [(keys a block, ring stages)].
+DQ_BLOCK_M = 128
+DQ_TILES = {64: [(128, 3)], 128: [(64, 3), (128, 2)]}
 
 
 def gluon_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
@@ -232,6 +93,42 @@ def gluon_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Ten
     return dk, dv
 
 
+def gluon_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+             lse: torch.Tensor, causal: bool, softmax_scale: float,
+             tiles: tuple[int, int] | None = None) -> torch.Tensor:
+    """dQ for the same inputs as gluon_dkdv; ``tiles`` one of DQ_TILES[head_dim]."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from flashlab.gluon_forward import rows_view
+
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    block_n, stages = tiles or DQ_TILES[head_dim][0]
+    views = [rows_view(t) for t in (q, dout, k, v)]
+    if any(x is None for x in views) or views[0][1:] != views[1][1:] or views[2][1:] != views[3][1:]:
+        raise ValueError("the experiment needs dense inputs, q / dout and k / v each in one memory order")
+    if causal and seqlen_q != seqlen_k:
+        raise ValueError("the experiment takes causal only with seqlen_q == seqlen_k")
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    gl_dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+    q_layout = gl.NVMMASharedLayout.get_default_for([DQ_BLOCK_M // 2, head_dim], gl_dtype)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gl_dtype)
+    q_desc, do_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), [DQ_BLOCK_M // 2, head_dim], q_layout)
+                       for t, *_ in views[:2])
+    k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), [block_n, head_dim], kv_layout)
+                      for t, *_ in views[2:])
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    (_, q_rows_b, q_rows_h, q_col_h), (_, k_rows_b, k_rows_h, k_col_h) = views[0], views[2]
+    lse = lse.contiguous()
+    attn_bwd_dq_gluon_kernel[(triton.cdiv(seqlen_q, DQ_BLOCK_M), heads, batch)](
+        q_desc, do_desc, k_desc, v_desc, lse, delta, dq, lse.stride(0), lse.stride(1),
+        dq.stride(0), dq.stride(1), dq.stride(2), q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h,
+        seqlen_q, seqlen_k, heads // kv_heads, softmax_scale * 1.4426950408889634, softmax_scale,
+        HEAD_DIM=head_dim, BLOCK_M=DQ_BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
+        num_warps=4, maxnreg=MAXNREG)
+    return dq
+
+
 def compile_only() -> None:
     """Compile for sm_90 as a launch specializes it: shared memory, registers, ptxas's C7514 note."""
     import re
@@ -246,12 +143,16 @@ def compile_only() -> None:
     from gluon_forward import wgmma_serialized
     from kernel_compile import ptxas_resources
 
-    names = list(attn_bwd_dkdv_gluon_kernel.arg_names)
-    points = [(d, t, c) for d, ts in TILES.items() for t in ts for c in (("fp16", False), ("bf16", True))]
-    for head_dim, (block_m, stages), (ty, causal) in points:
+    kinds = (("fp16", False), ("bf16", True))
+    points = [("dkdv", attn_bwd_dkdv_gluon_kernel, d, bm, BLOCK_N, st, bm, BLOCK_N // 2, c)
+              for d, ts in TILES.items() for bm, st in ts for c in kinds]
+    points += [("dq", attn_bwd_dq_gluon_kernel, d, DQ_BLOCK_M, bn, st, DQ_BLOCK_M // 2, bn, c)
+               for d, ts in DQ_TILES.items() for bn, st in ts for c in kinds]
+    for what, kern, head_dim, block_m, block_n, stages, q_rows, kv_rows, (ty, causal) in points:
+        names = list(kern.arg_names)
         torch_ty, gl_ty = (torch.float16, gl.float16) if ty == "fp16" else (torch.bfloat16, gl.bfloat16)
-        blocks = {"q_desc": block_m, "do_desc": block_m, "k_desc": BLOCK_N // 2, "v_desc": BLOCK_N // 2}
-        consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": BLOCK_N, "STAGES": stages, "CAUSAL": causal}
+        blocks = {"q_desc": q_rows, "do_desc": q_rows, "k_desc": kv_rows, "v_desc": kv_rows}
+        consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "CAUSAL": causal}
         sig = {}
         for n in names:
             if n in consts:
@@ -262,21 +163,23 @@ def compile_only() -> None:
                 sig[n] = mangle_type(TensorDescriptor.from_tensor(torch.empty(1024, 1024, dtype=torch_ty), shape,
                                                                   layout))
             else:
-                sig[n] = {"LSE": "*fp32", "DELTA": "*fp32", "DK": f"*{ty}", "DV": f"*{ty}", "qk_scale": "fp32",
-                          "softmax_scale": "fp32"}.get(n, "i32")
-        src = GluonASTSource(attn_bwd_dkdv_gluon_kernel, sig, {(names.index(n),): v for n, v in consts.items()}, {})
+                sig[n] = {"LSE": "*fp32", "DELTA": "*fp32", "DK": f"*{ty}", "DV": f"*{ty}", "DQ": f"*{ty}",
+                          "qk_scale": "fp32", "softmax_scale": "fp32"}.get(n, "i32")
+        src = GluonASTSource(kern, sig, {(names.index(n),): v for n, v in consts.items()}, {})
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": MAXNREG})
         ptx = kernel.asm["ptx"]
         regs = sorted({int(n) for n in re.findall(r"setmaxnreg[.a-z]*[.]u32\s*(\d+)", ptx)})
         serialized = " WGMMA SERIALIZED (ptxas C7514)" if wgmma_serialized(ptx) else ""
-        print(f"dkdv d{head_dim} {block_m}-row tiles, {stages} stages, {ty} {'causal' if causal else 'full'}: "
+        mask = "causal" if causal else "full"
+        print(f"{what} d{head_dim} {block_m} x {block_n} tiles, {stages} stages, {ty} {mask}: "
               f"shared {kernel.metadata.shared} B, "
               f"setmaxnreg {regs}, {ptxas_resources(ptx, 90)}{serialized}", flush=True)
 
 
 def _time_point(head_dim: int, causal: bool, seqlen: int) -> dict[str, float]:
-    """Median ms of the Gluon dK/dV kernel, flashlab's whole backward and SDPA's backends' backward
-    on one point of the FlashAttention grid (16k tokens, heads × head dim = 2048, fp16)."""
+    """Median ms of the Gluon dK/dV and dQ kernels (each tile choice), flashlab's whole backward and
+    SDPA's backends' backward on one point of the FlashAttention grid (16k tokens, heads × head dim =
+    2048, fp16)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -293,6 +196,8 @@ def _time_point(head_dim: int, causal: bool, seqlen: int) -> dict[str, float]:
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     line = {f"gluon dK/dV {t[0]}x{t[1]}": timed(lambda t=t: gluon_dkdv(q, k, v, out, g, lse, causal, scale, t))
             for t in TILES[head_dim]}
+    line.update({f"gluon dQ {t[0]}x{t[1]}": timed(lambda t=t: gluon_dq(q, k, v, out, g, lse, causal, scale, t))
+                 for t in DQ_TILES[head_dim]})
     fl_out = flashlab.flash_attn_func(q, k, v, causal=causal)
     line["flashlab bwd"] = timed(lambda: torch.autograd.grad(fl_out, (q, k, v), g, retain_graph=True))
     qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
@@ -305,8 +210,8 @@ def _time_point(head_dim: int, causal: bool, seqlen: int) -> dict[str, float]:
 
 
 def check_and_time(out_dir: Path) -> None:
-    """dK, dV by the accuracy rule (fp64 reference, same-dtype naive attention) on odd shapes, then
-    the kernel's time beside flashlab's whole backward and SDPA's backends' (same run)."""
+    """dQ, dK, dV by the accuracy rule (fp64 reference, same-dtype naive attention) on odd shapes,
+    then the kernels' times beside flashlab's whole backward and SDPA's backends' (same run)."""
     import flashlab
     from flashlab.reference import accuracy_check, naive_attention, reference_attention
 
@@ -326,13 +231,17 @@ def check_and_time(out_dir: Path) -> None:
         g = torch.randn_like(out)
         ref = reference_attention(q, k, v, dtype=torch.float64, causal=causal)
         low = naive_attention(q, k, v, causal=causal)
-        want = torch.autograd.grad(ref, (k, v), g.double())
-        same = torch.autograd.grad(low, (k, v), g)
-        for tiles in TILES[head_dim]:
-            got = gluon_dkdv(q.detach(), k.detach(), v.detach(), out, g, lse, causal, scale, tiles)
-            for name, a, r, s in zip(("dk", "dv"), got, want, same):
+        want = dict(zip("qkv", torch.autograd.grad(ref, (q, k, v), g.double())))
+        same = dict(zip("qkv", torch.autograd.grad(low, (q, k, v), g)))
+        runs = [(t, ("k", "v"), gluon_dkdv(q.detach(), k.detach(), v.detach(), out, g, lse, causal, scale, t))
+                for t in TILES[head_dim]]
+        runs += [(t, ("q",), (gluon_dq(q.detach(), k.detach(), v.detach(), out, g, lse, causal, scale, t),))
+                 for t in DQ_TILES[head_dim]]
+        for tiles, which, got in runs:
+            for w, a in zip(which, got):
+                name, r, s = f"d{w}", want[w], same[w]
                 check = accuracy_check(a, r, s, factor=3.0)
-                ok &= check.ok
+                ok &= check.ok and not a.isnan().any().item()
                 rows.append({"kind": "check", "grad": name, "tiles": list(tiles), "ok": check.ok,
                              "shape": [batch, sq, sk, heads, kv_heads, head_dim], "dtype": str(dtype),
                              "causal": causal, "detail": str(check)})
@@ -345,12 +254,15 @@ def check_and_time(out_dir: Path) -> None:
                 rows.append({"kind": "time", "what": name, "d": head_dim, "causal": causal, "seqlen": seqlen,
                              "ms": ms})
             heads, batch = 2048 // head_dim, 16384 // seqlen
-            work = 4 * batch * heads * seqlen * seqlen * head_dim // (2 if causal else 1)  # 2 matmuls' FLOPs
-            # dK/dV are 4 of the backward's 5 matmuls (2.5 × the forward's work by the usual convention).
+            work = 4 * batch * heads * seqlen * seqlen * head_dim // (2 if causal else 1)  # the forward's FLOPs
+            best = sum(min(ms for n, ms in line.items() if n.startswith(f"gluon {k}")) for k in ("dK/dV", "dQ"))
+            # The backward's work by the usual convention: 2.5 × the forward's (5 matmuls; dQ's kernel
+            # recomputes S and dP, 2 more, not counted).
             print(f"d{head_dim} {'causal' if causal else 'full'} {seqlen}: "
-                  + "  ".join(f"{n} {ms:.3f} ms" for n, ms in line.items())
-                  + f"  gluon dK/dV {2 * work / min(v for n, v in line.items() if n.startswith('gluon')) / 1e9:.0f}"
-                  " TFLOP/s (4 matmuls, best tiles)", flush=True)
+                  + "  ".join(f"{n} {ms:.3f}" for n, ms in line.items())
+                  + f" ms; TFLOP/s: gluon dK/dV + dQ {2.5 * work / best / 1e9:.0f}, flashlab bwd "
+                  f"{2.5 * work / line['flashlab bwd'] / 1e9:.0f}, "
+                  f"cuDNN {2.5 * work / line['sdpa-cudnn bwd'] / 1e9:.0f}", flush=True)
     else:
         print("correctness FAILED: not timed")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,281 @@
+"""Kernels of the Gluon backward experiment (issue 5; the host side, checks and timing are in
+gluon_backward.py, the design in its docstring and docs/perf-notes.md round 8, experiment 10)."""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
+
+LOG2E = gl.constexpr(1.4426950408889634)
+
+
+@gluon.jit
+def _first_q_block(n0, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
+    """The first query tile that sees any of the keys n0 .. (square causal: query >= key)."""
+    if CAUSAL:
+        return n0 // BLOCK_M
+    return 0
+
+
+@gluon.jit
+def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV,
+                   stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, off_b, off_hk, key0, n0, group_size,
+                   seqlen_q, seqlen_k, qk_scale, softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   BLOCK_M: gl.constexpr, KEYS: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """One consumer warpgroup: keys key0 .. key0 + KEYS over every (query head of the group, query
+    tile), then dK, dV of its keys."""
+    NUM_WARPS: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    keys = key0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
+    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    s_zero = gl.zeros([KEYS, BLOCK_M], gl.float32, layout=s_layout)
+    dk = warpgroup_mma_init(gl.zeros([KEYS, HEAD_DIM], gl.float32, layout=o_layout))
+    dv = warpgroup_mma_init(gl.zeros([KEYS, HEAD_DIM], gl.float32, layout=o_layout))
+
+    mbarrier.wait(kv_bar, 0)
+    i_start = _first_q_block(n0, BLOCK_M, CAUSAL)
+    n_q = gl.cdiv(seqlen_q, BLOCK_M)
+    it = 0
+    for g in range(group_size):
+        off_h = off_hk * group_size + g
+        lse_base = LSE + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
+        delta_base = DELTA + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
+        for i in range(i_start, n_q):
+            slot = it % STAGES
+            mbarrier.wait(full.index(slot), (it // STAGES) & 1)
+            s_tok = warpgroup_mma(k_smem, q_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            dp_tok = warpgroup_mma(v_smem, do_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
+                                   is_async=True)
+            q_idx = i * BLOCK_M + cols
+            in_seq = q_idx < seqlen_q
+            lse2 = gl.load(lse_base + q_idx, mask=in_seq, other=0.0) * LOG2E
+            delta = gl.load(delta_base + q_idx, mask=in_seq, other=0.0)
+            s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])  # the previous tile's dV, dK are done too
+            if it > 0:
+                # The previous slot's Q and dO have been read by this warpgroup's dV, dK products:
+                # its four warps' barrier, then its one arrive (both consumers arrive: count 2).
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index((it - 1) % STAGES), count=1)
+            p = gl.exp2(s * qk_scale - lse2[None, :])
+            visible = in_seq[None, :] & (keys[:, None] < seqlen_k)
+            if CAUSAL:
+                visible = visible & (keys[:, None] <= q_idx[None, :])
+            p = gl.where(visible, p, 0.0)
+            ds = p * (dp - delta[None, :])
+            dv = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do_smem.index(slot), dv, is_async=True)
+            dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), q_smem.index(slot), dk, is_async=True)
+            it += 1
+    dk, dv = warpgroup_mma_wait(0, deps=[dk, dv])
+
+    rows = key0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, o_layout))
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    offs = (off_b.to(gl.int64) * stride_kb + rows[:, None].to(gl.int64) * stride_ks + off_hk.to(gl.int64) * stride_kh
+            + dims[None, :])
+    ok = rows[:, None] < seqlen_k
+    gl.store(DK + offs, (dk * softmax_scale).to(dtype), mask=ok)
+    gl.store(DV + offs, dv.to(dtype), mask=ok)
+
+
+@gluon.jit
+def _dkdv_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty, k_row,
+                   k_col, q_rows_b, q_rows_h, q_col_h, off_b, off_hk, n0, group_size, seqlen_q, KEYS: gl.constexpr,
+                   BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """One warp: both consumers' K and V halves, then (Q_i, dO_i) of every (query head, tile)."""
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [k_row, k_col], kv_bar, k0)
+    tma.async_copy_global_to_shared(k_desc, [k_row + KEYS, k_col], kv_bar, k1)
+    tma.async_copy_global_to_shared(v_desc, [k_row, k_col], kv_bar, v0)
+    tma.async_copy_global_to_shared(v_desc, [k_row + KEYS, k_col], kv_bar, v1)
+    i_start = _first_q_block(n0, BLOCK_M, CAUSAL)
+    n_q = gl.cdiv(seqlen_q, BLOCK_M)
+    it = 0
+    for g in range(group_size):
+        off_h = off_hk * group_size + g
+        q_row = off_b * q_rows_b + off_h * q_rows_h
+        for i in range(i_start, n_q):
+            slot = it % STAGES
+            mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+            bar = full.index(slot)
+            mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [q_row + i * BLOCK_M, off_h * q_col_h], bar, q_smem.index(slot))
+            tma.async_copy_global_to_shared(do_desc, [q_row + i * BLOCK_M, off_h * q_col_h], bar, do_smem.index(slot))
+            it += 1
+
+
+@gluon.jit
+def attn_bwd_dkdv_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, DV, stride_lb, stride_lh,
+                               stride_kb, stride_ks, stride_kh, q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h,
+                               k_col_h, seqlen_q, seqlen_k, group_size, qk_scale, softmax_scale,
+                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                               STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """dK, dV of keys n0 .. n0 + BLOCK_N of kv head program_id(1), batch program_id(2) (module
+    docstring). DK / DV are (batch, seqlen_k, kv_heads, head_dim) with K's strides; LSE / DELTA
+    (batch, heads, seqlen_q) fp32. Grid: (cdiv(seqlen_k, BLOCK_N), kv_heads, batch); num_warps=4."""
+    KEYS: gl.constexpr = BLOCK_N // 2
+    dtype: gl.constexpr = q_desc.dtype
+    n0 = gl.program_id(0) * BLOCK_N
+    off_hk = gl.program_id(1)
+    off_b = gl.program_id(2)
+
+    k0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], k_desc.layout)
+    k1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], k_desc.layout)
+    v0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], v_desc.layout)
+    v1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(full.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)
+    fence_async_shared()
+
+    k_row = off_b * k_rows_b + off_hk * k_rows_h + n0
+    gl.warp_specialize([
+        (_dkdv_consumer, (k0, v0, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV, stride_lb, stride_lh,
+                          stride_kb, stride_ks, stride_kh, off_b, off_hk, n0, n0, group_size, seqlen_q, seqlen_k,
+                          qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL)),
+        (_dkdv_consumer, (k1, v1, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV, stride_lb, stride_lh,
+                          stride_kb, stride_ks, stride_kh, off_b, off_hk, n0 + KEYS, n0, group_size, seqlen_q,
+                          seqlen_k, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL)),
+        (_dkdv_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
+                          k_row, off_hk * k_col_h, q_rows_b, q_rows_h, q_col_h, off_b, off_hk, n0, group_size,
+                          seqlen_q, KEYS, BLOCK_M, STAGES, CAUSAL)),
+    ], [4, 1], [240, 24])
+
+
+@gluon.jit
+def _kv_blocks(m0, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """How many key blocks the query rows m0 .. m0 + BLOCK_M visit (square causal: key <= query)."""
+    n = gl.cdiv(seqlen_k, BLOCK_N)
+    if CAUSAL:
+        n = gl.minimum(n, (m0 + BLOCK_M + BLOCK_N - 1) // BLOCK_N)
+    return n
+
+
+@gluon.jit
+def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, full, empty, LSE, DELTA, DQ, stride_lb, stride_lh,
+                 stride_qb, stride_qs, stride_qh, off_b, off_h, row0, n_blocks, seqlen_q, seqlen_k, qk_scale,
+                 softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """One consumer warpgroup of the dQ kernel: query rows row0 .. row0 + ROWS over the ring's key
+    blocks — S = Q Kⱼᵀ and dP = dO Vⱼᵀ together, then dQ += dS Kⱼ left in flight — then dQ."""
+    NUM_WARPS: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    in_seq = rows < seqlen_q
+    row_base = off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
+    lse2 = gl.load(LSE + row_base + rows, mask=in_seq, other=0.0) * LOG2E
+    delta = gl.load(DELTA + row_base + rows, mask=in_seq, other=0.0)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    dq = warpgroup_mma_init(gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout))
+
+    mbarrier.wait(q_bar, 0)
+    for j in range(n_blocks):
+        slot = j % STAGES
+        mbarrier.wait(full.index(slot), (j // STAGES) & 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(do_smem, v_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])  # the previous block's dQ product is done too
+        if j > 0:
+            gl.thread_barrier()  # this warpgroup's four warps are past block j-1's products: free its slot
+            mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)
+        p = gl.exp2(s * qk_scale - lse2[:, None])
+        key_idx = j * BLOCK_N + cols
+        visible = key_idx[None, :] < seqlen_k
+        if CAUSAL:
+            visible = visible & (key_idx[None, :] <= rows[:, None])
+        p = gl.where(visible, p, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k_smem.index(slot), dq, is_async=True)
+    dq = warpgroup_mma_wait(0, deps=[dq])
+
+    out_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    offs = (off_b.to(gl.int64) * stride_qb + out_rows[:, None].to(gl.int64) * stride_qs
+            + off_h.to(gl.int64) * stride_qh + dims[None, :])
+    gl.store(DQ + offs, (dq * softmax_scale).to(dtype), mask=out_rows[:, None] < seqlen_q)
+
+
+@gluon.jit
+def _dq_producer(q_desc, do_desc, k_desc, v_desc, q0, q1, do0, do1, k_smem, v_smem, q_bar, full, empty, q_row,
+                 q_col, k_row, k_col, n_blocks, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: both consumers' Q and dO halves, then key block j's K and V into slot j % STAGES."""
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + 2 * do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q0)
+    tma.async_copy_global_to_shared(q_desc, [q_row + ROWS, q_col], q_bar, q1)
+    tma.async_copy_global_to_shared(do_desc, [q_row, q_col], q_bar, do0)
+    tma.async_copy_global_to_shared(do_desc, [q_row + ROWS, q_col], q_bar, do1)
+    for j in range(n_blocks):
+        slot = j % STAGES
+        mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
+        bar = full.index(slot)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, k_col], bar, k_smem.index(slot))
+        tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, k_col], bar, v_smem.index(slot))
+
+
+@gluon.jit
+def attn_bwd_dq_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, stride_lb, stride_lh, stride_qb,
+                             stride_qs, stride_qh, q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h,
+                             seqlen_q, seqlen_k, group_size, qk_scale, softmax_scale, HEAD_DIM: gl.constexpr,
+                             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                             CAUSAL: gl.constexpr):
+    """dQ of query rows pid · BLOCK_M .. of head program_id(1), batch program_id(2). DQ has q's
+    strides; q_desc / do_desc blocks are BLOCK_M / 2 rows (one a consumer). Grid: (cdiv(seqlen_q,
+    BLOCK_M), heads, batch); num_warps=4."""
+    ROWS: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q_desc.dtype
+    pid_m = gl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    off_h = gl.program_id(1)
+    off_b = gl.program_id(2)
+    off_hk = off_h // group_size
+    row0 = pid_m * BLOCK_M
+    n_blocks = _kv_blocks(row0, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+
+    q0 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], q_desc.layout)
+    q1 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], q_desc.layout)
+    do0 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], do_desc.layout)
+    do1 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(full.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)
+    fence_async_shared()
+
+    q_row = off_b * q_rows_b + off_h * q_rows_h + row0
+    k_row = off_b * k_rows_b + off_hk * k_rows_h
+    gl.warp_specialize([
+        (_dq_consumer, (q0, do0, k_smem, v_smem, q_bar, full, empty, LSE, DELTA, DQ, stride_lb, stride_lh,
+                        stride_qb, stride_qs, stride_qh, off_b, off_h, row0, n_blocks, seqlen_q, seqlen_k, qk_scale,
+                        softmax_scale, dtype, HEAD_DIM, ROWS, BLOCK_N, STAGES, CAUSAL)),
+        (_dq_consumer, (q1, do1, k_smem, v_smem, q_bar, full, empty, LSE, DELTA, DQ, stride_lb, stride_lh,
+                        stride_qb, stride_qs, stride_qh, off_b, off_h, row0 + ROWS, n_blocks, seqlen_q, seqlen_k,
+                        qk_scale, softmax_scale, dtype, HEAD_DIM, ROWS, BLOCK_N, STAGES, CAUSAL)),
+        (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q0, q1, do0, do1, k_smem, v_smem, q_bar, full, empty,
+                        q_row, off_h * q_col_h, k_row, off_hk * k_col_h, n_blocks, ROWS, BLOCK_N, STAGES)),
+    ], [4, 1], [240, 24])
