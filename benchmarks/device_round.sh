@@ -143,6 +143,8 @@ for stage in "$@"; do
         > "$dir/tests.log" 2>&1
       tail -n 3 "$dir/tests.log"
       timeout 300 "$py" benchmarks/gluon_forward.py --out "$dir" 2>&1 | tee "$dir/gluon.log" | tail -14
+      # Issue 4's first-call time with the Gluon forward (d128, 1k tokens: inside its scope).
+      FLASHLAB_FWD_GLUON=1 timeout 120 "$py" benchmarks/first_call.py --head-dims 128 --out "$dir/first-call" | tail -4
       ;;
     *)
       echo "unknown stage: $stage (verify, host, tune, tma, decode, dropout-tests, decode-tune, bwd-tune, dropout-tune, lab, dropout, attn-mask, gluon, gluon-bwd, fa-grid-gluon)"
