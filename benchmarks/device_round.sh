@@ -20,7 +20,7 @@
 #   bwd-tune     the backward's dK/dV and dQ tile sweep at d64/d128
 #   dropout-tune the same sweep with dropout 0.1 at d128, 8k
 #   gluon   the Gluon forward (FLASHLAB_FWD_GLUON=1): tests/test_forward_gluon.py, then gluon_forward.py
-#   gluon-bwd  the Gluon backward experiment (gluon_backward.py): checked, then timed beside the backwards
+#   gluon-bwd  the Gluon backward (FLASHLAB_BWD_GLUON=1): tests/test_backward_gluon.py, then gluon_backward.py
 #   fa-grid-gluon  the lab's FlashAttention grid (d64/d128, 2k-16k, fwd) with flashlab-gluon and Flex
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -126,7 +126,10 @@ for stage in "$@"; do
       grep tune-bwd "$dir/tune.log"
       ;;
     gluon-bwd)
-      # Issue 5's experiment: the Gluon dK/dV and dQ kernels checked (accuracy rule), then timed.
+      # Issue 5: the Gluon backward (FLASHLAB_BWD_GLUON=1): its tests, then checked and timed.
+      timeout 200 "$py" -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_backward_gluon.py \
+        > "$dir/tests.log" 2>&1
+      tail -n 3 "$dir/tests.log"
       timeout 300 "$py" benchmarks/gluon_backward.py --out "$dir" 2>&1 | tee "$dir/gluon_backward.log" | tail -16
       ;;
     fa-grid-gluon)

@@ -32,7 +32,8 @@ shard features-mask-on-gpu -m "not gpu" tests/test_features.py tests/test_block_
 shard kvcache-modules-on-gpu -m "not gpu" tests/test_kvcache.py tests/test_kvcache_rotary.py tests/test_modules.py tests/test_compile.py \
   tests/test_transformers.py
 shard philox-cpu-path tests/test_philox.py tests/test_cpu_path.py tests/test_interface_errors.py
-shard packed-tma-launch-on-gpu tests/test_packed.py tests/test_forward_tma.py tests/test_forward_gluon.py tests/test_launch.py \
+shard packed-tma-launch-on-gpu tests/test_packed.py tests/test_forward_tma.py tests/test_forward_gluon.py \
+  tests/test_backward_gluon.py tests/test_launch.py \
   tests/test_launch_plans.py
 
 status=0

@@ -73,8 +73,14 @@ def gluon_shape_ok(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, dty
 def gluon_eligible(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, window_right: int,
                    *tensors: torch.Tensor) -> bool:
     """Whether the Gluon forward runs this call; ``tensors`` are the 4-D q, k, v."""
-    if os.environ.get("FLASHLAB_FWD_GLUON", "0") != "1":
-        return False
+    return os.environ.get("FLASHLAB_FWD_GLUON", "0") == "1" and gluon_call_ok(
+        flags, head_dim, seqlen_q, seqlen_k, window_right, *tensors)
+
+
+def gluon_call_ok(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, window_right: int,
+                  *tensors: torch.Tensor) -> bool:
+    """Whether a call is in the Gluon kernels' scope (the forward's and the backward's: module
+    docstring), switches aside; ``tensors`` are the 4-D q, k, v."""
     q = tensors[0]
     if q.numel() == 0 or not q.is_cuda or interpreting() or configs.device_capability(q.device) != (9, 0):
         return False

@@ -26,6 +26,7 @@ import torch
 
 from flashlab import launch_plans
 from flashlab.block_mask import BlockMask
+from flashlab.gluon_backward import gluon_bwd_eligible, launch_bwd_gluon
 from flashlab.gluon_forward import gluon_eligible, launch_fwd_gluon
 from flashlab.kernels.configs import (
     FP_FUSION,
@@ -130,7 +131,8 @@ def _launch_bwd(
     tensors = (dout, q, k, v, out, lse, dq, dk, dv, delta)
     optional = _optional(args)
     signature = None
-    if dlse is None and _plannable(args):
+    # The opt-in Gluon backward launches outside launch_fn: a recorded plan would miss its launches.
+    if dlse is None and _plannable(args) and os.environ.get("FLASHLAB_BWD_GLUON", "0") != "1":
         signature = (backward_config, *launch_plans.layout(dout, q, k, v, out, lse, *optional), *args[7:13],
                      args[16])
     launch_plans.run(signature, (*tensors, *optional),
@@ -139,7 +141,8 @@ def _launch_bwd(
 
 
 def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch_fn) -> None:
-    """The backward's three launches; ``tensors`` as _launch_bwd's, ``args`` as _launch_fwd's."""
+    """The backward's three launches (the preprocess, then dK/dV and dQ: the `tl` kernels or the opt-in
+    Gluon ones); ``tensors`` as _launch_bwd's, ``args`` as _launch_fwd's."""
     from flashlab.kernels import backward as bwd_kernels
     dout, q, _, _, out, lse, dq, dk, dv, delta = tensors
     run = prepare(*args)
@@ -159,6 +162,11 @@ def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch
         HEAD_DIM=run.head_dim, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=dlse is not None, IS_VARLEN=varlen,
         **FP_FUSION,
     )
+    if gluon_bwd_eligible(run.flags, run.head_dim, run.seqlen_q, run.seqlen_k, run.scalars[1], run.q4, run.k4,
+                          run.v4):
+        launch_bwd_gluon(run.q4, run.k4, run.v4, do4, dq4, dk4, dv4, lse, delta, run.lse_strides, run.scalars[2],
+                         run.flags["HAS_UPPER"])
+        return
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg_kv, cfg_q = (clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,
                                                                     aligned, run.seqlen_k, run.flags["HAS_DROPOUT"]))

@@ -1,5 +1,26 @@
-"""Kernels of the Gluon backward experiment (issue 5; the host side, checks and timing are in
-gluon_backward.py, the design in its docstring and docs/perf-notes.md round 8, experiment 10)."""
+"""The Hopper backward in Gluon (Triton 3.6): a dK/dV kernel and a dQ kernel with the Gluon forward's
+structure (forward_gluon.py), opt-in (gluon_backward.py says when they run; docs/perf-notes.md round
+8, experiment 10, how they were built; never run on a GPU yet).
+
+dK/dV: one program per 128 keys and (kv head, batch). A 1-warp producer loads the program's K and V
+once, then streams (Q_i, dO_i) tiles through a ring of stages (full / empty mbarriers); two 4-warp
+consumers own 64 keys each and never wait for each other. Per query tile, keys as rows so that P
+and dS are register operands:
+
+    Sᵀ = K Qᵢᵀ,  dPᵀ = V dOᵢᵀ                      (issued together, asynchronously)
+    Pᵀ = exp2(Sᵀ · scale · log2 e − LSEᵢ · log2 e),  dSᵀ = Pᵀ ⊙ (dPᵀ − Δᵢ)
+    dV += Pᵀ dOᵢ,  dK += dSᵀ Qᵢ                     (left in flight under the next tile's Sᵀ, dPᵀ)
+
+with Δ = rowsum(dO ⊙ O) (the `tl` preprocess kernel) and the forward's LSE; dK is scaled at the end.
+GQA loops over the group's query heads inside the program.
+
+dQ: one program per 128 query rows (two consumers of 64), Q and dO loaded once, K and V streamed:
+S = Q Kⱼᵀ and dP = dO Vⱼᵀ together, then dQ += dS Kⱼ left in flight.
+
+Accumulators are touched by nothing but wgmma while a product is in flight (ptxas would serialize
+every wgmma otherwise: its note C7514). Scope as the forward's; inputs are 2-D row views
+(``b · rows_b + h · rows_h + position``, columns from ``h · col_h``), tiles past a sequence masked.
+"""
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl

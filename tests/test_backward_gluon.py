@@ -1,0 +1,137 @@
+"""The Gluon backward (kernels/backward_gluon.py, opt-in with FLASHLAB_BWD_GLUON=1): its launches'
+arguments (CPU, with stand-in kernels), and on a Hopper GPU with Triton 3.6 gradients that pass the
+accuracy rule in both memory orders, GQA, causal and ragged lengths (forward by either kernel)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attn_checks import check_against_reference, make_qkv
+
+import flashlab
+from flashlab import ops
+from flashlab.gluon_backward import gluon_bwd_eligible, launch_bwd_gluon
+
+F16, BF16 = torch.float16, torch.bfloat16
+PLAIN = dict(IS_VARLEN=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False, HAS_LOWER=False,
+             HAS_UPPER=False, MASK_KIND=0)
+
+
+class _FakeKernel:
+    """Stands in for a Gluon kernel on the CPU: records the launch instead of running it."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+def test_off_unless_asked(monkeypatch):
+    q = torch.randn(1, 1024, 2, 128, dtype=F16)
+    monkeypatch.delenv("FLASHLAB_BWD_GLUON", raising=False)
+    assert not gluon_bwd_eligible(PLAIN, 128, 1024, 1024, -1, q, q, q)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_launch_arguments(monkeypatch, layout):
+    import flashlab.kernels.backward_gluon as kernels
+
+    fake_kv, fake_q = _FakeKernel(), _FakeKernel()
+    monkeypatch.setattr(kernels, "attn_bwd_dkdv_gluon_kernel", fake_kv)
+    monkeypatch.setattr(kernels, "attn_bwd_dq_gluon_kernel", fake_q)
+    b, s, h, hk, d = 2, 300, 6, 2, 128
+    shapes = {"bshd": lambda n: (b, s, n, d), "bhsd": lambda n: (b, n, s, d)}
+    q, k, v, do = (torch.randn(*shapes[layout](n), dtype=BF16) for n in (h, hk, hk, h))
+    if layout == "bhsd":
+        q, k, v, do = (t.transpose(1, 2) for t in (q, k, v, do))
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
+    lse, delta = torch.empty(b, h, s), torch.empty(b, h, s)
+    launch_bwd_gluon(q, k, v, do, dq, dk, dv, lse, delta, (h * s, s), 0.1, True)
+    (grid_kv, args_kv, kw_kv), = fake_kv.launches
+    (grid_q, args_q, kw_q), = fake_q.launches
+    assert grid_kv == (3, hk, b) and grid_q == (3, h, b)  # 300 keys / rows in blocks of 128
+    assert args_kv[4:8] == (lse, delta, dk, dv) and args_q[4:7] == (lse, delta, dq)
+    assert args_kv[10:13] == dk.stride()[:3] and args_q[9:12] == dq.stride()[:3]
+    rows = (s, 0, d, s, 0, d) if layout == "bshd" else (h * s, s, 0, hk * s, s, 0)
+    assert args_kv[13:19] == rows and args_q[12:18] == rows
+    assert args_kv[19:22] == (s, s, h // hk) and args_kv[22] == pytest.approx(0.1 * 1.4426950408889634)
+    assert args_kv[23] == 0.1 and args_q[21:23] == args_kv[22:24]
+    assert args_kv[0].block_shape == [32, d] and args_kv[2].block_shape == [64, d]  # d128: 32-row query tiles
+    assert args_q[0].block_shape == [64, d] and args_q[2].block_shape == [64, d]
+    assert kw_kv["CAUSAL"] is True and kw_q["STAGES"] == 3 and kw_kv["num_warps"] == kw_q["num_warps"] == 4
+
+
+def test_dout_in_another_order_is_copied_into_qs(monkeypatch):
+    """The kernels address dO with q's row offsets: a dO in another memory order is copied first."""
+    import flashlab.kernels.backward_gluon as kernels
+
+    fake = _FakeKernel()
+    monkeypatch.setattr(kernels, "attn_bwd_dkdv_gluon_kernel", fake)
+    monkeypatch.setattr(kernels, "attn_bwd_dq_gluon_kernel", _FakeKernel())
+    q = torch.randn(1, 256, 4, 64, dtype=F16)
+    do = torch.randn(1, 4, 256, 64, dtype=F16).transpose(1, 2)  # (batch, heads, seqlen, dim) memory
+    dq, dk, dv = (torch.empty(1, 256, 4, 64, dtype=F16) for _ in range(3))
+    lse = torch.empty(1, 4, 256)
+    launch_bwd_gluon(q, q, q, do, dq, dk, dv, lse, lse, (4 * 256, 256), 0.125, False)
+    do_desc = fake.launches[0][1][1]
+    assert do_desc.base.stride() == (4 * 64, 1) and torch.equal(do_desc.base.view(1, 256, 4, 64), do)
+    with pytest.raises(ValueError, match="dk and dv need the same strides"):
+        launch_bwd_gluon(q, q, q, q, dq, dk, dv.transpose(1, 2).contiguous().transpose(1, 2), lse, lse,
+                         (4 * 256, 256), 0.125, False)
+
+
+@pytest.fixture
+def gluon_bwd_calls(monkeypatch):
+    import triton
+
+    if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith("3.6."):
+        pytest.skip("the Gluon backward needs a Hopper GPU and Triton 3.6")
+    monkeypatch.setenv("FLASHLAB_BWD_GLUON", "1")
+    calls = []
+    real = ops.launch_bwd_gluon
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ops, "launch_bwd_gluon", spy)
+    return calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, sq, sk, heads, kv_heads, head_dim, causal, dtype, gluon_fwd", [
+    (2, 1024, 1024, 8, 8, 128, False, BF16, False),
+    (2, 1024, 1024, 8, 8, 128, True, F16, True),
+    (1, 1100, 1100, 6, 2, 128, True, BF16, True),    # GQA 6:2, ragged
+    (3, 1030, 2049, 4, 1, 128, False, F16, False),   # MQA, more keys than queries
+    (1, 4096, 4096, 8, 2, 64, False, F16, True),
+    (1, 4100, 4100, 4, 1, 64, True, BF16, False),
+])
+def test_gradients_match_the_reference(gluon_bwd_calls, monkeypatch, batch, sq, sk, heads, kv_heads, head_dim,
+                                       causal, dtype, gluon_fwd):
+    monkeypatch.setenv("FLASHLAB_FWD_GLUON", "1" if gluon_fwd else "0")
+    torch.manual_seed(7)
+    q, k, v = make_qkv(batch, sq, sk, heads, kv_heads, head_dim, dtype, "cuda")
+    out = flashlab.flash_attn_func(q, k, v, causal=causal)
+    check_against_reference(out, q, k, v, causal=causal)
+    assert len(gluon_bwd_calls) == 1
+
+
+@pytest.mark.gpu
+def test_sdpa_layout(gluon_bwd_calls):
+    torch.manual_seed(8)
+    q, k, v = make_qkv(2, 1200, 1200, 8, 2, 128, BF16, "cuda", layout="bhsd")
+    out = flashlab.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    check_against_reference(out, q, k, v, layout="bhsd", causal=True, causal_align="top_left")
+    assert len(gluon_bwd_calls) == 1
+
+
+@pytest.mark.gpu
+def test_deterministic(gluon_bwd_calls):
+    """No atomics: two backwards of the same call are bit-identical."""
+    torch.manual_seed(9)
+    q, k, v = make_qkv(1, 2048, 2048, 8, 2, 128, BF16, "cuda")
+    g = torch.randn(1, 2048, 8, 128, dtype=BF16, device="cuda")
+    first = torch.autograd.grad(flashlab.flash_attn_func(q, k, v, causal=True), (q, k, v), g)
+    again = torch.autograd.grad(flashlab.flash_attn_func(q, k, v, causal=True), (q, k, v), g)
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and len(gluon_bwd_calls) == 2
