@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.experimental.gluon import language as gl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flashlab.gluon_backward import DKDV_BLOCK_N, DQ_BLOCK_M, MAXNREG, launch_bwd_gluon  # noqa: E402
+from flashlab.gluon_backward import DKDV_BLOCK_N, DQ_BLOCK_M, launch_bwd_gluon  # noqa: E402
 from flashlab.kernels.backward_gluon import attn_bwd_dkdv_gluon_kernel, attn_bwd_dq_gluon_kernel  # noqa: E402
 
 # head dim -> [(dK/dV tiles, dQ tiles)] timed, the shipped ones (gluon_backward.py) first. dK/dV tiles:
@@ -46,18 +45,8 @@ def gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
 
 
 def compile_only() -> None:
-    """Compile for sm_90 as a launch specializes it: shared memory, registers, ptxas's C7514 note."""
-    import re
-
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.runtime.jit import mangle_type
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from gluon_forward import wgmma_serialized
-    from kernel_compile import ptxas_resources
+    """Compile both kernels for sm_90 as a launch specializes them, each tile choice and mask."""
+    from gluon_forward import compile_report
 
     kinds = (("fp16", False), ("bf16", True))
     dkdv = {(d, t[0]) for d, vs in VARIANTS.items() for t in vs}
@@ -66,32 +55,15 @@ def compile_only() -> None:
               for d, (bm, st) in sorted(dkdv) for c in kinds]
     points += [("dq", attn_bwd_dq_gluon_kernel, d, DQ_BLOCK_M, bn, st, DQ_BLOCK_M // 2, bn, c)
                for d, (bn, st) in sorted(dq) for c in kinds]
-    for what, kern, head_dim, block_m, block_n, stages, q_rows, kv_rows, (ty, causal) in points:
-        names = list(kern.arg_names)
-        torch_ty, gl_ty = (torch.float16, gl.float16) if ty == "fp16" else (torch.bfloat16, gl.bfloat16)
-        blocks = {"q_desc": q_rows, "do_desc": q_rows, "k_desc": kv_rows, "v_desc": kv_rows}
+    types = {"LSE": "*fp32", "DELTA": "*fp32", "DK": "*{ty}", "DV": "*{ty}", "DQ": "*{ty}", "qk_scale": "fp32",
+             "softmax_scale": "fp32"}
+    for what, kernel, head_dim, block_m, block_n, stages, q_rows, kv_rows, (ty, causal) in points:
+        blocks = {"q_desc": [q_rows, head_dim], "do_desc": [q_rows, head_dim], "k_desc": [kv_rows, head_dim],
+                  "v_desc": [kv_rows, head_dim]}
         consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "CAUSAL": causal}
-        sig = {}
-        for n in names:
-            if n in consts:
-                sig[n] = "constexpr"
-            elif n in blocks:
-                shape = [blocks[n], head_dim]
-                layout = gl.NVMMASharedLayout.get_default_for(shape, gl_ty)
-                sig[n] = mangle_type(TensorDescriptor.from_tensor(torch.empty(1024, 1024, dtype=torch_ty), shape,
-                                                                  layout))
-            else:
-                sig[n] = {"LSE": "*fp32", "DELTA": "*fp32", "DK": f"*{ty}", "DV": f"*{ty}", "DQ": f"*{ty}",
-                          "qk_scale": "fp32", "softmax_scale": "fp32"}.get(n, "i32")
-        src = GluonASTSource(kern, sig, {(names.index(n),): v for n, v in consts.items()}, {})
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": MAXNREG})
-        ptx = kernel.asm["ptx"]
-        regs = sorted({int(n) for n in re.findall(r"setmaxnreg[.a-z]*[.]u32\s*(\d+)", ptx)})
-        serialized = " WGMMA SERIALIZED (ptxas C7514)" if wgmma_serialized(ptx) else ""
-        mask = "causal" if causal else "full"
-        print(f"{what} d{head_dim} {block_m} x {block_n} tiles, {stages} stages, {ty} {mask}: "
-              f"shared {kernel.metadata.shared} B, "
-              f"setmaxnreg {regs}, {ptxas_resources(ptx, 90)}{serialized}", flush=True)
+        report = compile_report(kernel, consts, blocks, ty, types)
+        print(f"{what} d{head_dim} {block_m} x {block_n} tiles, {stages} stages, {ty} "
+              f"{'causal' if causal else 'full'}: {report}", flush=True)
 
 
 def _time_point(head_dim: int, causal: bool, seqlen: int) -> dict[str, float]:

@@ -40,44 +40,53 @@ def wgmma_serialized(ptx: str) -> bool:
     return "C7514" in report
 
 
-def compile_only() -> None:
-    """Compile the kernel for sm_90 as a launch specializes it; registers, shared memory, C7514."""
+def compile_report(kernel, consts: dict, blocks: dict[str, list[int]], ty: str, types: dict[str, str]) -> str:
+    """Compile a Gluon ``kernel`` for sm_90 as a launch specializes it — the arguments in ``blocks``
+    as tensor descriptors of those block shapes and dtype ``ty`` (fp16 / bf16), the others typed by
+    ``types`` or i32 — with num_warps 4 and the Gluon kernels' register cap; returns shared memory,
+    the setmaxnreg values, ptxas's registers and spills, and its wgmma-serialization note."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
-    from flashlab.kernels.forward_gluon import attn_fwd_gluon_kernel
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from kernel_compile import ptxas_resources
 
-    names = list(attn_fwd_gluon_kernel.arg_names)
+    torch_ty, gl_ty = (torch.float16, gl.float16) if ty == "fp16" else (torch.bfloat16, gl.bfloat16)
+    names = list(kernel.arg_names)
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in blocks:  # the string a launch specializes a TensorDescriptor to
+            layout = gl.NVMMASharedLayout.get_default_for(blocks[n], gl_ty)
+            sig[n] = mangle_type(TensorDescriptor.from_tensor(torch.empty(1024, 1024, dtype=torch_ty), blocks[n],
+                                                              layout))
+        else:
+            sig[n] = types.get(n, "i32").replace("{ty}", ty)
+    src = GluonASTSource(kernel, sig, {(names.index(n),): v for n, v in consts.items()}, {})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4, "maxnreg": gluon_host.MAXNREG})
+    ptx = compiled.asm["ptx"]
+    regs = sorted({int(n) for n in re.findall(r"setmaxnreg[.a-z]*[.]u32\s*(\d+)", ptx)})
+    serialized = " WGMMA SERIALIZED (ptxas C7514)" if wgmma_serialized(ptx) else ""
+    return f"shared {compiled.metadata.shared} B, setmaxnreg {regs}, {ptxas_resources(ptx, 90)}{serialized}"
+
+
+def compile_only() -> None:
+    """Compile the forward for sm_90 as a launch specializes it, each head dim, ring depth and mask."""
+    from flashlab.kernels.forward_gluon import attn_fwd_gluon_kernel
+
     block_m, block_n = gluon_host.BLOCK_M, gluon_host.BLOCK_N
     for head_dim, stages, (ty, causal) in itertools.product((64, 128), STAGE_VARIANTS,
                                                             (("fp16", False), ("bf16", True))):
-        torch_ty, gl_ty = (torch.float16, gl.float16) if ty == "fp16" else (torch.bfloat16, gl.bfloat16)
         blocks = {"q_desc": [block_m // 2, head_dim], "k_desc": [block_n, head_dim], "v_desc": [block_n, head_dim]}
         consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "CAUSAL": causal}
-        sig = {}
-        for n in names:
-            if n in consts:
-                sig[n] = "constexpr"
-            elif n in blocks:  # the string a launch specializes a TensorDescriptor to
-                fake = torch.empty(1024, 1024, dtype=torch_ty)
-                layout = gl.NVMMASharedLayout.get_default_for(blocks[n], gl_ty)
-                sig[n] = mangle_type(TensorDescriptor.from_tensor(fake, blocks[n], layout))
-            else:
-                sig[n] = {"Out": f"*{ty}", "LSE": "*fp32", "qk_scale": "fp32"}.get(n, "i32")
-        src = GluonASTSource(attn_fwd_gluon_kernel, sig, {(names.index(n),): v for n, v in consts.items()}, {})
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": 4, "maxnreg": gluon_host.MAXNREG})
-        ptx = kernel.asm["ptx"]
-        regs = sorted({int(n) for n in re.findall(r"setmaxnreg[.a-z]*[.]u32\s*(\d+)", ptx)})
-        serialized = " WGMMA SERIALIZED (ptxas C7514)" if wgmma_serialized(ptx) else ""
-        print(f"d{head_dim} {ty} {'causal' if causal else 'full'} stages {stages}: shared {kernel.metadata.shared} B, "
-              f"setmaxnreg {regs}, {ptxas_resources(ptx, 90)}{serialized}", flush=True)
+        report = compile_report(attn_fwd_gluon_kernel, consts, blocks, ty,
+                                {"Out": "*{ty}", "LSE": "*fp32", "qk_scale": "fp32"})
+        print(f"d{head_dim} {ty} {'causal' if causal else 'full'} stages {stages}: {report}", flush=True)
 
 
 def check(rows: list[dict]) -> bool:

@@ -39,3 +39,33 @@ def check_against_reference(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         assert a.shape == r.shape and a.dtype == q.dtype
         check = accuracy_check(a, r, s, factor=3.0)
         assert check.ok, f"{name}: {check}"
+
+
+class FakeKernel:
+    """Stands in for a Gluon kernel on the CPU: records each launch (grid, args, kwargs) instead of
+    running it, so the host glue's arguments can be checked without a GPU."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+def gluon_spy(monkeypatch, switch: str, owner, launcher: str) -> list:
+    """Turn the opt-in ``switch`` on and record the shapes ``owner.launcher`` is called with (it still
+    runs); skips unless the Gluon kernels can run here (a Hopper GPU, Triton 3.6)."""
+    import pytest
+    import triton
+
+    if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith("3.6."):
+        pytest.skip("the Gluon kernels need a Hopper GPU and Triton 3.6")
+    monkeypatch.setenv(switch, "1")
+    calls: list = []
+    real = getattr(owner, launcher)
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, launcher, spy)
+    return calls

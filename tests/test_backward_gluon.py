@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attn_checks import check_against_reference, make_qkv
+from attn_checks import FakeKernel, check_against_reference, gluon_spy, make_qkv
 
 import flashlab
 from flashlab import ops
@@ -15,16 +15,6 @@ from flashlab.gluon_backward import gluon_bwd_eligible, launch_bwd_gluon
 F16, BF16 = torch.float16, torch.bfloat16
 PLAIN = dict(IS_VARLEN=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False, HAS_LOWER=False,
              HAS_UPPER=False, MASK_KIND=0)
-
-
-class _FakeKernel:
-    """Stands in for a Gluon kernel on the CPU: records the launch instead of running it."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
 
 
 def test_off_unless_asked(monkeypatch):
@@ -37,7 +27,7 @@ def test_off_unless_asked(monkeypatch):
 def test_launch_arguments(monkeypatch, layout):
     import flashlab.kernels.backward_gluon as kernels
 
-    fake_kv, fake_q = _FakeKernel(), _FakeKernel()
+    fake_kv, fake_q = FakeKernel(), FakeKernel()
     monkeypatch.setattr(kernels, "attn_bwd_dkdv_gluon_kernel", fake_kv)
     monkeypatch.setattr(kernels, "attn_bwd_dq_gluon_kernel", fake_q)
     b, s, h, hk, d = 2, 300, 6, 2, 128
@@ -66,9 +56,9 @@ def test_dout_in_another_order_is_copied_into_qs(monkeypatch):
     """The kernels address dO with q's row offsets: a dO in another memory order is copied first."""
     import flashlab.kernels.backward_gluon as kernels
 
-    fake = _FakeKernel()
+    fake = FakeKernel()
     monkeypatch.setattr(kernels, "attn_bwd_dkdv_gluon_kernel", fake)
-    monkeypatch.setattr(kernels, "attn_bwd_dq_gluon_kernel", _FakeKernel())
+    monkeypatch.setattr(kernels, "attn_bwd_dq_gluon_kernel", FakeKernel())
     q = torch.randn(1, 256, 4, 64, dtype=F16)
     do = torch.randn(1, 4, 256, 64, dtype=F16).transpose(1, 2)  # (batch, heads, seqlen, dim) memory
     dq, dk, dv = (torch.empty(1, 256, 4, 64, dtype=F16) for _ in range(3))
@@ -83,19 +73,7 @@ def test_dout_in_another_order_is_copied_into_qs(monkeypatch):
 
 @pytest.fixture
 def gluon_bwd_calls(monkeypatch):
-    import triton
-
-    if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith("3.6."):
-        pytest.skip("the Gluon backward needs a Hopper GPU and Triton 3.6")
-    monkeypatch.setenv("FLASHLAB_BWD_GLUON", "1")
-    calls = []
-    real = ops.launch_bwd_gluon
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(ops, "launch_bwd_gluon", spy)
-    return calls
+    return gluon_spy(monkeypatch, "FLASHLAB_BWD_GLUON", ops, "launch_bwd_gluon")
 
 
 @pytest.mark.gpu

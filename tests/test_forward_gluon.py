@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attn_checks import check_against_reference, make_qkv
+from attn_checks import FakeKernel, check_against_reference, gluon_spy, make_qkv
 
 import flashlab
 from flashlab import ops
@@ -60,19 +60,7 @@ def test_off_unless_asked_and_off_on_the_cpu(monkeypatch):
 
 @pytest.fixture
 def gluon_calls(monkeypatch):
-    import triton
-
-    if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith("3.6."):
-        pytest.skip("the Gluon forward needs a Hopper GPU and Triton 3.6")
-    monkeypatch.setenv("FLASHLAB_FWD_GLUON", "1")
-    calls = []
-    real = ops.launch_fwd_gluon
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(ops, "launch_fwd_gluon", spy)
-    return calls
+    return gluon_spy(monkeypatch, "FLASHLAB_FWD_GLUON", ops, "launch_fwd_gluon")
 
 
 @pytest.mark.gpu
@@ -115,16 +103,6 @@ def test_steps_aside(gluon_calls, what):
     check_against_reference(out, q, k, v, grads=False, **kw)
 
 
-class _FakeKernel:
-    """Stands in for the Gluon kernel on the CPU: records the launch instead of running it."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
-
-
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 def test_launch_arguments(monkeypatch, layout):
     """The host glue without a GPU: grid, descriptors over the 2-D views, the row / column offsets
@@ -132,7 +110,7 @@ def test_launch_arguments(monkeypatch, layout):
     import flashlab.kernels.forward_gluon as kernels
     from flashlab.gluon_forward import launch_fwd_gluon
 
-    fake = _FakeKernel()
+    fake = FakeKernel()
     monkeypatch.setattr(kernels, "attn_fwd_gluon_kernel", fake)
     b, s, h, hk, d = 2, 200, 6, 2, 128  # 200 rows: two query blocks, the second ragged
     shapes = {"bshd": lambda n: (b, s, n, d), "bhsd": lambda n: (b, n, s, d)}

@@ -25,12 +25,22 @@ every wgmma otherwise: its note C7514). Scope as the forward's; inputs are 2-D r
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
     warpgroup_mma_init,
     warpgroup_mma_wait,
+)
+
+from flashlab.kernels.gluon_ring import (
+    acquire,
+    kv_blocks,
+    mma_layout,
+    operand_layout,
+    release,
+    ring_barriers,
+    stream_kv,
+    wait_full,
 )
 
 LOG2E = gl.constexpr(1.4426950408889634)
@@ -52,11 +62,9 @@ def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DE
     """One consumer warpgroup: keys key0 .. key0 + KEYS over every (query head of the group, query
     tile), then dK, dV of its keys."""
     NUM_WARPS: gl.constexpr = gl.num_warps()
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_layout: gl.constexpr = mma_layout(NUM_WARPS, BLOCK_M)
+    o_layout: gl.constexpr = mma_layout(NUM_WARPS, HEAD_DIM)
+    op_layout: gl.constexpr = operand_layout(o_layout)
     keys = key0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
     cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
     s_zero = gl.zeros([KEYS, BLOCK_M], gl.float32, layout=s_layout)
@@ -73,7 +81,7 @@ def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DE
         delta_base = DELTA + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
         for i in range(i_start, n_q):
             slot = it % STAGES
-            mbarrier.wait(full.index(slot), (it // STAGES) & 1)
+            wait_full(full, it, STAGES)
             s_tok = warpgroup_mma(k_smem, q_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             dp_tok = warpgroup_mma(v_smem, do_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                                    is_async=True)
@@ -83,10 +91,7 @@ def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DE
             delta = gl.load(delta_base + q_idx, mask=in_seq, other=0.0)
             s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])  # the previous tile's dV, dK are done too
             if it > 0:
-                # The previous slot's Q and dO have been read by this warpgroup's dV, dK products:
-                # its four warps' barrier, then its one arrive (both consumers arrive: count 2).
-                gl.thread_barrier()
-                mbarrier.arrive(empty.index((it - 1) % STAGES), count=1)
+                release(empty, it - 1, STAGES)  # the previous tile's Q, dO: read by its dV, dK products
             p = gl.exp2(s * qk_scale - lse2[None, :])
             visible = in_seq[None, :] & (keys[:, None] < seqlen_k)
             if CAUSAL:
@@ -125,9 +130,7 @@ def _dkdv_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0,
         q_row = off_b * q_rows_b + off_h * q_rows_h
         for i in range(i_start, n_q):
             slot = it % STAGES
-            mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
-            bar = full.index(slot)
-            mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+            bar = acquire(empty, full, it, q_desc.block_type.nbytes + do_desc.block_type.nbytes, STAGES)
             tma.async_copy_global_to_shared(q_desc, [q_row + i * BLOCK_M, off_h * q_col_h], bar, q_smem.index(slot))
             tma.async_copy_global_to_shared(do_desc, [q_row + i * BLOCK_M, off_h * q_col_h], bar, do_smem.index(slot))
             it += 1
@@ -154,14 +157,7 @@ def attn_bwd_dkdv_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, 
     v1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], v_desc.layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(full.index(s), count=1)
-        mbarrier.init(empty.index(s), count=2)
-    fence_async_shared()
+    kv_bar, full, empty = ring_barriers(STAGES)
 
     k_row = off_b * k_rows_b + off_hk * k_rows_h + n0
     gl.warp_specialize([
@@ -178,15 +174,6 @@ def attn_bwd_dkdv_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, 
 
 
 @gluon.jit
-def _kv_blocks(m0, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """How many key blocks the query rows m0 .. m0 + BLOCK_M visit (square causal: key <= query)."""
-    n = gl.cdiv(seqlen_k, BLOCK_N)
-    if CAUSAL:
-        n = gl.minimum(n, (m0 + BLOCK_M + BLOCK_N - 1) // BLOCK_N)
-    return n
-
-
-@gluon.jit
 def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, full, empty, LSE, DELTA, DQ, stride_lb, stride_lh,
                  stride_qb, stride_qs, stride_qh, off_b, off_h, row0, n_blocks, seqlen_q, seqlen_k, qk_scale,
                  softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr,
@@ -194,11 +181,9 @@ def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, full, empty, LSE, DELTA
     """One consumer warpgroup of the dQ kernel: query rows row0 .. row0 + ROWS over the ring's key
     blocks — S = Q Kⱼᵀ and dP = dO Vⱼᵀ together, then dQ += dS Kⱼ left in flight — then dQ."""
     NUM_WARPS: gl.constexpr = gl.num_warps()
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_layout: gl.constexpr = mma_layout(NUM_WARPS, BLOCK_N)
+    o_layout: gl.constexpr = mma_layout(NUM_WARPS, HEAD_DIM)
+    op_layout: gl.constexpr = operand_layout(o_layout)
     rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     in_seq = rows < seqlen_q
@@ -211,13 +196,12 @@ def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, full, empty, LSE, DELTA
     mbarrier.wait(q_bar, 0)
     for j in range(n_blocks):
         slot = j % STAGES
-        mbarrier.wait(full.index(slot), (j // STAGES) & 1)
+        wait_full(full, j, STAGES)
         s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(do_smem, v_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])  # the previous block's dQ product is done too
         if j > 0:
-            gl.thread_barrier()  # this warpgroup's four warps are past block j-1's products: free its slot
-            mbarrier.arrive(empty.index((j - 1) % STAGES), count=1)
+            release(empty, j - 1, STAGES)  # block j-1's K, V: read by its dQ product
         p = gl.exp2(s * qk_scale - lse2[:, None])
         key_idx = j * BLOCK_N + cols
         visible = key_idx[None, :] < seqlen_k
@@ -244,13 +228,7 @@ def _dq_producer(q_desc, do_desc, k_desc, v_desc, q0, q1, do0, do1, k_smem, v_sm
     tma.async_copy_global_to_shared(q_desc, [q_row + ROWS, q_col], q_bar, q1)
     tma.async_copy_global_to_shared(do_desc, [q_row, q_col], q_bar, do0)
     tma.async_copy_global_to_shared(do_desc, [q_row + ROWS, q_col], q_bar, do1)
-    for j in range(n_blocks):
-        slot = j % STAGES
-        mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
-        bar = full.index(slot)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, k_col], bar, k_smem.index(slot))
-        tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, k_col], bar, v_smem.index(slot))
+    stream_kv(k_desc, v_desc, k_smem, v_smem, full, empty, k_row, k_col, n_blocks, BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -271,7 +249,7 @@ def attn_bwd_dq_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, st
     off_b = gl.program_id(2)
     off_hk = off_h // group_size
     row0 = pid_m * BLOCK_M
-    n_blocks = _kv_blocks(row0, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    n_blocks = kv_blocks(row0, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
 
     q0 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], q_desc.layout)
     q1 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], q_desc.layout)
@@ -279,14 +257,7 @@ def attn_bwd_dq_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, st
     do1 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], do_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(full.index(s), count=1)
-        mbarrier.init(empty.index(s), count=2)
-    fence_async_shared()
+    q_bar, full, empty = ring_barriers(STAGES)
 
     q_row = off_b * q_rows_b + off_h * q_rows_h + row0
     k_row = off_b * k_rows_b + off_hk * k_rows_h

@@ -23,25 +23,20 @@ out of the last block's scores (their V rows meet P = 0), query rows there are n
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
-    mbarrier,
-    tma,
-    warpgroup_mma,
-    warpgroup_mma_wait,
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from flashlab.kernels.gluon_ring import (
+    kv_blocks,
+    mma_layout,
+    operand_layout,
+    release,
+    ring_barriers,
+    stream_kv,
+    wait_full,
 )
 
 M_INIT = gl.constexpr(-1.0e30)  # the running max starts finite (forward.py's M_INIT)
 LN2 = gl.constexpr(0.6931471805599453)
-
-
-@gluon.jit
-def _kv_blocks(pid_m, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """How many key blocks query block ``pid_m`` visits (every partition must agree)."""
-    n = gl.cdiv(seqlen_k, BLOCK_N)
-    if CAUSAL:
-        n = gl.minimum(n, (pid_m * BLOCK_M + BLOCK_M + BLOCK_N - 1) // BLOCK_N)
-    return n
 
 
 @gluon.jit
@@ -67,11 +62,9 @@ def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, seqlen_k
             CAUSAL: gl.constexpr):
     """One consumer's loop for query rows row0 .. row0 + BLOCK_M: (acc, m_i, l_i), acc not yet / l."""
     NUM_WARPS: gl.constexpr = gl.num_warps()
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_layout: gl.constexpr = mma_layout(NUM_WARPS, BLOCK_N)
+    o_layout: gl.constexpr = mma_layout(NUM_WARPS, HEAD_DIM)
+    p_layout: gl.constexpr = operand_layout(o_layout)
     rows_s = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     cols_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     m_i = gl.full([BLOCK_M], M_INIT, gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -80,13 +73,13 @@ def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, seqlen_k
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
 
     mbarrier.wait(q_bar, 0)
-    mbarrier.wait(full.index(0), 0)
+    wait_full(full, 0, STAGES)
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
     p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, rows_s, cols_s, row0, seqlen_k, qk_scale, p_layout, dtype,
                                           BLOCK_N, CAUSAL)
     for j in range(n_blocks - 1):
         nxt = j + 1
-        mbarrier.wait(full.index(nxt % STAGES), (nxt // STAGES) & 1)
+        wait_full(full, nxt, STAGES)
         s_tok = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), s_zero, use_acc=False,
                               is_async=True)
         acc = warpgroup_mma(p_op, v_smem.index(j % STAGES), acc, is_async=True)
@@ -94,10 +87,7 @@ def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, seqlen_k
         p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, nxt, rows_s, cols_s, row0, seqlen_k, qk_scale, p_layout,
                                               dtype, BLOCK_N, CAUSAL)
         acc = warpgroup_mma_wait(0, deps=[acc])
-        # Slot j is free once this warpgroup's four warps are past P_j·V_j: their barrier, then the
-        # one arrive (mbarrier.arrive is issued by the partition's first thread).
-        gl.thread_barrier()
-        mbarrier.arrive(empty.index(j % STAGES), count=1)
+        release(empty, j, STAGES)  # slot j: this warpgroup is past P_j·V_j
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     last = n_blocks - 1
     acc = warpgroup_mma(p_op, v_smem.index(last % STAGES), acc)
@@ -114,10 +104,8 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, s
     acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, seqlen_k, qk_scale, dtype,
                             HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL)
     NUM_WARPS: gl.constexpr = gl.num_warps()
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = mma_layout(NUM_WARPS, BLOCK_N)
+    o_layout: gl.constexpr = mma_layout(NUM_WARPS, HEAD_DIM)
     out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
     om = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     od = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -131,18 +119,11 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, s
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q0, q1, k_smem, v_smem, q_bar, full, empty, q_row, q_col, k_row, k_col,
               n_blocks, HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """One warp: both Q halves, then key block i into slot i % STAGES once the consumers freed it."""
+    """One warp: both Q halves, then the key blocks through the ring."""
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q0)
     tma.async_copy_global_to_shared(q_desc, [q_row + HALF, q_col], q_bar, q1)
-    for i in range(n_blocks):
-        slot = i % STAGES
-        # mbarriers start as if phase 1 had completed: the first pass over the ring does not wait.
-        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-        bar = full.index(slot)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k_row + i * BLOCK_N, k_col], bar, k_smem.index(slot))
-        tma.async_copy_global_to_shared(v_desc, [k_row + i * BLOCK_N, k_col], bar, v_smem.index(slot))
+    stream_kv(k_desc, v_desc, k_smem, v_smem, full, empty, k_row, k_col, n_blocks, BLOCK_N, STAGES)
 
 
 @gluon.jit
@@ -162,20 +143,13 @@ def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os
     off_h = gl.program_id(1)
     off_b = gl.program_id(2)
     off_hk = off_h // group_size
-    n_blocks = _kv_blocks(pid_m, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    n_blocks = kv_blocks(pid_m * BLOCK_M, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
 
     q0 = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], q_desc.layout)
     q1 = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(full.index(s), count=1)
-        mbarrier.init(empty.index(s), count=2)  # one arrive from each consumer warpgroup
-    fence_async_shared()  # the barriers' initialization, before the async proxy uses them
+    q_bar, full, empty = ring_barriers(STAGES)
 
     row0 = pid_m * BLOCK_M
     q_row = off_b * q_rows_b + off_h * q_rows_h + row0
