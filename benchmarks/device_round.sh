@@ -20,6 +20,7 @@
 #   bwd-tune     the backward's dK/dV and dQ tile sweep at d64/d128
 #   dropout-tune the same sweep with dropout 0.1 at d128, 8k
 #   gluon   the Gluon forward (FLASHLAB_FWD_GLUON=1): tests/test_forward_gluon.py, then gluon_forward.py
+#   gluon-grid kernel_check.py --gluon: the grid with flashlab-gluon (both Gluon kernels) beside the rest
 #   gluon-bwd  the Gluon backward (FLASHLAB_BWD_GLUON=1): tests/test_backward_gluon.py, then gluon_backward.py
 #   fa-grid-gluon  the lab's FlashAttention grid (d64/d128, 2k-16k, fwd) with flashlab-gluon and Flex
 set -uo pipefail
@@ -125,6 +126,13 @@ for stage in "$@"; do
         > "$dir/tune.log" 2>&1
       grep tune-bwd "$dir/tune.log"
       ;;
+    gluon-grid)
+      # The standard grid tool with the Gluon kernels beside flashlab's `tl` ones and SDPA, fwd and fwd+bwd.
+      timeout 420 "$py" benchmarks/kernel_check.py --out "$dir" --gluon --seqlens 2048 4096 8192 16384 \
+        --head-dims 64 128 > "$dir/grid.log" 2>&1
+      grep -E "FAIL|correctness" "$dir/grid.log"
+      tail -n 36 "$dir/grid.log"
+      ;;
     gluon-bwd)
       # Issue 5: the Gluon backward (FLASHLAB_BWD_GLUON=1): its tests, then checked and timed.
       timeout 200 "$py" -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_backward_gluon.py \
@@ -150,7 +158,7 @@ for stage in "$@"; do
       FLASHLAB_FWD_GLUON=1 timeout 120 "$py" benchmarks/first_call.py --head-dims 128 --out "$dir/first-call" | tail -4
       ;;
     *)
-      echo "unknown stage: $stage (verify, host, tune, tma, decode, dropout-tests, decode-tune, bwd-tune, dropout-tune, lab, dropout, attn-mask, gluon, gluon-bwd, fa-grid-gluon)"
+      echo "unknown stage: $stage (verify, host, tune, tma, decode, dropout-tests, decode-tune, bwd-tune, dropout-tune, lab, dropout, attn-mask, gluon, gluon-grid, gluon-bwd, fa-grid-gluon)"
       exit 2
       ;;
   esac
