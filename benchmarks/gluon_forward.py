@@ -1,6 +1,8 @@
 """The Gluon forward (issue 4; src/flashlab/kernels/forward_gluon.py, opt-in FLASHLAB_FWD_GLUON=1):
-compile it for sm_90 without a GPU, or check it through flashlab's API and time it beside the
-standard forward and SDPA's flash / cuDNN backends on the FlashAttention grid.
+compile it for sm_90 without a GPU, or check each tile variant against the reference and time it
+beside the standard forward and SDPA's flash / cuDNN backends on the FlashAttention grid. Variants
+are launched directly (gluon_forward.launch_fwd_gluon), so the d256 candidates, outside the opt-in's
+scope, are measured too; the API path is tests/test_forward_gluon.py's and kernel_check.py --gluon's.
 
 The experiments that led to it (a cp.async kernel, one 8-warp consumer, the order ptxas serializes)
 are in docs/perf-notes.md, round 8, with their results in benchmarks/results/h200-2026-12-02b/.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
+import math
 import re
 import subprocess
 import sys
@@ -27,7 +29,24 @@ import triton
 
 import flashlab.gluon_forward as gluon_host
 
-STAGE_VARIANTS = (3, 2)  # ring depths timed (the shipped one first)
+# head dim -> (keys a block, ring stages) variants, the shipped one first (d256: candidates only).
+VARIANTS = {64: [gluon_host.TILES[64], (128, 2)], 128: [gluon_host.TILES[128], (128, 2)],
+            256: gluon_host.CANDIDATE_TILES[256]}
+
+
+def gluon_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, tiles: tuple[int, int],
+                 poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the Gluon forward launched directly (no scope check) for (batch, seqlen, heads,
+    dim) CUDA tensors; ``poison`` fills the outputs with NaN first, so an unwritten element fails."""
+    batch, seqlen_q, heads, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, seqlen_q, device=q.device, dtype=torch.float32)
+    if poison:
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    gluon_host.launch_fwd_gluon(q, k, v, out, lse, (heads * seqlen_q, seqlen_q), q.shape[-1] ** -0.5, causal,
+                                tiles)
+    return out, lse
 
 
 def wgmma_serialized(ptx: str) -> bool:
@@ -79,80 +98,66 @@ def compile_only() -> None:
     """Compile the forward for sm_90 as a launch specializes it, each head dim, ring depth and mask."""
     from flashlab.kernels.forward_gluon import attn_fwd_gluon_kernel
 
-    block_m, block_n = gluon_host.BLOCK_M, gluon_host.BLOCK_N
-    for head_dim, stages, (ty, causal) in itertools.product((64, 128), STAGE_VARIANTS,
-                                                            (("fp16", False), ("bf16", True))):
+    block_m = gluon_host.BLOCK_M
+    points = [(d, t, c) for d, ts in VARIANTS.items() for t in ts for c in (("fp16", False), ("bf16", True))]
+    for head_dim, (block_n, stages), (ty, causal) in points:
         blocks = {"q_desc": [block_m // 2, head_dim], "k_desc": [block_n, head_dim], "v_desc": [block_n, head_dim]}
         consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "CAUSAL": causal}
         report = compile_report(attn_fwd_gluon_kernel, consts, blocks, ty,
                                 {"Out": "*{ty}", "LSE": "*fp32", "qk_scale": "fp32"})
-        print(f"d{head_dim} {ty} {'causal' if causal else 'full'} stages {stages}: {report}", flush=True)
+        print(f"d{head_dim} {ty} {'causal' if causal else 'full'} {block_n} keys × {stages} stages: {report}",
+              flush=True)
 
 
-def check(rows: list[dict]) -> bool:
-    """flashlab's API with FLASHLAB_FWD_GLUON=1 on shapes the kernel takes: poisoned outputs, the
-    accuracy rule on the output and gradients (the backward reads the kernel's LSE), and the launch
-    must really have been the Gluon one."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from attn_checks import check_against_reference, make_qkv
-
+def check(rows: list[dict]) -> set[tuple[int, tuple[int, int]]]:
+    """Every variant on odd shapes: poisoned outputs, the accuracy rule against the fp32 reference
+    and the LSE against the standard forward's. Returns the (head dim, tiles) that failed."""
     import flashlab
-    from flashlab import ops
+    from flashlab.reference import accuracy_check, naive_attention, reference_attention
 
-    calls = []
-    real = ops.launch_fwd_gluon
-    ops.launch_fwd_gluon = lambda *a, **kw: (calls.append(1), real(*a, **kw))
-    ok = True
-    try:
-        for stages in STAGE_VARIANTS:
-            gluon_host.STAGES = stages
-            for batch, sq, sk, heads, kv_heads, head_dim, dtype, causal in [
-                    (2, 1024, 1024, 8, 8, 128, torch.bfloat16, False), (2, 1024, 1024, 8, 8, 128, torch.float16, True),
-                    (1, 1100, 1100, 6, 2, 128, torch.bfloat16, True), (3, 1030, 2049, 4, 1, 128, torch.float16, False),
-                    (1, 4096, 4096, 8, 2, 64, torch.float16, False), (1, 4100, 4100, 4, 1, 64, torch.bfloat16, True)]:
-                torch.manual_seed(sq + sk + head_dim)
-                q, k, v = make_qkv(batch, sq, sk, heads, kv_heads, head_dim, dtype, "cuda")
-                calls.clear()
-                try:
-                    out = flashlab.flash_attn_func(q, k, v, causal=causal)
-                    check_against_reference(out, q, k, v, causal=causal)
-                    passed, detail = calls == [1], "ok" if calls == [1] else "the Gluon kernel did not run"
-                except AssertionError as exc:
-                    passed, detail = False, str(exc)
-                ok &= passed
-                rows.append({"kind": "check", "stages": stages, "shape": [batch, sq, sk, heads, kv_heads, head_dim],
-                             "dtype": str(dtype), "causal": causal, "ok": passed, "detail": detail})
-                print("check", "PASS" if passed else "FAIL", rows[-1], flush=True)
-    finally:
-        ops.launch_fwd_gluon = real
-        gluon_host.STAGES = STAGE_VARIANTS[0]
-    return ok
+    failed = set()
+    for batch, sq, sk, heads, kv_heads, head_dim, dtype, causal in [
+            (2, 1024, 1024, 8, 8, 128, torch.bfloat16, False), (2, 1024, 1024, 8, 8, 128, torch.float16, True),
+            (1, 1100, 1100, 6, 2, 128, torch.bfloat16, True), (3, 1030, 2049, 4, 1, 128, torch.float16, False),
+            (1, 4096, 4096, 8, 2, 64, torch.float16, False), (1, 4100, 4100, 4, 1, 64, torch.bfloat16, True),
+            (2, 1024, 1024, 4, 2, 256, torch.bfloat16, False), (1, 1100, 1100, 4, 4, 256, torch.float16, True)]:
+        torch.manual_seed(sq + sk + head_dim)
+        q = torch.randn(batch, sq, heads, head_dim, device="cuda", dtype=dtype)
+        k, v = (torch.randn(batch, sk, kv_heads, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+        ref = reference_attention(q, k, v, dtype=torch.float32, causal=causal)
+        low = naive_attention(q, k, v, causal=causal)
+        _, ref_lse = flashlab.ops.attention_forward(q, k, v, head_dim ** -0.5, causal, True)
+        for tiles in VARIANTS[head_dim]:
+            out, lse = gluon_direct(q, k, v, causal, tiles, poison=True)
+            result = accuracy_check(out, ref, low)
+            lse_err = (lse - ref_lse).abs().max().item()  # NaN if a row was never written
+            passed = result.ok and not out.isnan().any().item() and lse_err < 1e-3
+            if not passed:
+                failed.add((head_dim, tiles))
+            rows.append({"kind": "check", "tiles": list(tiles), "shape": [batch, sq, sk, heads, kv_heads, head_dim],
+                         "dtype": str(dtype), "causal": causal, "ok": passed, "detail": str(result),
+                         "lse_max_err": lse_err})
+            print("check", "PASS" if passed else "FAIL", rows[-1]["shape"], dtype, "causal" if causal else "full",
+                  tiles, result, f"lse err {lse_err:.2e}", flush=True)
+    return failed
 
 
-def time_grid(rows: list[dict]) -> None:
-    """TFLOP/s of the forward on the FlashAttention grid (16k tokens, heads × dim = 2048), fp16."""
+def time_grid(rows: list[dict], failed: set) -> None:
+    """TFLOP/s of the forward on the FlashAttention grid (16k tokens, heads × head dim = 2048), fp16,
+    of the variants not in ``failed`` beside the standard forward and SDPA's backends."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import flashlab
 
-    def with_gluon(fn, stages):
-        def run():
-            os.environ["FLASHLAB_FWD_GLUON"], gluon_host.STAGES = "1", stages
-            try:
-                return fn()
-            finally:
-                os.environ["FLASHLAB_FWD_GLUON"], gluon_host.STAGES = "0", STAGE_VARIANTS[0]
-        return run
-
-    for head_dim, causal, seqlen in itertools.product((64, 128), (False, True), (1024, 4096, 16384)):
+    for head_dim, causal, seqlen in itertools.product((64, 128, 256), (False, True), (1024, 4096, 16384)):
         heads, batch = 2048 // head_dim, 16384 // seqlen
         q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.float16) for _ in range(3))
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         flops = 4 * batch * heads * seqlen * seqlen * head_dim // (2 if causal else 1)
-        standard = lambda q=q, k=k, v=v, c=causal: flashlab.flash_attn_func(q, k, v, causal=c)  # noqa: E731
-        fns = {f"gluon-s{s}": with_gluon(standard, s) for s in STAGE_VARIANTS}
-        fns["flashlab"] = standard
+        fns = {f"gluon{t[0]}s{t[1]}": (lambda t=t, q=q, k=k, v=v, c=causal: gluon_direct(q, k, v, c, t))
+               for t in VARIANTS[head_dim] if (head_dim, t) not in failed}
+        fns["flashlab"] = lambda q=q, k=k, v=v, c=causal: flashlab.flash_attn_func(q, k, v, causal=c)
         for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
             def sdpa(backend=backend, qt=qt, kt=kt, vt=vt, c=causal):
                 with sdpa_kernel(backend):
@@ -164,10 +169,10 @@ def time_grid(rows: list[dict]) -> None:
             line[name] = flops / ms / 1e9
             rows.append({"kind": "time", "provider": name, "d": head_dim, "causal": causal, "seqlen": seqlen,
                          "ms": ms, "tflops": line[name]})
-        best = line[f"gluon-s{STAGE_VARIANTS[0]}"]
+        best = max((t for n, t in line.items() if n.startswith("gluon")), default=math.nan)
         print(f"d{head_dim} {'causal' if causal else 'full'} seqlen {seqlen}: "
               + "  ".join(f"{n} {t:.0f}" for n, t in line.items())
-              + f"  gluon / flashlab {best / line['flashlab']:.2f}x, / cudnn {best / line['sdpa-cudnn']:.2f}x",
+              + f"  best gluon / flashlab {best / line['flashlab']:.2f}x, / cudnn {best / line['sdpa-cudnn']:.2f}x",
               flush=True)
 
 
@@ -181,11 +186,10 @@ def main() -> None:
         return
     rows: list[dict] = [{"kind": "env", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                          "triton": triton.__version__, "cudnn": torch.backends.cudnn.version()}]
-    passed = check(rows)
-    if passed:
-        time_grid(rows)
-    else:
-        print("correctness FAILED: not timed")
+    failed = check(rows)
+    if failed:
+        print("correctness FAILED for", sorted(failed), "- those variants are not timed")
+    time_grid(rows, failed)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gluon_forward.json").write_text(json.dumps(rows, indent=1))
 

@@ -29,8 +29,12 @@ import torch
 from flashlab.kernels import configs
 from flashlab.kernels.configs import interpreting
 
-BLOCK_M = BLOCK_N = 128
-STAGES = 3  # 2 stages leave the producer no slot to run ahead: 17% slower at d128 (round 8)
+BLOCK_M = 128  # query rows a program (64 a consumer warpgroup)
+# head dim -> (keys a block, K/V ring stages). 2 stages leave the producer no slot to run ahead:
+# 17% slower at d128 (round 8). d256 (64 × 2 or 32 × 4: 3 stages of 64 overflow shared memory) is a
+# candidate benchmarks/gluon_forward.py times; the scope does not take it until it is measured faster.
+TILES = {64: (128, 3), 128: (128, 3)}
+CANDIDATE_TILES = {256: [(64, 2), (32, 4)]}
 MAXNREG = 168  # 12 warps (4 + 4 consumers, the producer's warp group) × 32 × 168 fills the 64K registers
 # The shortest sequences measured faster than the standard forward (round 8: d64 at 1k was 0.90×).
 MIN_SEQLEN = {128: 1024, 64: 4096}
@@ -94,9 +98,11 @@ def gluon_call_ok(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, wind
 
 
 def launch_fwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, out4: torch.Tensor, lse: torch.Tensor,
-                     lse_strides: tuple[int, int], softmax_scale: float, causal: bool) -> None:
+                     lse_strides: tuple[int, int], softmax_scale: float, causal: bool,
+                     tiles: tuple[int, int] | None = None) -> None:
     """Launch kernels/forward_gluon.py (the call passed gluon_eligible); out4 (batch, seqlen, heads,
-    dim) any strides with a unit last one, lse (batch, heads, seqlen_q) fp32 by ``lse_strides``."""
+    dim) any strides with a unit last one, lse (batch, heads, seqlen_q) fp32 by ``lse_strides``;
+    ``tiles`` (keys a block, stages) overrides TILES (the benchmarks' variants)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -104,17 +110,18 @@ def launch_fwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, out4:
 
     batch, seqlen_q, heads, head_dim = q4.shape
     seqlen_k, kv_heads = k4.shape[1], k4.shape[2]
+    block_n, stages = tiles or TILES[head_dim]
     gl_dtype = gl.float16 if q4.dtype == torch.float16 else gl.bfloat16
     (q2, q_rows_b, q_rows_h, q_col_h), (k2, k_rows_b, k_rows_h, k_col_h), (v2, *_) = (
         rows_view(t) for t in (q4, k4, v4))
     q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, head_dim], gl_dtype)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, head_dim], gl_dtype)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gl_dtype)
     q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BLOCK_M // 2, head_dim], q_layout)
-    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BLOCK_N, head_dim], kv_layout)
-    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BLOCK_N, head_dim], kv_layout)
+    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_n, head_dim], kv_layout)
+    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [block_n, head_dim], kv_layout)
     attn_fwd_gluon_kernel[(configs.cdiv(seqlen_q, BLOCK_M), heads, batch)](
         q_desc, k_desc, v_desc, out4, lse, out4.stride(0), out4.stride(1), out4.stride(2), *lse_strides,
         q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_q, seqlen_k, heads // kv_heads,
         softmax_scale * 1.4426950408889634,
-        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, CAUSAL=bool(causal),
+        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
         num_warps=4, maxnreg=MAXNREG)
