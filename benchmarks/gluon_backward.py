@@ -40,7 +40,7 @@ def gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     dkdv_tiles, dq_tiles = tiles or VARIANTS[q.shape[-1]][0]
     launch_bwd_gluon(q, k, v, dout, dq, dk, dv, lse, delta, (lse.stride(0), lse.stride(1)), softmax_scale, causal,
-                     dkdv_tiles, dq_tiles)
+                     dkdv_tiles=dkdv_tiles, dq_tiles=dq_tiles)
     return dq, dk, dv
 
 
@@ -110,7 +110,8 @@ def check_and_time(out_dir: Path) -> None:
     for batch, sq, sk, heads, kv_heads, head_dim, dtype, causal in [
             (2, 1024, 1024, 8, 8, 128, torch.bfloat16, False), (2, 1024, 1024, 8, 8, 128, torch.float16, True),
             (1, 1100, 1100, 6, 2, 128, torch.bfloat16, True), (3, 1030, 2049, 4, 1, 128, torch.float16, False),
-            (1, 4096, 4096, 8, 2, 64, torch.float16, False), (1, 300, 300, 2, 2, 64, torch.bfloat16, True)]:
+            (1, 4096, 4096, 8, 2, 64, torch.float16, False), (1, 300, 300, 2, 2, 64, torch.bfloat16, True),
+            (1, 1030, 2100, 4, 2, 128, torch.bfloat16, True)]:  # causal bottom-right with a key prefix
         torch.manual_seed(sq + sk)
         q = torch.randn(batch, sq, heads, head_dim, device="cuda", dtype=dtype, requires_grad=True)
         k, v = (torch.randn(batch, sk, kv_heads, head_dim, device="cuda", dtype=dtype, requires_grad=True)

@@ -45,7 +45,7 @@ def gluon_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
     gluon_host.launch_fwd_gluon(q, k, v, out, lse, (heads * seqlen_q, seqlen_q), q.shape[-1] ** -0.5, causal,
-                                tiles)
+                                tiles=tiles)
     return out, lse
 
 
@@ -120,7 +120,8 @@ def check(rows: list[dict]) -> set[tuple[int, tuple[int, int]]]:
             (2, 1024, 1024, 8, 8, 128, torch.bfloat16, False), (2, 1024, 1024, 8, 8, 128, torch.float16, True),
             (1, 1100, 1100, 6, 2, 128, torch.bfloat16, True), (3, 1030, 2049, 4, 1, 128, torch.float16, False),
             (1, 4096, 4096, 8, 2, 64, torch.float16, False), (1, 4100, 4100, 4, 1, 64, torch.bfloat16, True),
-            (2, 1024, 1024, 4, 2, 256, torch.bfloat16, False), (1, 1100, 1100, 4, 4, 256, torch.float16, True)]:
+            (2, 1024, 1024, 4, 2, 256, torch.bfloat16, False), (1, 1100, 1100, 4, 4, 256, torch.float16, True),
+            (1, 1030, 2100, 4, 2, 128, torch.float16, True)]:  # causal bottom-right with a key prefix
         torch.manual_seed(sq + sk + head_dim)
         q = torch.randn(batch, sq, heads, head_dim, device="cuda", dtype=dtype)
         k, v = (torch.randn(batch, sk, kv_heads, head_dim, device="cuda", dtype=dtype) for _ in range(2))

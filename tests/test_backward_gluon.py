@@ -14,7 +14,7 @@ from flashlab.gluon_backward import gluon_bwd_eligible, launch_bwd_gluon
 
 F16, BF16 = torch.float16, torch.bfloat16
 PLAIN = dict(IS_VARLEN=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False, HAS_LOWER=False,
-             HAS_UPPER=False, MASK_KIND=0)
+             HAS_UPPER=False, MASK_KIND=0, BOTTOM_RIGHT=True)
 
 
 def test_off_unless_asked(monkeypatch):
@@ -45,8 +45,8 @@ def test_launch_arguments(monkeypatch, layout):
     assert args_kv[10:13] == dk.stride()[:3] and args_q[9:12] == dq.stride()[:3]
     rows = (s, 0, d, s, 0, d) if layout == "bshd" else (h * s, s, 0, hk * s, s, 0)
     assert args_kv[13:19] == rows and args_q[12:18] == rows
-    assert args_kv[19:22] == (s, s, h // hk) and args_kv[22] == pytest.approx(0.1 * 1.4426950408889634)
-    assert args_kv[23] == 0.1 and args_q[21:23] == args_kv[22:24]
+    assert args_kv[19:23] == (s, s, 0, h // hk) and args_kv[23] == pytest.approx(0.1 * 1.4426950408889634)
+    assert args_kv[24] == 0.1 and args_q[18:24] == args_kv[19:25]
     assert args_kv[0].block_shape == [32, d] and args_kv[2].block_shape == [64, d]  # d128: 32-row query tiles
     assert args_q[0].block_shape == [64, d] and args_q[2].block_shape == [64, d]
     assert kw_kv["CAUSAL"] is True and kw_q["STAGES"] == 3 and kw_kv["num_warps"] == kw_q["num_warps"] == 4
@@ -84,6 +84,7 @@ def gluon_bwd_calls(monkeypatch):
     (3, 1030, 2049, 4, 1, 128, False, F16, False),   # MQA, more keys than queries
     (1, 4096, 4096, 8, 2, 64, False, F16, True),
     (1, 4100, 4100, 4, 1, 64, True, BF16, False),
+    (1, 1030, 2100, 4, 2, 128, True, BF16, True),   # causal bottom-right with a key prefix (diag 1070)
 ])
 def test_gradients_match_the_reference(gluon_bwd_calls, monkeypatch, batch, sq, sk, heads, kv_heads, head_dim,
                                        causal, dtype, gluon_fwd):
@@ -96,9 +97,10 @@ def test_gradients_match_the_reference(gluon_bwd_calls, monkeypatch, batch, sq, 
 
 
 @pytest.mark.gpu
-def test_sdpa_layout(gluon_bwd_calls):
+@pytest.mark.parametrize("sq, sk", [(1200, 1200), (2100, 1100)])  # top-left causal: keys past the queries too
+def test_sdpa_layout(gluon_bwd_calls, sq, sk):
     torch.manual_seed(8)
-    q, k, v = make_qkv(2, 1200, 1200, 8, 2, 128, BF16, "cuda", layout="bhsd")
+    q, k, v = make_qkv(2, sq, sk, 8, 2, 128, BF16, "cuda", layout="bhsd")
     out = flashlab.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     check_against_reference(out, q, k, v, layout="bhsd", causal=True, causal_align="top_left")
     assert len(gluon_bwd_calls) == 1

@@ -13,7 +13,7 @@ from flashlab import ops
 from flashlab.gluon_forward import gluon_eligible, gluon_shape_ok, rows_view
 
 PLAIN = dict(IS_VARLEN=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False, HAS_LOWER=False,
-             HAS_UPPER=False, MASK_KIND=0)
+             HAS_UPPER=False, MASK_KIND=0, BOTTOM_RIGHT=True)
 F16, BF16 = torch.float16, torch.bfloat16
 
 
@@ -21,7 +21,9 @@ F16, BF16 = torch.float16, torch.bfloat16
     ({}, 128, 1024, 1024, F16, -1, True),
     ({}, 128, 1100, 2049, BF16, -1, True),                    # ragged lengths
     ({"HAS_UPPER": True}, 128, 1500, 1500, F16, 0, True),     # causal, square
-    ({"HAS_UPPER": True}, 128, 1024, 2048, F16, 0, False),    # causal, not square: the alignments differ
+    ({"HAS_UPPER": True}, 128, 1024, 2048, F16, 0, True),     # causal bottom-right, more keys: diag 1024
+    ({"HAS_UPPER": True}, 128, 2048, 1024, F16, 0, False),    # bottom-right, more queries: rows see no key
+    ({"HAS_UPPER": True, "BOTTOM_RIGHT": False}, 128, 2048, 1024, F16, 0, True),  # top-left: diag 0
     ({"HAS_UPPER": True}, 128, 1024, 1024, F16, 64, False),   # window (-1, 64): not causal
     ({}, 64, 4096, 4096, F16, -1, True),
     ({}, 64, 2048, 2048, F16, -1, False),                     # head dim 64 under 4096 tokens: slower
@@ -70,6 +72,7 @@ def gluon_calls(monkeypatch):
     (1, 1100, 1100, 6, 2, 128, True, BF16),    # GQA 6:2, ragged last query and key blocks
     (3, 1030, 2049, 4, 1, 128, False, F16),    # MQA, ragged, more keys than queries
     (2, 1500, 1027, 2, 2, 128, False, BF16),   # more queries than keys
+    (1, 1030, 2100, 4, 2, 128, True, F16),     # causal bottom-right with a key prefix (diag 1070)
     (1, 4096, 4096, 8, 2, 64, False, F16),
     (1, 4100, 4100, 4, 1, 64, True, BF16),
 ])
@@ -79,6 +82,16 @@ def test_matches_the_reference(gluon_calls, batch, sq, sk, heads, kv_heads, head
     out = flashlab.flash_attn_func(q, k, v, causal=causal)
     assert len(gluon_calls) == 1
     check_against_reference(out, q, k, v, causal=causal)
+
+
+@pytest.mark.gpu
+def test_sdpa_causal_top_left_with_more_queries(gluon_calls):
+    """PyTorch's causal alignment (diag 0) with seqlen_q > seqlen_k: rows past the keys see them all."""
+    torch.manual_seed(6)
+    q, k, v = make_qkv(1, 2100, 1100, 4, 4, 128, F16, "cuda", layout="bhsd")
+    out = flashlab.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert len(gluon_calls) == 1
+    check_against_reference(out, q, k, v, layout="bhsd", causal=True, causal_align="top_left")
 
 
 @pytest.mark.gpu
@@ -131,7 +144,7 @@ def test_launch_arguments(monkeypatch, layout):
     else:
         assert q_desc.shape == [b * h * s, d] and k_desc.shape == [b * hk * s, d]
         assert rows == (h * s, s, 0, hk * s, s, 0)
-    assert args[16:19] == (s, s, h // hk) and args[19] == pytest.approx(0.125 * 1.4426950408889634)
+    assert args[16:20] == (s, s, 0, h // hk) and args[20] == pytest.approx(0.125 * 1.4426950408889634)
     assert kwargs["CAUSAL"] is True and kwargs["HEAD_DIM"] == d and kwargs["num_warps"] == 4
     assert kwargs["maxnreg"] * 12 * 32 <= 65536
 
@@ -150,3 +163,11 @@ def test_k_and_v_must_share_a_memory_order(monkeypatch):
     v_other = torch.randn(1, 2, 1024, 128, dtype=F16).transpose(1, 2)
     assert gluon_eligible(PLAIN, 128, 1024, 1024, -1, q, k, k.clone())
     assert not gluon_eligible(PLAIN, 128, 1024, 1024, -1, q, k, v_other)
+
+
+def test_causal_diagonal_offset_follows_the_alignment():
+    from flashlab.gluon_forward import causal_diag
+
+    assert causal_diag(True, True, 1000, 1300) == 300  # flash-attn: bottom-right
+    assert causal_diag(True, False, 1000, 1300) == 0   # PyTorch: top-left
+    assert causal_diag(False, True, 1000, 1300) == 0

@@ -1,8 +1,8 @@
 """Host side of the Gluon backward (kernels/backward_gluon.py): when it runs, and its two launches.
 
 Opt-in with ``FLASHLAB_BWD_GLUON=1``, in the Gluon forward's scope (gluon_forward.py: Hopper,
-Triton 3.6, fp16/bf16, head dim 128 from 1024 tokens or 64 from 4096, causal only square, no other
-option, dense q / k / v with k and v in one memory order). It replaces the dK/dV and dQ kernels; the
+Triton 3.6, fp16/bf16, head dim 128 from 1024 tokens or 64 from 4096, causal where every query sees
+a key, no other option, dense q / k / v with k and v in one memory order). It replaces the dK/dV and dQ kernels; the
 `tl` preprocess kernel still computes Δ = rowsum(dO ⊙ O). **Never run on a GPU yet** (written
 2026-12-02 after the device budget was spent: docs/perf-notes.md round 8, experiment 10).
 """
@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from flashlab.gluon_forward import MAXNREG, gluon_call_ok, rows_view
+from flashlab.gluon_forward import MAXNREG, causal_diag, gluon_call_ok, rows_view
 from flashlab.kernels import configs
 
 DKDV_BLOCK_N = 128  # keys a dK/dV program (64 a consumer)
@@ -42,7 +42,7 @@ def _descriptor(view: torch.Tensor, rows: int, head_dim: int):
 
 def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: torch.Tensor, dq4: torch.Tensor,
                      dk4: torch.Tensor, dv4: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
-                     lse_strides: tuple[int, int], softmax_scale: float, causal: bool,
+                     lse_strides: tuple[int, int], softmax_scale: float, causal: bool, bottom_right: bool = True,
                      dkdv_tiles: tuple[int, int] | None = None, dq_tiles: tuple[int, int] | None = None) -> None:
     """dQ, dK, dV into dq4 / dk4 / dv4 ((batch, seqlen, heads, dim) views; dk4 and dv4 with the same
     strides) for a call that passed gluon_bwd_eligible. ``lse`` / ``delta``: (batch, heads, seqlen_q)
@@ -59,7 +59,8 @@ def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: 
         do_view = rows_view(do4)
     if dk4.stride() != dv4.stride():
         raise ValueError(f"dk and dv need the same strides, got {dk4.stride()} and {dv4.stride()}")
-    rows = (q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_q, seqlen_k, heads // kv_heads,
+    rows = (q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_q, seqlen_k,
+            causal_diag(causal, bottom_right, seqlen_q, seqlen_k), heads // kv_heads,
             softmax_scale * 1.4426950408889634, softmax_scale)
 
     block_m, stages = dkdv_tiles or DKDV_TILES[head_dim]

@@ -7,8 +7,8 @@ package on a GPU). It takes what the kernel was checked on and nothing else:
 * a Hopper GPU (compute capability 9.0) and Triton 3.6 (Gluon's API changes between releases);
 * fp16 / bf16, head dim 128 from 1024 tokens, or 64 from 4096 (shorter, it loses: round 8), for
   queries and keys alike, any length past that;
-* no softcap, ALiBi, masks, block masks, dropout, varlen or window; causal only with
-  seqlen_q == seqlen_k (where both alignments agree);
+* no softcap, ALiBi, masks, block masks, dropout, varlen or window; causal where every query
+  sees a key (PyTorch's top-left alignment, or flash-attn's bottom-right with seqlen_q <= seqlen_k);
 * q, k, v in the (batch, seqlen, heads, dim) or the (batch, heads, seqlen, dim) memory order,
   dense, 16-byte aligned, k and v in the same one.
 
@@ -70,8 +70,14 @@ def gluon_shape_ok(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, dty
         return False
     if min(seqlen_q, seqlen_k) < MIN_SEQLEN[head_dim]:
         return False
-    # An upper band edge is causal only with right == 0 (a window (-1, r > 0) sets it too).
-    return not flags["HAS_UPPER"] or (window_right == 0 and seqlen_q == seqlen_k)
+    # An upper band edge is causal only with right == 0 (a window (-1, r > 0) sets it too); rows that
+    # see no key (bottom-right, more queries than keys) stay with the standard kernel.
+    return not flags["HAS_UPPER"] or (window_right == 0 and (not flags["BOTTOM_RIGHT"] or seqlen_q <= seqlen_k))
+
+
+def causal_diag(causal: bool, bottom_right: bool, seqlen_q: int, seqlen_k: int) -> int:
+    """The kernels' diagonal offset: query i sees keys j <= i + diag under causal."""
+    return seqlen_k - seqlen_q if causal and bottom_right else 0
 
 
 def gluon_eligible(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, window_right: int,
@@ -98,11 +104,12 @@ def gluon_call_ok(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, wind
 
 
 def launch_fwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, out4: torch.Tensor, lse: torch.Tensor,
-                     lse_strides: tuple[int, int], softmax_scale: float, causal: bool,
+                     lse_strides: tuple[int, int], softmax_scale: float, causal: bool, bottom_right: bool = True,
                      tiles: tuple[int, int] | None = None) -> None:
     """Launch kernels/forward_gluon.py (the call passed gluon_eligible); out4 (batch, seqlen, heads,
     dim) any strides with a unit last one, lse (batch, heads, seqlen_q) fp32 by ``lse_strides``;
-    ``tiles`` (keys a block, stages) overrides TILES (the benchmarks' variants)."""
+    ``bottom_right`` the causal alignment; ``tiles`` (keys a block, stages) overrides TILES (the
+    benchmarks' variants)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -121,7 +128,8 @@ def launch_fwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, out4:
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [block_n, head_dim], kv_layout)
     attn_fwd_gluon_kernel[(configs.cdiv(seqlen_q, BLOCK_M), heads, batch)](
         q_desc, k_desc, v_desc, out4, lse, out4.stride(0), out4.stride(1), out4.stride(2), *lse_strides,
-        q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_q, seqlen_k, heads // kv_heads,
+        q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_q, seqlen_k,
+        causal_diag(causal, bottom_right, seqlen_q, seqlen_k), heads // kv_heads,
         softmax_scale * 1.4426950408889634,
         HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
         num_warps=4, maxnreg=MAXNREG)

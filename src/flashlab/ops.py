@@ -91,7 +91,7 @@ def _fwd_launches(out: torch.Tensor, lse: torch.Tensor, args: tuple, launch_fn) 
     cfg = clamp_tiles(forward_config(block_d, run.flags["HAS_UPPER"], q.device, aligned), run)
     if gluon_eligible(run.flags, run.head_dim, run.seqlen_q, run.seqlen_k, run.scalars[1], run.q4, run.k4, run.v4):
         launch_fwd_gluon(run.q4, run.k4, run.v4, as4d(out), lse, run.lse_strides, run.scalars[2],
-                         run.flags["HAS_UPPER"])
+                         run.flags["HAS_UPPER"], run.flags["BOTTOM_RIGHT"])
         return
     if tma_eligible(run.flags, run.head_dim, run.q4, run.k4, run.v4, out):
         launch_fwd_tma(run.q4, run.k4, run.v4, out, lse, run.lse_strides, run.seqlen_q, run.seqlen_k, run.heads,
@@ -165,7 +165,7 @@ def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch
     if gluon_bwd_eligible(run.flags, run.head_dim, run.seqlen_q, run.seqlen_k, run.scalars[1], run.q4, run.k4,
                           run.v4):
         launch_bwd_gluon(run.q4, run.k4, run.v4, do4, dq4, dk4, dv4, lse, delta, run.lse_strides, run.scalars[2],
-                         run.flags["HAS_UPPER"])
+                         run.flags["HAS_UPPER"], run.flags["BOTTOM_RIGHT"])
         return
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg_kv, cfg_q = (clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,

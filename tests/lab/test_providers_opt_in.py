@@ -22,7 +22,8 @@ def test_gluon_provider_is_cuda_only_and_refuses_cases_outside_its_scope(monkeyp
     assert check(Case(1, 4096, 32, 64, causal=True)) is None
     assert "scope" in check(Case(2, 1000, 16, 128))              # under 1024 tokens
     assert "scope" in check(Case(2, 1024, 32, 64))               # head dim 64 under 4096 keys
-    assert "scope" in check(Case(1, 1024, 16, 128, causal=True, seqlen_k=2048))
+    assert check(Case(1, 1024, 16, 128, causal=True, seqlen_k=2048)) is None  # bottom-right, diag 1024
+    assert "scope" in check(Case(1, 2048, 16, 128, causal=True, seqlen_k=1024))  # rows that see no key
     assert "scope" in check(Case(1, 1024, 16, 128, softcap=5.0))
     monkeypatch.setattr(triton, "__version__", "3.9.0")
     assert "Triton 3.6" in check(Case(2, 1024, 16, 128))

@@ -18,7 +18,8 @@ dQ: one program per 128 query rows (two consumers of 64), Q and dO loaded once, 
 S = Q Kⱼᵀ and dP = dO Vⱼᵀ together, then dQ += dS Kⱼ left in flight.
 
 Accumulators are touched by nothing but wgmma while a product is in flight (ptxas would serialize
-every wgmma otherwise: its note C7514). Scope as the forward's; inputs are 2-D row views
+every wgmma otherwise: its note C7514). Causal: query i sees keys j <= i + diag (diag >= 0, the
+forward's). Scope as the forward's; inputs are 2-D row views
 (``b · rows_b + h · rows_h + position``, columns from ``h · col_h``), tiles past a sequence masked.
 """
 
@@ -47,17 +48,17 @@ LOG2E = gl.constexpr(1.4426950408889634)
 
 
 @gluon.jit
-def _first_q_block(n0, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
-    """The first query tile that sees any of the keys n0 .. (square causal: query >= key)."""
+def _first_q_block(n0, diag, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
+    """The first query tile that sees any of the keys n0 .. (causal: query i sees key j <= i + diag)."""
     if CAUSAL:
-        return n0 // BLOCK_M
+        return gl.maximum(n0 - diag, 0) // BLOCK_M
     return 0
 
 
 @gluon.jit
 def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV,
                    stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, off_b, off_hk, key0, n0, group_size,
-                   seqlen_q, seqlen_k, qk_scale, softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   seqlen_q, seqlen_k, diag, qk_scale, softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
                    BLOCK_M: gl.constexpr, KEYS: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """One consumer warpgroup: keys key0 .. key0 + KEYS over every (query head of the group, query
     tile), then dK, dV of its keys."""
@@ -72,7 +73,7 @@ def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DE
     dv = warpgroup_mma_init(gl.zeros([KEYS, HEAD_DIM], gl.float32, layout=o_layout))
 
     mbarrier.wait(kv_bar, 0)
-    i_start = _first_q_block(n0, BLOCK_M, CAUSAL)
+    i_start = _first_q_block(n0, diag, BLOCK_M, CAUSAL)
     n_q = gl.cdiv(seqlen_q, BLOCK_M)
     it = 0
     for g in range(group_size):
@@ -95,7 +96,7 @@ def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DE
             p = gl.exp2(s * qk_scale - lse2[None, :])
             visible = in_seq[None, :] & (keys[:, None] < seqlen_k)
             if CAUSAL:
-                visible = visible & (keys[:, None] <= q_idx[None, :])
+                visible = visible & (keys[:, None] <= q_idx[None, :] + diag)
             p = gl.where(visible, p, 0.0)
             ds = p * (dp - delta[None, :])
             dv = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do_smem.index(slot), dv, is_async=True)
@@ -114,15 +115,15 @@ def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DE
 
 @gluon.jit
 def _dkdv_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty, k_row,
-                   k_col, q_rows_b, q_rows_h, q_col_h, off_b, off_hk, n0, group_size, seqlen_q, KEYS: gl.constexpr,
-                   BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                   k_col, q_rows_b, q_rows_h, q_col_h, off_b, off_hk, n0, group_size, seqlen_q, diag,
+                   KEYS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """One warp: both consumers' K and V halves, then (Q_i, dO_i) of every (query head, tile)."""
     mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [k_row, k_col], kv_bar, k0)
     tma.async_copy_global_to_shared(k_desc, [k_row + KEYS, k_col], kv_bar, k1)
     tma.async_copy_global_to_shared(v_desc, [k_row, k_col], kv_bar, v0)
     tma.async_copy_global_to_shared(v_desc, [k_row + KEYS, k_col], kv_bar, v1)
-    i_start = _first_q_block(n0, BLOCK_M, CAUSAL)
+    i_start = _first_q_block(n0, diag, BLOCK_M, CAUSAL)
     n_q = gl.cdiv(seqlen_q, BLOCK_M)
     it = 0
     for g in range(group_size):
@@ -139,7 +140,7 @@ def _dkdv_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0,
 @gluon.jit
 def attn_bwd_dkdv_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, DV, stride_lb, stride_lh,
                                stride_kb, stride_ks, stride_kh, q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h,
-                               k_col_h, seqlen_q, seqlen_k, group_size, qk_scale, softmax_scale,
+                               k_col_h, seqlen_q, seqlen_k, diag, group_size, qk_scale, softmax_scale,
                                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """dK, dV of keys n0 .. n0 + BLOCK_N of kv head program_id(1), batch program_id(2) (module
@@ -163,19 +164,19 @@ def attn_bwd_dkdv_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, 
     gl.warp_specialize([
         (_dkdv_consumer, (k0, v0, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV, stride_lb, stride_lh,
                           stride_kb, stride_ks, stride_kh, off_b, off_hk, n0, n0, group_size, seqlen_q, seqlen_k,
-                          qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL)),
+                          diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL)),
         (_dkdv_consumer, (k1, v1, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV, stride_lb, stride_lh,
                           stride_kb, stride_ks, stride_kh, off_b, off_hk, n0 + KEYS, n0, group_size, seqlen_q,
-                          seqlen_k, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL)),
+                          seqlen_k, diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL)),
         (_dkdv_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
                           k_row, off_hk * k_col_h, q_rows_b, q_rows_h, q_col_h, off_b, off_hk, n0, group_size,
-                          seqlen_q, KEYS, BLOCK_M, STAGES, CAUSAL)),
+                          seqlen_q, diag, KEYS, BLOCK_M, STAGES, CAUSAL)),
     ], [4, 1], [240, 24])
 
 
 @gluon.jit
 def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, full, empty, LSE, DELTA, DQ, stride_lb, stride_lh,
-                 stride_qb, stride_qs, stride_qh, off_b, off_h, row0, n_blocks, seqlen_q, seqlen_k, qk_scale,
+                 stride_qb, stride_qs, stride_qh, off_b, off_h, row0, n_blocks, seqlen_q, seqlen_k, diag, qk_scale,
                  softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """One consumer warpgroup of the dQ kernel: query rows row0 .. row0 + ROWS over the ring's key
@@ -206,7 +207,7 @@ def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, full, empty, LSE, DELTA
         key_idx = j * BLOCK_N + cols
         visible = key_idx[None, :] < seqlen_k
         if CAUSAL:
-            visible = visible & (key_idx[None, :] <= rows[:, None])
+            visible = visible & (key_idx[None, :] <= rows[:, None] + diag)
         p = gl.where(visible, p, 0.0)
         ds = p * (dp - delta[:, None])
         dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k_smem.index(slot), dq, is_async=True)
@@ -234,7 +235,7 @@ def _dq_producer(q_desc, do_desc, k_desc, v_desc, q0, q1, do0, do1, k_smem, v_sm
 @gluon.jit
 def attn_bwd_dq_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, stride_lb, stride_lh, stride_qb,
                              stride_qs, stride_qh, q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h,
-                             seqlen_q, seqlen_k, group_size, qk_scale, softmax_scale, HEAD_DIM: gl.constexpr,
+                             seqlen_q, seqlen_k, diag, group_size, qk_scale, softmax_scale, HEAD_DIM: gl.constexpr,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                              CAUSAL: gl.constexpr):
     """dQ of query rows pid · BLOCK_M .. of head program_id(1), batch program_id(2). DQ has q's
@@ -249,7 +250,7 @@ def attn_bwd_dq_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, st
     off_b = gl.program_id(2)
     off_hk = off_h // group_size
     row0 = pid_m * BLOCK_M
-    n_blocks = kv_blocks(row0, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    n_blocks = kv_blocks(row0 + diag, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
 
     q0 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], q_desc.layout)
     q1 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], q_desc.layout)
@@ -263,11 +264,11 @@ def attn_bwd_dq_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, st
     k_row = off_b * k_rows_b + off_hk * k_rows_h
     gl.warp_specialize([
         (_dq_consumer, (q0, do0, k_smem, v_smem, q_bar, full, empty, LSE, DELTA, DQ, stride_lb, stride_lh,
-                        stride_qb, stride_qs, stride_qh, off_b, off_h, row0, n_blocks, seqlen_q, seqlen_k, qk_scale,
-                        softmax_scale, dtype, HEAD_DIM, ROWS, BLOCK_N, STAGES, CAUSAL)),
+                        stride_qb, stride_qs, stride_qh, off_b, off_h, row0, n_blocks, seqlen_q, seqlen_k, diag,
+                        qk_scale, softmax_scale, dtype, HEAD_DIM, ROWS, BLOCK_N, STAGES, CAUSAL)),
         (_dq_consumer, (q1, do1, k_smem, v_smem, q_bar, full, empty, LSE, DELTA, DQ, stride_lb, stride_lh,
                         stride_qb, stride_qs, stride_qh, off_b, off_h, row0 + ROWS, n_blocks, seqlen_q, seqlen_k,
-                        qk_scale, softmax_scale, dtype, HEAD_DIM, ROWS, BLOCK_N, STAGES, CAUSAL)),
+                        diag, qk_scale, softmax_scale, dtype, HEAD_DIM, ROWS, BLOCK_N, STAGES, CAUSAL)),
         (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q0, q1, do0, do1, k_smem, v_smem, q_bar, full, empty,
                         q_row, off_h * q_col_h, k_row, off_hk * k_col_h, n_blocks, ROWS, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])

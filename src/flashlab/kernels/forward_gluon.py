@@ -14,7 +14,8 @@ O += P_j·V_j (P from registers), wait for S_{j+1} only and run its softmax unde
 P_j·V_j, free slot j, rescale O. O's registers are touched only with no product in flight: anything
 else makes ptxas serialize every wgmma (its note C7514), which is what round 8 first ran into.
 
-Scope: no softcap / ALiBi / masks / dropout / varlen / window; causal only with seqlen_q == seqlen_k;
+Scope: no softcap / ALiBi / masks / dropout / varlen / window; causal where every query sees a key
+(the diagonal offset diag >= 0);
 head dims 64 and 128; any seqlens; q, k, v viewed as 2-D tensors by the host (gluon_forward.py):
 row ``b · rows_b + h · rows_h + position``, columns from ``h · col_h``. A tile that runs past a
 sequence reads the next (batch, head)'s rows, or TMA's zeros past the tensor: keys there are masked
@@ -40,14 +41,15 @@ LN2 = gl.constexpr(0.6931471805599453)
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, blk, rows_s, cols_s, row0, seqlen_k, qk_scale, p_layout: gl.constexpr,
+def _softmax_step(s, m_i, l_i, blk, rows_s, cols_s, first_diag, seqlen_k, qk_scale, p_layout: gl.constexpr,
                   dtype: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
     """Online softmax of score tile ``s`` (key block ``blk``, log2 domain): (P as the P·V register
-    operand, the new row max, the new row sum, alpha = the rescale factor of the old O)."""
+    operand, the new row max, the new row sum, alpha = the rescale factor of the old O). Causal:
+    ``rows_s`` are the rows' last visible keys (row + diag), ``first_diag`` the first row's."""
     if (blk + 1) * BLOCK_N > seqlen_k:  # the last, ragged block: keys past the sequence
         s = gl.where(blk * BLOCK_N + cols_s[None, :] < seqlen_k, s, float("-inf"))
     if CAUSAL:
-        if (blk + 1) * BLOCK_N > row0:  # a block that crosses these rows' diagonal
+        if (blk + 1) * BLOCK_N > first_diag:  # a block that crosses these rows' diagonal
             s = gl.where(blk * BLOCK_N + cols_s[None, :] <= rows_s[:, None], s, float("-inf"))
     m_ij = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
     p = gl.exp2(s * qk_scale - m_ij[:, None])
@@ -57,15 +59,17 @@ def _softmax_step(s, m_i, l_i, blk, rows_s, cols_s, row0, seqlen_k, qk_scale, p_
 
 
 @gluon.jit
-def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, seqlen_k, qk_scale, dtype: gl.constexpr,
-            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-            CAUSAL: gl.constexpr):
-    """One consumer's loop for query rows row0 .. row0 + BLOCK_M: (acc, m_i, l_i), acc not yet / l."""
+def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, diag, n_blocks, seqlen_k, qk_scale,
+            dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+            STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """One consumer's loop for query rows row0 .. row0 + BLOCK_M: (acc, m_i, l_i), acc not yet / l.
+    Causal: query i sees keys j <= i + diag (diag >= 0, so every row sees key 0)."""
     NUM_WARPS: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = mma_layout(NUM_WARPS, BLOCK_N)
     o_layout: gl.constexpr = mma_layout(NUM_WARPS, HEAD_DIM)
     p_layout: gl.constexpr = operand_layout(o_layout)
-    rows_s = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    # The causal mask compares keys with the query rows shifted by diag.
+    rows_s = row0 + diag + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     cols_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     m_i = gl.full([BLOCK_M], M_INIT, gl.float32, layout=gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -75,8 +79,8 @@ def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, seqlen_k
     mbarrier.wait(q_bar, 0)
     wait_full(full, 0, STAGES)
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-    p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, rows_s, cols_s, row0, seqlen_k, qk_scale, p_layout, dtype,
-                                          BLOCK_N, CAUSAL)
+    p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, rows_s, cols_s, row0 + diag, seqlen_k, qk_scale, p_layout,
+                                          dtype, BLOCK_N, CAUSAL)
     for j in range(n_blocks - 1):
         nxt = j + 1
         wait_full(full, nxt, STAGES)
@@ -84,8 +88,8 @@ def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, seqlen_k
                               is_async=True)
         acc = warpgroup_mma(p_op, v_smem.index(j % STAGES), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])  # issue order S_{j+1}, P_j·V_j: S_{j+1} is done
-        p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, nxt, rows_s, cols_s, row0, seqlen_k, qk_scale, p_layout,
-                                              dtype, BLOCK_N, CAUSAL)
+        p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, nxt, rows_s, cols_s, row0 + diag, seqlen_k, qk_scale,
+                                              p_layout, dtype, BLOCK_N, CAUSAL)
         acc = warpgroup_mma_wait(0, deps=[acc])
         release(empty, j, STAGES)  # slot j: this warpgroup is past P_j·V_j
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
@@ -96,13 +100,13 @@ def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, seqlen_k
 
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
-              stride_lh, off_b, off_h, row0, n_blocks, seqlen_q, seqlen_k, qk_scale, dtype: gl.constexpr,
+              stride_lh, off_b, off_h, row0, diag, n_blocks, seqlen_q, seqlen_k, qk_scale, dtype: gl.constexpr,
               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr):
     """One consumer warpgroup: its rows over every key block, then O = acc / l and the LSE (natural
     log) of the rows inside the sequence."""
-    acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, n_blocks, seqlen_k, qk_scale, dtype,
-                            HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL)
+    acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, diag, n_blocks, seqlen_k, qk_scale,
+                            dtype, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL)
     NUM_WARPS: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = mma_layout(NUM_WARPS, BLOCK_N)
     o_layout: gl.constexpr = mma_layout(NUM_WARPS, HEAD_DIM)
@@ -128,13 +132,15 @@ def _producer(q_desc, k_desc, v_desc, q0, q1, k_smem, v_smem, q_bar, full, empty
 
 @gluon.jit
 def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                          q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_q, seqlen_k, group_size,
-                          qk_scale,
+                          q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_q, seqlen_k, diag,
+                          group_size, qk_scale,
                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """O[b, i, h] = softmax(Q·Kᵀ · scale) · V for one BLOCK_M query block, LSE[b, h, i] (natural log).
-    ``qk_scale`` = softmax scale · log2 e. Grid: (cdiv(seqlen_q, BLOCK_M), heads, batch); launch with
-    ``num_warps=4`` (the default partition) and a register cap (``maxnreg``) for 12 warps."""
+    ``qk_scale`` = softmax scale · log2 e; with CAUSAL, query i sees keys j <= i + ``diag`` (diag >= 0:
+    seqlen_k - seqlen_q for flash-attn's bottom-right alignment, 0 for PyTorch's top-left).
+    Grid: (cdiv(seqlen_q, BLOCK_M), heads, batch); launch with ``num_warps=4`` (the default
+    partition) and a register cap (``maxnreg``) for 12 warps."""
     HALF: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
     pid_m = gl.program_id(0)
@@ -143,7 +149,7 @@ def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os
     off_h = gl.program_id(1)
     off_b = gl.program_id(2)
     off_hk = off_h // group_size
-    n_blocks = kv_blocks(pid_m * BLOCK_M, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    n_blocks = kv_blocks(pid_m * BLOCK_M + diag, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
 
     q0 = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], q_desc.layout)
     q1 = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], q_desc.layout)
@@ -156,11 +162,11 @@ def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os
     k_row = off_b * k_rows_b + off_hk * k_rows_h
     gl.warp_specialize([
         (_consumer, (q0, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
-                     stride_lh, off_b, off_h, row0, n_blocks, seqlen_q, seqlen_k, qk_scale, dtype, HEAD_DIM, HALF,
+                     stride_lh, off_b, off_h, row0, diag, n_blocks, seqlen_q, seqlen_k, qk_scale, dtype, HEAD_DIM, HALF,
                      BLOCK_N, STAGES, CAUSAL)),
         (_consumer, (q1, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
-                     stride_lh, off_b, off_h, row0 + HALF, n_blocks, seqlen_q, seqlen_k, qk_scale, dtype, HEAD_DIM,
-                     HALF, BLOCK_N, STAGES, CAUSAL)),
+                     stride_lh, off_b, off_h, row0 + HALF, diag, n_blocks, seqlen_q, seqlen_k, qk_scale, dtype,
+                     HEAD_DIM, HALF, BLOCK_N, STAGES, CAUSAL)),
         (_producer, (q_desc, k_desc, v_desc, q0, q1, k_smem, v_smem, q_bar, full, empty, q_row, off_h * q_col_h,
                      k_row, off_hk * k_col_h, n_blocks, HALF, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])

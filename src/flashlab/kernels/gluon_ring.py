@@ -75,7 +75,8 @@ def stream_kv(k_desc, v_desc, k_smem, v_smem, full, empty, k_row, k_col, n_block
 
 @gluon.jit
 def kv_blocks(m0, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """How many key blocks the query rows m0 .. m0 + BLOCK_M visit (square causal: key <= query)."""
+    """How many key blocks the query rows m0 .. m0 + BLOCK_M visit; with CAUSAL, ``m0`` is the first
+    row's last visible key (row + diag: key j is visible to row i iff j <= i + diag)."""
     n = gl.cdiv(seqlen_k, BLOCK_N)
     if CAUSAL:
         n = gl.minimum(n, (m0 + BLOCK_M + BLOCK_N - 1) // BLOCK_N)

@@ -29,11 +29,11 @@ def _check_gluon(case: Case, device: torch.device) -> str | None:
     if not triton.__version__.startswith("3.6."):
         return f"the Gluon forward is written for Triton 3.6's Gluon API, this is Triton {triton.__version__}"
     flags = dict(IS_VARLEN=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False, HAS_LOWER=False,
-                 HAS_UPPER=case.causal, MASK_KIND=0)
+                 HAS_UPPER=case.causal, MASK_KIND=0, BOTTOM_RIGHT=True)
     if has_features(case) or case.scope != "op" or not gluon_shape_ok(
             flags, case.head_dim, case.seqlen_q, case.seqlen_k, _TORCH[case.dtype], 0):
-        return ("outside the Gluon forward's scope (head dim 128, or 64 from 4096 keys; seqlens multiples of "
-                "128; causal only square; no features)")
+        return ("outside the Gluon forward's scope (head dim 128 from 1024 tokens, or 64 from 4096; causal "
+                "where every query sees a key; no features)")
     return None
 
 
