@@ -50,6 +50,7 @@ def test_launch_arguments(monkeypatch, layout):
     assert args_kv[0].block_shape == [32, d] and args_kv[2].block_shape == [64, d]  # d128: 32-row query tiles
     assert args_q[0].block_shape == [64, d] and args_q[2].block_shape == [64, d]
     assert kw_kv["CAUSAL"] is True and kw_q["STAGES"] == 3 and kw_kv["num_warps"] == kw_q["num_warps"] == 4
+    assert kw_kv["EVEN"] is False and kw_q["EVEN"] is False  # 300 rows and keys: ragged tiles
 
 
 def test_dout_in_another_order_is_copied_into_qs(monkeypatch):

@@ -146,6 +146,7 @@ def test_launch_arguments(monkeypatch, layout):
         assert rows == (h * s, s, 0, hk * s, s, 0)
     assert args[16:20] == (s, s, 0, h // hk) and args[20] == pytest.approx(0.125 * 1.4426950408889634)
     assert kwargs["CAUSAL"] is True and kwargs["HEAD_DIM"] == d and kwargs["num_warps"] == 4
+    assert kwargs["EVEN_K"] is False  # 200 keys: a ragged last block
     assert kwargs["maxnreg"] * 12 * 32 <= 65536
 
 

@@ -69,6 +69,7 @@ def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: 
         _descriptor(k2, DKDV_BLOCK_N // 2, head_dim), _descriptor(v2, DKDV_BLOCK_N // 2, head_dim),
         lse, delta, dk4, dv4, *lse_strides, dk4.stride(0), dk4.stride(1), dk4.stride(2), *rows,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=DKDV_BLOCK_N, STAGES=stages, CAUSAL=bool(causal),
+        EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0,
         num_warps=4, maxnreg=MAXNREG)
     block_n, stages = dq_tiles or DQ_TILES[head_dim]
     attn_bwd_dq_gluon_kernel[(configs.cdiv(seqlen_q, DQ_BLOCK_M), heads, batch)](
@@ -76,4 +77,5 @@ def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: 
         _descriptor(k2, block_n, head_dim), _descriptor(v2, block_n, head_dim),
         lse, delta, dq4, *lse_strides, dq4.stride(0), dq4.stride(1), dq4.stride(2), *rows,
         HEAD_DIM=head_dim, BLOCK_M=DQ_BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
+        EVEN=seqlen_k % block_n == 0,
         num_warps=4, maxnreg=MAXNREG)

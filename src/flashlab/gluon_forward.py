@@ -132,4 +132,5 @@ def launch_fwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, out4:
         causal_diag(causal, bottom_right, seqlen_q, seqlen_k), heads // kv_heads,
         softmax_scale * 1.4426950408889634,
         HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
+        EVEN_K=seqlen_k % block_n == 0,
         num_warps=4, maxnreg=MAXNREG)

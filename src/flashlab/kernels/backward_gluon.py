@@ -59,9 +59,10 @@ def _first_q_block(n0, diag, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
 def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV,
                    stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, off_b, off_hk, key0, n0, group_size,
                    seqlen_q, seqlen_k, diag, qk_scale, softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
-                   BLOCK_M: gl.constexpr, KEYS: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                   BLOCK_M: gl.constexpr, KEYS: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                   EVEN: gl.constexpr):
     """One consumer warpgroup: keys key0 .. key0 + KEYS over every (query head of the group, query
-    tile), then dK, dV of its keys."""
+    tile), then dK, dV of its keys. EVEN: no ragged query tile or key block (no bounds mask)."""
     NUM_WARPS: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = mma_layout(NUM_WARPS, BLOCK_M)
     o_layout: gl.constexpr = mma_layout(NUM_WARPS, HEAD_DIM)
@@ -94,10 +95,10 @@ def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DE
             if it > 0:
                 release(empty, it - 1, STAGES)  # the previous tile's Q, dO: read by its dV, dK products
             p = gl.exp2(s * qk_scale - lse2[None, :])
-            visible = in_seq[None, :] & (keys[:, None] < seqlen_k)
+            if not EVEN:
+                p = gl.where(in_seq[None, :] & (keys[:, None] < seqlen_k), p, 0.0)
             if CAUSAL:
-                visible = visible & (keys[:, None] <= q_idx[None, :] + diag)
-            p = gl.where(visible, p, 0.0)
+                p = gl.where(keys[:, None] <= q_idx[None, :] + diag, p, 0.0)
             ds = p * (dp - delta[None, :])
             dv = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do_smem.index(slot), dv, is_async=True)
             dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), q_smem.index(slot), dk, is_async=True)
@@ -142,7 +143,7 @@ def attn_bwd_dkdv_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, 
                                stride_kb, stride_ks, stride_kh, q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h,
                                k_col_h, seqlen_q, seqlen_k, diag, group_size, qk_scale, softmax_scale,
                                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                               STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                               STAGES: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr):
     """dK, dV of keys n0 .. n0 + BLOCK_N of kv head program_id(1), batch program_id(2) (module
     docstring). DK / DV are (batch, seqlen_k, kv_heads, head_dim) with K's strides; LSE / DELTA
     (batch, heads, seqlen_q) fp32. Grid: (cdiv(seqlen_k, BLOCK_N), kv_heads, batch); num_warps=4."""
@@ -164,10 +165,11 @@ def attn_bwd_dkdv_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, 
     gl.warp_specialize([
         (_dkdv_consumer, (k0, v0, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV, stride_lb, stride_lh,
                           stride_kb, stride_ks, stride_kh, off_b, off_hk, n0, n0, group_size, seqlen_q, seqlen_k,
-                          diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL)),
+                          diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL, EVEN)),
         (_dkdv_consumer, (k1, v1, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV, stride_lb, stride_lh,
                           stride_kb, stride_ks, stride_kh, off_b, off_hk, n0 + KEYS, n0, group_size, seqlen_q,
-                          seqlen_k, diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL)),
+                          seqlen_k, diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL,
+                          EVEN)),
         (_dkdv_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
                           k_row, off_hk * k_col_h, q_rows_b, q_rows_h, q_col_h, off_b, off_hk, n0, group_size,
                           seqlen_q, diag, KEYS, BLOCK_M, STAGES, CAUSAL)),
@@ -178,7 +180,7 @@ def attn_bwd_dkdv_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, 
 def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, full, empty, LSE, DELTA, DQ, stride_lb, stride_lh,
                  stride_qb, stride_qs, stride_qh, off_b, off_h, row0, n_blocks, seqlen_q, seqlen_k, diag, qk_scale,
                  softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr):
     """One consumer warpgroup of the dQ kernel: query rows row0 .. row0 + ROWS over the ring's key
     blocks — S = Q Kⱼᵀ and dP = dO Vⱼᵀ together, then dQ += dS Kⱼ left in flight — then dQ."""
     NUM_WARPS: gl.constexpr = gl.num_warps()
@@ -205,10 +207,10 @@ def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, full, empty, LSE, DELTA
             release(empty, j - 1, STAGES)  # block j-1's K, V: read by its dQ product
         p = gl.exp2(s * qk_scale - lse2[:, None])
         key_idx = j * BLOCK_N + cols
-        visible = key_idx[None, :] < seqlen_k
+        if not EVEN:  # a ragged last key block (rows past seqlen_q are never stored)
+            p = gl.where(key_idx[None, :] < seqlen_k, p, 0.0)
         if CAUSAL:
-            visible = visible & (key_idx[None, :] <= rows[:, None] + diag)
-        p = gl.where(visible, p, 0.0)
+            p = gl.where(key_idx[None, :] <= rows[:, None] + diag, p, 0.0)
         ds = p * (dp - delta[:, None])
         dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), k_smem.index(slot), dq, is_async=True)
     dq = warpgroup_mma_wait(0, deps=[dq])
@@ -237,7 +239,7 @@ def attn_bwd_dq_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, st
                              stride_qs, stride_qh, q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h,
                              seqlen_q, seqlen_k, diag, group_size, qk_scale, softmax_scale, HEAD_DIM: gl.constexpr,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                             CAUSAL: gl.constexpr):
+                             CAUSAL: gl.constexpr, EVEN: gl.constexpr):
     """dQ of query rows pid · BLOCK_M .. of head program_id(1), batch program_id(2). DQ has q's
     strides; q_desc / do_desc blocks are BLOCK_M / 2 rows (one a consumer). Grid: (cdiv(seqlen_q,
     BLOCK_M), heads, batch); num_warps=4."""
@@ -265,10 +267,10 @@ def attn_bwd_dq_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, st
     gl.warp_specialize([
         (_dq_consumer, (q0, do0, k_smem, v_smem, q_bar, full, empty, LSE, DELTA, DQ, stride_lb, stride_lh,
                         stride_qb, stride_qs, stride_qh, off_b, off_h, row0, n_blocks, seqlen_q, seqlen_k, diag,
-                        qk_scale, softmax_scale, dtype, HEAD_DIM, ROWS, BLOCK_N, STAGES, CAUSAL)),
+                        qk_scale, softmax_scale, dtype, HEAD_DIM, ROWS, BLOCK_N, STAGES, CAUSAL, EVEN)),
         (_dq_consumer, (q1, do1, k_smem, v_smem, q_bar, full, empty, LSE, DELTA, DQ, stride_lb, stride_lh,
                         stride_qb, stride_qs, stride_qh, off_b, off_h, row0 + ROWS, n_blocks, seqlen_q, seqlen_k,
-                        diag, qk_scale, softmax_scale, dtype, HEAD_DIM, ROWS, BLOCK_N, STAGES, CAUSAL)),
+                        diag, qk_scale, softmax_scale, dtype, HEAD_DIM, ROWS, BLOCK_N, STAGES, CAUSAL, EVEN)),
         (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q0, q1, do0, do1, k_smem, v_smem, q_bar, full, empty,
                         q_row, off_h * q_col_h, k_row, off_hk * k_col_h, n_blocks, ROWS, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])

@@ -42,12 +42,14 @@ LN2 = gl.constexpr(0.6931471805599453)
 
 @gluon.jit
 def _softmax_step(s, m_i, l_i, blk, rows_s, cols_s, first_diag, seqlen_k, qk_scale, p_layout: gl.constexpr,
-                  dtype: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+                  dtype: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, EVEN_K: gl.constexpr):
     """Online softmax of score tile ``s`` (key block ``blk``, log2 domain): (P as the P·V register
     operand, the new row max, the new row sum, alpha = the rescale factor of the old O). Causal:
-    ``rows_s`` are the rows' last visible keys (row + diag), ``first_diag`` the first row's."""
-    if (blk + 1) * BLOCK_N > seqlen_k:  # the last, ragged block: keys past the sequence
-        s = gl.where(blk * BLOCK_N + cols_s[None, :] < seqlen_k, s, float("-inf"))
+    ``rows_s`` are the rows' last visible keys (row + diag), ``first_diag`` the first row's.
+    EVEN_K (seqlen_k a multiple of BLOCK_N) compiles the ragged-block test out."""
+    if not EVEN_K:
+        if (blk + 1) * BLOCK_N > seqlen_k:  # the last, ragged block: keys past the sequence
+            s = gl.where(blk * BLOCK_N + cols_s[None, :] < seqlen_k, s, float("-inf"))
     if CAUSAL:
         if (blk + 1) * BLOCK_N > first_diag:  # a block that crosses these rows' diagonal
             s = gl.where(blk * BLOCK_N + cols_s[None, :] <= rows_s[:, None], s, float("-inf"))
@@ -61,7 +63,7 @@ def _softmax_step(s, m_i, l_i, blk, rows_s, cols_s, first_diag, seqlen_k, qk_sca
 @gluon.jit
 def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, diag, n_blocks, seqlen_k, qk_scale,
             dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-            STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+            STAGES: gl.constexpr, CAUSAL: gl.constexpr, EVEN_K: gl.constexpr):
     """One consumer's loop for query rows row0 .. row0 + BLOCK_M: (acc, m_i, l_i), acc not yet / l.
     Causal: query i sees keys j <= i + diag (diag >= 0, so every row sees key 0)."""
     NUM_WARPS: gl.constexpr = gl.num_warps()
@@ -80,7 +82,7 @@ def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, diag, n_blocks, se
     wait_full(full, 0, STAGES)
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
     p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, 0, rows_s, cols_s, row0 + diag, seqlen_k, qk_scale, p_layout,
-                                          dtype, BLOCK_N, CAUSAL)
+                                          dtype, BLOCK_N, CAUSAL, EVEN_K)
     for j in range(n_blocks - 1):
         nxt = j + 1
         wait_full(full, nxt, STAGES)
@@ -89,7 +91,7 @@ def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, diag, n_blocks, se
         acc = warpgroup_mma(p_op, v_smem.index(j % STAGES), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])  # issue order S_{j+1}, P_j·V_j: S_{j+1} is done
         p_op, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, nxt, rows_s, cols_s, row0 + diag, seqlen_k, qk_scale,
-                                              p_layout, dtype, BLOCK_N, CAUSAL)
+                                              p_layout, dtype, BLOCK_N, CAUSAL, EVEN_K)
         acc = warpgroup_mma_wait(0, deps=[acc])
         release(empty, j, STAGES)  # slot j: this warpgroup is past P_j·V_j
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
@@ -102,11 +104,11 @@ def _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, diag, n_blocks, se
 def _consumer(q_smem, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
               stride_lh, off_b, off_h, row0, diag, n_blocks, seqlen_q, seqlen_k, qk_scale, dtype: gl.constexpr,
               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr):
+              CAUSAL: gl.constexpr, EVEN_K: gl.constexpr):
     """One consumer warpgroup: its rows over every key block, then O = acc / l and the LSE (natural
     log) of the rows inside the sequence."""
     acc, m_i, l_i = _attend(q_smem, k_smem, v_smem, q_bar, full, empty, row0, diag, n_blocks, seqlen_k, qk_scale,
-                            dtype, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL)
+                            dtype, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, EVEN_K)
     NUM_WARPS: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = mma_layout(NUM_WARPS, BLOCK_N)
     o_layout: gl.constexpr = mma_layout(NUM_WARPS, HEAD_DIM)
@@ -135,12 +137,12 @@ def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os
                           q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_q, seqlen_k, diag,
                           group_size, qk_scale,
                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                          STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                          STAGES: gl.constexpr, CAUSAL: gl.constexpr, EVEN_K: gl.constexpr):
     """O[b, i, h] = softmax(Q·Kᵀ · scale) · V for one BLOCK_M query block, LSE[b, h, i] (natural log).
     ``qk_scale`` = softmax scale · log2 e; with CAUSAL, query i sees keys j <= i + ``diag`` (diag >= 0:
-    seqlen_k - seqlen_q for flash-attn's bottom-right alignment, 0 for PyTorch's top-left).
-    Grid: (cdiv(seqlen_q, BLOCK_M), heads, batch); launch with ``num_warps=4`` (the default
-    partition) and a register cap (``maxnreg``) for 12 warps."""
+    seqlen_k - seqlen_q for flash-attn's bottom-right alignment, 0 for PyTorch's top-left); EVEN_K:
+    seqlen_k % BLOCK_N == 0 (no ragged last block). Grid: (cdiv(seqlen_q, BLOCK_M), heads, batch);
+    launch with ``num_warps=4`` (the default partition) and a register cap (``maxnreg``) for 12 warps."""
     HALF: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_desc.dtype
     pid_m = gl.program_id(0)
@@ -163,10 +165,10 @@ def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os
     gl.warp_specialize([
         (_consumer, (q0, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
                      stride_lh, off_b, off_h, row0, diag, n_blocks, seqlen_q, seqlen_k, qk_scale, dtype, HEAD_DIM, HALF,
-                     BLOCK_N, STAGES, CAUSAL)),
+                     BLOCK_N, STAGES, CAUSAL, EVEN_K)),
         (_consumer, (q1, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
                      stride_lh, off_b, off_h, row0 + HALF, diag, n_blocks, seqlen_q, seqlen_k, qk_scale, dtype,
-                     HEAD_DIM, HALF, BLOCK_N, STAGES, CAUSAL)),
+                     HEAD_DIM, HALF, BLOCK_N, STAGES, CAUSAL, EVEN_K)),
         (_producer, (q_desc, k_desc, v_desc, q0, q1, k_smem, v_smem, q_bar, full, empty, q_row, off_h * q_col_h,
                      k_row, off_hk * k_col_h, n_blocks, HALF, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
