@@ -157,7 +157,7 @@ def test_k_and_v_must_share_a_memory_order(monkeypatch):
     monkeypatch.setenv("FLASHLAB_FWD_GLUON", "1")
     monkeypatch.setattr(host, "interpreting", lambda: False)
     monkeypatch.setattr(host.configs, "device_capability", lambda device: (9, 0))
-    monkeypatch.setattr(host, "_triton_has_gluon_36", lambda: True)
+    monkeypatch.setattr(host, "triton_has_gluon_36", lambda: True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     q = torch.randn(1, 1024, 4, 128, dtype=F16)
     k = torch.randn(1, 1024, 2, 128, dtype=F16)

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from flashlab.gluon_forward import MAXNREG, causal_diag, gluon_call_ok, rows_view
+from flashlab.gluon_forward import MAXNREG, causal_diag, gluon_call_ok, rows_view, tile_descriptor
 from flashlab.kernels import configs
 
 DKDV_BLOCK_N = 128  # keys a dK/dV program (64 a consumer)
@@ -29,15 +29,6 @@ def gluon_bwd_eligible(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int,
     """Whether the Gluon backward runs this call; ``tensors`` are the 4-D q, k, v."""
     return os.environ.get("FLASHLAB_BWD_GLUON", "0") == "1" and gluon_call_ok(
         flags, head_dim, seqlen_q, seqlen_k, window_right, *tensors)
-
-
-def _descriptor(view: torch.Tensor, rows: int, head_dim: int):
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    gl_dtype = gl.float16 if view.dtype == torch.float16 else gl.bfloat16
-    layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl_dtype)
-    return TensorDescriptor(view, list(view.shape), list(view.stride()), [rows, head_dim], layout)
 
 
 def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: torch.Tensor, dq4: torch.Tensor,
@@ -65,16 +56,16 @@ def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: 
 
     block_m, stages = dkdv_tiles or DKDV_TILES[head_dim]
     attn_bwd_dkdv_gluon_kernel[(configs.cdiv(seqlen_k, DKDV_BLOCK_N), kv_heads, batch)](
-        _descriptor(q2, block_m, head_dim), _descriptor(do_view[0], block_m, head_dim),
-        _descriptor(k2, DKDV_BLOCK_N // 2, head_dim), _descriptor(v2, DKDV_BLOCK_N // 2, head_dim),
+        tile_descriptor(q2, block_m, head_dim), tile_descriptor(do_view[0], block_m, head_dim),
+        tile_descriptor(k2, DKDV_BLOCK_N // 2, head_dim), tile_descriptor(v2, DKDV_BLOCK_N // 2, head_dim),
         lse, delta, dk4, dv4, *lse_strides, dk4.stride(0), dk4.stride(1), dk4.stride(2), *rows,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=DKDV_BLOCK_N, STAGES=stages, CAUSAL=bool(causal),
         EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0,
         num_warps=4, maxnreg=MAXNREG)
     block_n, stages = dq_tiles or DQ_TILES[head_dim]
     attn_bwd_dq_gluon_kernel[(configs.cdiv(seqlen_q, DQ_BLOCK_M), heads, batch)](
-        _descriptor(q2, DQ_BLOCK_M // 2, head_dim), _descriptor(do_view[0], DQ_BLOCK_M // 2, head_dim),
-        _descriptor(k2, block_n, head_dim), _descriptor(v2, block_n, head_dim),
+        tile_descriptor(q2, DQ_BLOCK_M // 2, head_dim), tile_descriptor(do_view[0], DQ_BLOCK_M // 2, head_dim),
+        tile_descriptor(k2, block_n, head_dim), tile_descriptor(v2, block_n, head_dim),
         lse, delta, dq4, *lse_strides, dq4.stride(0), dq4.stride(1), dq4.stride(2), *rows,
         HEAD_DIM=head_dim, BLOCK_M=DQ_BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
         EVEN=seqlen_k % block_n == 0,

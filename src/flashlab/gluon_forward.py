@@ -41,7 +41,7 @@ MIN_SEQLEN = {128: 1024, 64: 4096}
 _FEATURE_FLAGS = ("IS_VARLEN", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT", "HAS_LOWER")
 
 
-def _triton_has_gluon_36() -> bool:
+def triton_has_gluon_36() -> bool:
     import triton
 
     return triton.__version__.startswith("3.6.")
@@ -94,13 +94,24 @@ def gluon_call_ok(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, wind
     q = tensors[0]
     if q.numel() == 0 or not q.is_cuda or interpreting() or configs.device_capability(q.device) != (9, 0):
         return False
-    if not gluon_shape_ok(flags, head_dim, seqlen_q, seqlen_k, q.dtype, window_right) or not _triton_has_gluon_36():
+    if not gluon_shape_ok(flags, head_dim, seqlen_q, seqlen_k, q.dtype, window_right) or not triton_has_gluon_36():
         return False
     views = [rows_view(t) for t in tensors[:3]]
     if any(view is None for view in views) or views[1][1:] != views[2][1:]:
         return False  # v is addressed with k's row / column offsets
     # TMA coordinates are 32-bit.
     return all(t.data_ptr() % 16 == 0 and math.prod(t.shape[:3]) < 2**31 for t in tensors[:3])
+
+
+def tile_descriptor(view: torch.Tensor, rows: int, head_dim: int):
+    """A TMA descriptor of [rows, head_dim] tiles over a 2-D ``rows_view`` (the shared-memory layout
+    the kernels allocate from it)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    gl_dtype = gl.float16 if view.dtype == torch.float16 else gl.bfloat16
+    layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl_dtype)
+    return TensorDescriptor(view, list(view.shape), list(view.stride()), [rows, head_dim], layout)
 
 
 def launch_fwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, out4: torch.Tensor, lse: torch.Tensor,
@@ -110,24 +121,16 @@ def launch_fwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, out4:
     dim) any strides with a unit last one, lse (batch, heads, seqlen_q) fp32 by ``lse_strides``;
     ``bottom_right`` the causal alignment; ``tiles`` (keys a block, stages) overrides TILES (the
     benchmarks' variants)."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     from flashlab.kernels.forward_gluon import attn_fwd_gluon_kernel
 
     batch, seqlen_q, heads, head_dim = q4.shape
     seqlen_k, kv_heads = k4.shape[1], k4.shape[2]
     block_n, stages = tiles or TILES[head_dim]
-    gl_dtype = gl.float16 if q4.dtype == torch.float16 else gl.bfloat16
     (q2, q_rows_b, q_rows_h, q_col_h), (k2, k_rows_b, k_rows_h, k_col_h), (v2, *_) = (
         rows_view(t) for t in (q4, k4, v4))
-    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, head_dim], gl_dtype)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gl_dtype)
-    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BLOCK_M // 2, head_dim], q_layout)
-    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_n, head_dim], kv_layout)
-    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [block_n, head_dim], kv_layout)
     attn_fwd_gluon_kernel[(configs.cdiv(seqlen_q, BLOCK_M), heads, batch)](
-        q_desc, k_desc, v_desc, out4, lse, out4.stride(0), out4.stride(1), out4.stride(2), *lse_strides,
+        tile_descriptor(q2, BLOCK_M // 2, head_dim), tile_descriptor(k2, block_n, head_dim),
+        tile_descriptor(v2, block_n, head_dim), out4, lse, out4.stride(0), out4.stride(1), out4.stride(2), *lse_strides,
         q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_q, seqlen_k,
         causal_diag(causal, bottom_right, seqlen_q, seqlen_k), heads // kv_heads,
         softmax_scale * 1.4426950408889634,

@@ -84,15 +84,15 @@ def _fwd_launches(out: torch.Tensor, lse: torch.Tensor, args: tuple, launch_fn) 
     """The forward's launch (or an opt-in one: Gluon's, TMA's) into ``out`` / ``lse``; ``args`` as _launch_fwd's."""
     from flashlab.kernels import forward as fwd_kernels  # here: importing flashlab needs no Triton
     run = prepare(*args)
+    if gluon_eligible(run.flags, run.head_dim, run.seqlen_q, run.seqlen_k, run.scalars[1], run.q4, run.k4, run.v4):
+        launch_fwd_gluon(run.q4, run.k4, run.v4, as4d(out), lse, run.lse_strides, run.scalars[2],
+                         run.flags["HAS_UPPER"], run.flags["BOTTOM_RIGHT"])
+        return
     q = args[0]
     varlen = args[3] is not None
     block_d = padded_head_dim(run.head_dim)
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg = clamp_tiles(forward_config(block_d, run.flags["HAS_UPPER"], q.device, aligned), run)
-    if gluon_eligible(run.flags, run.head_dim, run.seqlen_q, run.seqlen_k, run.scalars[1], run.q4, run.k4, run.v4):
-        launch_fwd_gluon(run.q4, run.k4, run.v4, as4d(out), lse, run.lse_strides, run.scalars[2],
-                         run.flags["HAS_UPPER"], run.flags["BOTTOM_RIGHT"])
-        return
     if tma_eligible(run.flags, run.head_dim, run.q4, run.k4, run.v4, out):
         launch_fwd_tma(run.q4, run.k4, run.v4, out, lse, run.lse_strides, run.seqlen_q, run.seqlen_k, run.heads,
                        run.kv_heads, run.head_dim, block_d, run.scalars, run.flags, cfg)

@@ -22,11 +22,11 @@ _TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def _check_gluon(case: Case, device: torch.device) -> str | None:
     import triton
 
-    from flashlab.gluon_forward import gluon_shape_ok
+    from flashlab.gluon_forward import gluon_shape_ok, triton_has_gluon_36
 
     if torch.cuda.get_device_capability(device) != (9, 0):
         return "the Gluon forward is written for Hopper (compute capability 9.0)"
-    if not triton.__version__.startswith("3.6."):
+    if not triton_has_gluon_36():
         return f"the Gluon forward is written for Triton 3.6's Gluon API, this is Triton {triton.__version__}"
     flags = dict(IS_VARLEN=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False, HAS_LOWER=False,
                  HAS_UPPER=case.causal, MASK_KIND=0, BOTTOM_RIGHT=True)
