@@ -19,10 +19,10 @@
 #   decode-tune  the decode split-count rule beside its tune (graph replays, B4/16/32 at 8k/32k)
 #   bwd-tune     the backward's dK/dV and dQ tile sweep at d64/d128
 #   dropout-tune the same sweep with dropout 0.1 at d128, 8k
-#   gluon   the Gluon forward (FLASHLAB_FWD_GLUON=1): tests/test_forward_gluon.py, then gluon_forward.py
-#   gluon-grid kernel_check.py --gluon: the grid with flashlab-gluon (both Gluon kernels) beside the rest
-#   gluon-bwd  the Gluon backward (FLASHLAB_BWD_GLUON=1): tests/test_backward_gluon.py, then gluon_backward.py
-#   fa-grid-gluon  the lab's FlashAttention grid (d64/d128, 2k-16k, fwd) with flashlab-gluon and Flex
+#   gluon   the Gluon forward (Hopper's default): tests/test_forward_gluon.py, gluon_forward.py, first call
+#   gluon-grid kernel_check.py --tl: the grid with flashlab (Gluon kernels) beside flashlab-tl and SDPA
+#   gluon-bwd  the Gluon backward (Hopper's default at d128): tests/test_backward_gluon.py, gluon_backward.py
+#   fa-grid-gluon  the lab's FlashAttention grid (d64/d128, 2k-16k, fwd) with flashlab-tl and Flex
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:?usage: device_round.sh OUT STAGE...}
@@ -127,35 +127,35 @@ for stage in "$@"; do
       grep tune-bwd "$dir/tune.log"
       ;;
     gluon-grid)
-      # The standard grid tool with the Gluon kernels beside flashlab's `tl` ones and SDPA, fwd and fwd+bwd.
-      timeout 420 "$py" benchmarks/kernel_check.py --out "$dir" --gluon --seqlens 2048 4096 8192 16384 \
+      # The standard grid tool: flashlab (the Gluon kernels in their scope) beside its `tl` kernels and SDPA.
+      timeout 420 "$py" benchmarks/kernel_check.py --out "$dir" --tl --seqlens 2048 4096 8192 16384 \
         --head-dims 64 128 > "$dir/grid.log" 2>&1
       grep -E "FAIL|correctness" "$dir/grid.log"
       tail -n 36 "$dir/grid.log"
       ;;
     gluon-bwd)
-      # Issue 5: the Gluon backward (FLASHLAB_BWD_GLUON=1): its tests, then checked and timed.
+      # Issue 5: the Gluon backward: its tests, then checked and timed.
       timeout 200 "$py" -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_backward_gluon.py \
         > "$dir/tests.log" 2>&1
       tail -n 3 "$dir/tests.log"
       timeout 300 "$py" benchmarks/gluon_backward.py --out "$dir" 2>&1 | tee "$dir/gluon_backward.log" | tail -16
       ;;
     fa-grid-gluon)
-      # Issue 4's grid with the Gluon forward beside every peer, FlexAttention included (one compile a
+      # Issue 4's grid: flashlab (Gluon) and its `tl` kernels beside every peer, FlexAttention included (one compile a
       # shape: forward only fits a call; rerun with the same OUT and --resume to finish).
       timeout 480 "$py" -m flashlab.lab.cli bench --tokens 16384 --seqlen 2048,4096,8192,16384 --embed 2048 \
         --head-dim 64,128 --causal both --dtypes fp16 --modes fwd --rep-ms 50 \
-        --providers flashlab,flashlab-gluon,sdpa-flash,sdpa-cudnn,flex --out "$dir/grid" > "$dir/grid.log" 2>&1
+        --providers flashlab,flashlab-tl,sdpa-flash,sdpa-cudnn,flex --out "$dir/grid" > "$dir/grid.log" 2>&1
       tail -n 40 "$dir/grid.log"
       ;;
     gluon)
-      # The package's Gluon forward (FLASHLAB_FWD_GLUON=1): its tests, then checked and timed.
+      # The package's Gluon forward: its tests, then checked and timed.
       timeout 200 "$py" -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_forward_gluon.py \
         > "$dir/tests.log" 2>&1
       tail -n 3 "$dir/tests.log"
       timeout 300 "$py" benchmarks/gluon_forward.py --out "$dir" 2>&1 | tee "$dir/gluon.log" | tail -14
       # Issue 4's first-call time with the Gluon forward (d128, 1k tokens: inside its scope).
-      FLASHLAB_FWD_GLUON=1 timeout 120 "$py" benchmarks/first_call.py --head-dims 128 --out "$dir/first-call" | tail -4
+      timeout 120 "$py" benchmarks/first_call.py --head-dims 128 --out "$dir/first-call" | tail -4
       ;;
     *)
       echo "unknown stage: $stage (verify, host, tune, tma, decode, dropout-tests, decode-tune, bwd-tune, dropout-tune, lab, dropout, attn-mask, gluon, gluon-grid, gluon-bwd, fa-grid-gluon)"

@@ -1,7 +1,7 @@
-"""The Gluon backward (issue 5; src/flashlab/kernels/backward_gluon.py, opt-in FLASHLAB_BWD_GLUON=1):
-compile its two kernels for sm_90 without a GPU, or check dQ, dK, dV against the fp64 reference on
-odd shapes and time them beside flashlab's `tl` backward and SDPA's (docs/perf-notes.md round 8,
-experiment 10; never run on a GPU yet).
+"""The Gluon backward (issue 5; src/flashlab/kernels/backward_gluon.py, Hopper's default at head dim
+128): compile its two kernels for sm_90 without a GPU, or check dQ, dK, dV against the fp64
+reference on odd shapes and time them beside flashlab's `tl` backward and SDPA's (docs/perf-notes.md
+round 8, experiment 10; round 9).
 
 Usage:
   PYTHONPATH=src python3 benchmarks/gluon_backward.py --compile-only
@@ -25,7 +25,7 @@ from flashlab.kernels.backward_gluon import attn_bwd_dkdv_gluon_kernel, attn_bwd
 
 # head dim -> [(dK/dV tiles, dQ tiles)] timed, the shipped ones (gluon_backward.py) first. dK/dV tiles:
 # (query rows, stages) of 128-key programs; dQ tiles: (keys a block, stages) of 128-row programs.
-VARIANTS = {64: [((64, 3), (128, 3))], 128: [((32, 4), (64, 3)), ((64, 3), (128, 2))]}
+VARIANTS = {64: [((64, 3), (128, 3))], 128: [((64, 3), (128, 2)), ((32, 4), (64, 3))]}
 
 
 def gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
@@ -70,9 +70,10 @@ def compile_only() -> None:
 
 def _time_point(head_dim: int, causal: bool, seqlen: int) -> dict[str, float]:
     """Median ms of the Gluon backward's two kernels (each tile choice; Δ given, not timed), flashlab's
-    whole backward and SDPA's backends' backward on one point of the FlashAttention grid (16k tokens,
-    heads × head dim = 2048, fp16)."""
+    whole `tl` backward (the Gluon one switched off) and SDPA's backends' backward on one point of
+    the FlashAttention grid (16k tokens, heads × head dim = 2048, fp16)."""
     import torch.nn.functional as F
+    from kernel_check import with_env
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import flashlab
@@ -90,7 +91,8 @@ def _time_point(head_dim: int, causal: bool, seqlen: int) -> dict[str, float]:
     line = {f"gluon {t}": timed(lambda t=t: gluon_backward(q, k, v, out, g, lse, causal, scale, t, delta))
             for t in VARIANTS[head_dim]}
     fl_out = flashlab.flash_attn_func(q, k, v, causal=causal)
-    line["flashlab bwd"] = timed(lambda: torch.autograd.grad(fl_out, (q, k, v), g, retain_graph=True))
+    line["tl bwd"] = timed(with_env(lambda: torch.autograd.grad(fl_out, (q, k, v), g, retain_graph=True),
+                                    "FLASHLAB_BWD_GLUON", "0"))
     qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
     backends = (("sdpa-flash bwd", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn bwd", SDPBackend.CUDNN_ATTENTION))
     for name, backend in backends:
@@ -149,8 +151,8 @@ def check_and_time(out_dir: Path) -> None:
             # recomputes S and dP, 2 more, not counted).
             print(f"d{head_dim} {'causal' if causal else 'full'} {seqlen}: "
                   + "  ".join(f"{n} {ms:.3f}" for n, ms in line.items())
-                  + f" ms; TFLOP/s: gluon {2.5 * work / best / 1e9:.0f}, flashlab bwd "
-                  f"{2.5 * work / line['flashlab bwd'] / 1e9:.0f}, "
+                  + f" ms; TFLOP/s: gluon {2.5 * work / best / 1e9:.0f}, tl bwd "
+                  f"{2.5 * work / line['tl bwd'] / 1e9:.0f}, "
                   f"cuDNN {2.5 * work / line['sdpa-cudnn bwd'] / 1e9:.0f}", flush=True)
     else:
         print("correctness FAILED: not timed")

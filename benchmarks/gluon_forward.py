@@ -1,8 +1,8 @@
-"""The Gluon forward (issue 4; src/flashlab/kernels/forward_gluon.py, opt-in FLASHLAB_FWD_GLUON=1):
+"""The Gluon forward (issue 4; src/flashlab/kernels/forward_gluon.py, Hopper's default in its scope):
 compile it for sm_90 without a GPU, or check each tile variant against the reference and time it
-beside the standard forward and SDPA's flash / cuDNN backends on the FlashAttention grid. Variants
-are launched directly (gluon_forward.launch_fwd_gluon), so the d256 candidates, outside the opt-in's
-scope, are measured too; the API path is tests/test_forward_gluon.py's and kernel_check.py --gluon's.
+beside flashlab's portable `tl` forward and SDPA's flash / cuDNN backends on the FlashAttention grid.
+Variants are launched directly (gluon_forward.launch_fwd_gluon), so tiles other than the shipped
+ones are measured too; the API path is tests/test_forward_gluon.py's and kernel_check.py's.
 
 The experiments that led to it (a cp.async kernel, one 8-warp consumer, the order ptxas serializes)
 are in docs/perf-notes.md, round 8, with their results in benchmarks/results/h200-2026-12-02b/.
@@ -29,9 +29,9 @@ import triton
 
 import flashlab.gluon_forward as gluon_host
 
-# head dim -> (keys a block, ring stages) variants, the shipped one first (d256: candidates only).
+# head dim -> (keys a block, ring stages) variants, the shipped one first.
 VARIANTS = {64: [gluon_host.TILES[64], (128, 2)], 128: [gluon_host.TILES[128], (128, 2)],
-            256: gluon_host.CANDIDATE_TILES[256]}
+            256: [gluon_host.TILES[256], (64, 2)]}
 
 
 def gluon_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, tiles: tuple[int, int],
@@ -61,7 +61,7 @@ def wgmma_serialized(ptx: str) -> bool:
 
 def compile_report(kernel, consts: dict, blocks: dict[str, list[int]], ty: str, types: dict[str, str]) -> str:
     """Compile a Gluon ``kernel`` for sm_90 as a launch specializes it — the arguments in ``blocks``
-    as tensor descriptors of those block shapes and dtype ``ty`` (fp16 / bf16), the others typed by
+    as tensor descriptors of [1, *those] blocks and dtype ``ty`` (fp16 / bf16), the others typed by
     ``types`` or i32 — with num_warps 4 and the Gluon kernels' register cap; returns shared memory,
     the setmaxnreg values, ptxas's registers and spills, and its wgmma-serialization note."""
     from triton.backends.compiler import GPUTarget
@@ -79,9 +79,10 @@ def compile_report(kernel, consts: dict, blocks: dict[str, list[int]], ty: str, 
     for n in names:
         if n in consts:
             sig[n] = "constexpr"
-        elif n in blocks:  # the string a launch specializes a TensorDescriptor to
-            layout = gl.NVMMASharedLayout.get_default_for(blocks[n], gl_ty)
-            sig[n] = mangle_type(TensorDescriptor.from_tensor(torch.empty(1024, 1024, dtype=torch_ty), blocks[n],
+        elif n in blocks:  # the string a launch specializes a 3-D TensorDescriptor (tile_view's) to
+            block = [1, *blocks[n]]
+            layout = gl.NVMMASharedLayout.get_default_for(block, gl_ty)
+            sig[n] = mangle_type(TensorDescriptor.from_tensor(torch.empty(2, 1024, 1024, dtype=torch_ty), block,
                                                               layout))
         else:
             sig[n] = types.get(n, "i32").replace("{ty}", ty)
@@ -147,8 +148,9 @@ def check(rows: list[dict]) -> set[tuple[int, tuple[int, int]]]:
 
 def time_grid(rows: list[dict], failed: set) -> None:
     """TFLOP/s of the forward on the FlashAttention grid (16k tokens, heads × head dim = 2048), fp16,
-    of the variants not in ``failed`` beside the standard forward and SDPA's backends."""
+    of the variants not in ``failed`` beside the `tl` forward and SDPA's backends."""
     import torch.nn.functional as F
+    from kernel_check import with_env
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import flashlab
@@ -160,7 +162,9 @@ def time_grid(rows: list[dict], failed: set) -> None:
         flops = 4 * batch * heads * seqlen * seqlen * head_dim // (2 if causal else 1)
         fns = {f"gluon{t[0]}s{t[1]}": (lambda t=t, q=q, k=k, v=v, c=causal: gluon_direct(q, k, v, c, t))
                for t in VARIANTS[head_dim] if (head_dim, t) not in failed}
-        fns["flashlab"] = lambda q=q, k=k, v=v, c=causal: flashlab.flash_attn_func(q, k, v, causal=c)
+        # flashlab's portable `tl` forward (the Gluon one is the default here: switched off for it).
+        fns["flashlab-tl"] = with_env(lambda q=q, k=k, v=v, c=causal: flashlab.flash_attn_func(q, k, v, causal=c),
+                                      "FLASHLAB_FWD_GLUON", "0")
         for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
             def sdpa(backend=backend, qt=qt, kt=kt, vt=vt, c=causal):
                 with sdpa_kernel(backend):
@@ -175,7 +179,7 @@ def time_grid(rows: list[dict], failed: set) -> None:
         best = max((t for n, t in line.items() if n.startswith("gluon")), default=math.nan)
         print(f"d{head_dim} {'causal' if causal else 'full'} seqlen {seqlen}: "
               + "  ".join(f"{n} {t:.0f}" for n, t in line.items())
-              + f"  best gluon / flashlab {best / line['flashlab']:.2f}x, / cudnn {best / line['sdpa-cudnn']:.2f}x",
+              + f"  best gluon / tl {best / line['flashlab-tl']:.2f}x, / cudnn {best / line['sdpa-cudnn']:.2f}x",
               flush=True)
 
 

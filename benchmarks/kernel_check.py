@@ -5,10 +5,9 @@ backends measured in the same run (the FlashAttention grid: 16k tokens, heads ×
 
 ``--tune`` also times tile-config variants of flashlab (monkeypatched, same run); ``--fwd-tma``
 checks and times the TMA forward experiment (``FLASHLAB_FWD_TMA=1``, kernels/forward_tma.py) as
-the provider ``flashlab-tma``; ``--gluon`` the Gluon kernels (``FLASHLAB_FWD_GLUON=1`` and
-``FLASHLAB_BWD_GLUON=1`` for the whole step: kernels/forward_gluon.py, backward_gluon.py) as
-``flashlab-gluon``, which falls back to the standard kernels outside their scope. Prints a short
-table last; full rows go to DIR/kernel_check.json.
+the provider ``flashlab-tma``; ``--tl`` the portable `tl` kernels where Hopper's default is Gluon
+(``FLASHLAB_FWD_GLUON=0`` and ``FLASHLAB_BWD_GLUON=0`` for the whole step) as ``flashlab-tl``.
+Prints a short table last; full rows go to DIR/kernel_check.json.
 """
 
 from __future__ import annotations
@@ -104,9 +103,9 @@ def bench(fn, mode: str, out_grad: torch.Tensor | None, inputs) -> float:
 
 
 FWD_TMA = False  # --fwd-tma: also the TMA forward experiment, as the provider "flashlab-tma"
-GLUON = False  # --gluon: also the Gluon kernels, as the provider "flashlab-gluon"
+TL = False  # --tl: also the `tl` kernels with the Gluon ones switched off, as the provider "flashlab-tl"
 # Providers that run flashlab under switches for the whole timed step (forward and backward).
-PROVIDER_ENV = {"flashlab-gluon": {"FLASHLAB_FWD_GLUON": "1", "FLASHLAB_BWD_GLUON": "1"}}
+PROVIDER_ENV = {"flashlab-tl": {"FLASHLAB_FWD_GLUON": "0", "FLASHLAB_BWD_GLUON": "0"}}
 
 
 def under_env(fn, env: dict[str, str]):
@@ -132,8 +131,8 @@ def providers(q, k, v, causal):
     }
     if FWD_TMA:
         found["flashlab-tma"] = with_env(found["flashlab"], "FLASHLAB_FWD_TMA", "1")
-    if GLUON:
-        found["flashlab-gluon"] = found["flashlab"]  # time_grid sets its switches around the whole step
+    if TL:
+        found["flashlab-tl"] = found["flashlab"]  # time_grid sets its switches around the whole step
     return found
 
 
@@ -248,10 +247,10 @@ def main() -> None:
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--cudagraph", action="store_true", help="time forwards as CUDA graph replays")
     ap.add_argument("--fwd-tma", action="store_true", help="also check and time the TMA forward experiment")
-    ap.add_argument("--gluon", action="store_true", help="also check and time the Gluon kernels (flashlab-gluon)")
+    ap.add_argument("--tl", action="store_true", help="also check and time the `tl` kernels with Gluon off")
     args = ap.parse_args()
-    global CUDA_GRAPHS, FWD_TMA, GLUON
-    CUDA_GRAPHS, FWD_TMA, GLUON = args.cudagraph, args.fwd_tma, args.gluon
+    global CUDA_GRAPHS, FWD_TMA, TL
+    CUDA_GRAPHS, FWD_TMA, TL = args.cudagraph, args.fwd_tma, args.tl
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = [{"kind": "env", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                          "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(), "time": time.ctime()}]
@@ -261,8 +260,8 @@ def main() -> None:
         ok = check_correctness(rows)
         if FWD_TMA:
             ok &= with_env(lambda: check_correctness(rows, "tma "), "FLASHLAB_FWD_TMA", "1")()
-        if GLUON:
-            ok &= under_env(lambda: check_correctness(rows, "gluon "), PROVIDER_ENV["flashlab-gluon"])()
+        if TL:
+            ok &= under_env(lambda: check_correctness(rows, "tl "), PROVIDER_ENV["flashlab-tl"])()
         print("correctness:", "PASS" if ok else "FAIL", f"({time.time() - t0:.0f}s)")
     dump()
     if args.tune:
@@ -271,7 +270,7 @@ def main() -> None:
         print(f"tune done ({time.time() - t0:.0f}s)")
     time_grid(rows, args.seqlens, args.head_dims, args.modes, torch.float16)
     dump()
-    shown = ("flashlab", *(("flashlab-tma",) if FWD_TMA else ()), *(("flashlab-gluon",) if GLUON else ()),
+    shown = ("flashlab", *(("flashlab-tma",) if FWD_TMA else ()), *(("flashlab-tl",) if TL else ()),
              "sdpa-flash", "sdpa-cudnn")
     print(f"{'d':>4} {'mask':>6} {'seqlen':>6} {'mode':>8} | " + " ".join(f"{p:>12}" for p in shown) + " | vs flash")
     table: dict[tuple, dict[str, float]] = {}

@@ -53,8 +53,9 @@ class FakeKernel:
 
 
 def gluon_spy(monkeypatch, switch: str, owner, launcher: str) -> list:
-    """Turn the opt-in ``switch`` on and record the shapes ``owner.launcher`` is called with (it still
-    runs); skips unless the Gluon kernels can run here (a Hopper GPU, Triton 3.6)."""
+    """Turn ``switch`` on (the default; a test may have set it off) and record the shapes
+    ``owner.launcher`` is called with (it still runs); skips unless the Gluon kernels can run here
+    (a Hopper GPU, Triton 3.6)."""
     import pytest
     import triton
 

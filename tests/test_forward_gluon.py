@@ -1,6 +1,7 @@
-"""The Gluon forward (kernels/forward_gluon.py, opt-in with FLASHLAB_FWD_GLUON=1): which calls it
-takes (CPU-checkable), and on a Hopper GPU with Triton 3.6 the same results as the reference by the
-accuracy rule, forward and backward (the backward reads its LSE), in both memory orders."""
+"""The Gluon forward (kernels/forward_gluon.py, the default on Hopper in its scope; off with
+FLASHLAB_FWD_GLUON=0): which calls it takes (CPU-checkable), and on a Hopper GPU with Triton 3.6 the
+same results as the reference by the accuracy rule, forward and backward (the backward reads its
+LSE), in both memory orders, with sequences kept apart."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from attn_checks import FakeKernel, check_against_reference, gluon_spy, make_qkv
 
 import flashlab
 from flashlab import ops
-from flashlab.gluon_forward import gluon_eligible, gluon_shape_ok, rows_view
+from flashlab.gluon_forward import gluon_eligible, gluon_shape_ok, tile_view
 
 PLAIN = dict(IS_VARLEN=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False, HAS_LOWER=False,
              HAS_UPPER=False, MASK_KIND=0, BOTTOM_RIGHT=True)
@@ -28,6 +29,8 @@ F16, BF16 = torch.float16, torch.bfloat16
     ({}, 64, 4096, 4096, F16, -1, True),
     ({}, 64, 2048, 2048, F16, -1, False),                     # head dim 64 under 4096 tokens: slower
     ({}, 96, 1024, 1024, F16, -1, False),
+    ({}, 256, 1024, 1030, BF16, -1, True),
+    ({"HAS_UPPER": True}, 256, 1000, 1000, F16, 0, False),  # head dim 256 under 1024 tokens
     ({}, 128, 1000, 4096, F16, -1, False),                    # queries under 1024: not measured faster
     ({}, 128, 1024, 1024, torch.float32, -1, False),
     ({"HAS_DROPOUT": True}, 128, 1024, 1024, F16, -1, False),
@@ -39,25 +42,39 @@ def test_scope(change, head_dim, sq, sk, dtype, right, ok):
     assert gluon_shape_ok({**PLAIN, **change}, head_dim, sq, sk, dtype, right) is ok
 
 
-def test_rows_view_of_both_memory_orders_and_refusal_of_others():
+def test_tile_view_of_both_memory_orders_and_refusal_of_others():
+    """(sequences, seqlen, columns): each sequence its own index, so TMA pads past its end."""
     bshd = torch.randn(2, 256, 4, 64)
-    view, rows_b, rows_h, col_h = rows_view(bshd)
-    assert view.shape == (512, 256) and (rows_b, rows_h, col_h) == (256, 0, 64)
-    assert torch.equal(view[1 * 256 + 7, 3 * 64:4 * 64], bshd[1, 7, 3])
+    view, seq_b, seq_h, col_h = tile_view(bshd)
+    assert view.shape == (2, 256, 256) and (seq_b, seq_h, col_h) == (1, 0, 64)
+    assert torch.equal(view[1, 7, 3 * 64:4 * 64], bshd[1, 7, 3])
     bhsd = torch.randn(2, 4, 256, 64).transpose(1, 2)  # SDPA's layout, seen as (batch, seqlen, heads, dim)
-    view, rows_b, rows_h, col_h = rows_view(bhsd)
-    assert view.shape == (2 * 4 * 256, 64) and (rows_b, rows_h, col_h) == (1024, 256, 0)
-    assert torch.equal(view[1 * 1024 + 3 * 256 + 7], bhsd[1, 7, 3])
-    assert rows_view(torch.randn(2, 256, 4, 128)[..., :64]) is None  # rows not dense
-    assert rows_view(torch.randn(256, 2, 4, 64).transpose(0, 1)) is None
+    view, seq_b, seq_h, col_h = tile_view(bhsd)
+    assert view.shape == (2 * 4, 256, 64) and (seq_b, seq_h, col_h) == (4, 1, 0)
+    assert torch.equal(view[1 * 4 + 3, 7], bhsd[1, 7, 3])
+    one = torch.randn(3, 256, 4, 64)[1:2]  # batch 1 of a larger tensor: its batch stride is free
+    assert torch.equal(tile_view(one)[0][0, 9], one[0, 9].flatten())
+    assert tile_view(torch.randn(2, 256, 4, 128)[..., :64]) is None  # rows not dense
+    assert tile_view(torch.randn(256, 2, 4, 64).transpose(0, 1)) is None
 
 
-def test_off_unless_asked_and_off_on_the_cpu(monkeypatch):
+def _pretend_hopper(monkeypatch):
+    import flashlab.gluon_forward as host
+
+    monkeypatch.setattr(host, "interpreting", lambda: False)
+    monkeypatch.setattr(host.configs, "device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(host, "triton_has_gluon_36", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+
+
+def test_on_by_default_off_when_switched_off(monkeypatch):
     q = torch.randn(1, 1024, 2, 128, dtype=F16)
-    monkeypatch.delenv("FLASHLAB_FWD_GLUON", raising=False)
-    assert not gluon_eligible(PLAIN, 128, 1024, 1024, -1, q, q, q)
-    monkeypatch.setenv("FLASHLAB_FWD_GLUON", "1")
     assert not gluon_eligible(PLAIN, 128, 1024, 1024, -1, q, q, q)  # a CPU tensor
+    _pretend_hopper(monkeypatch)
+    monkeypatch.delenv("FLASHLAB_FWD_GLUON", raising=False)
+    assert gluon_eligible(PLAIN, 128, 1024, 1024, -1, q, q, q)
+    monkeypatch.setenv("FLASHLAB_FWD_GLUON", "0")
+    assert not gluon_eligible(PLAIN, 128, 1024, 1024, -1, q, q, q)
 
 
 @pytest.fixture
@@ -75,6 +92,8 @@ def gluon_calls(monkeypatch):
     (1, 1030, 2100, 4, 2, 128, True, F16),     # causal bottom-right with a key prefix (diag 1070)
     (1, 4096, 4096, 8, 2, 64, False, F16),
     (1, 4100, 4100, 4, 1, 64, True, BF16),
+    (2, 1024, 1024, 4, 2, 256, False, BF16),
+    (1, 1100, 1100, 4, 4, 256, True, F16),
 ])
 def test_matches_the_reference(gluon_calls, batch, sq, sk, heads, kv_heads, head_dim, causal, dtype):
     torch.manual_seed(3)
@@ -118,8 +137,8 @@ def test_steps_aside(gluon_calls, what):
 
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 def test_launch_arguments(monkeypatch, layout):
-    """The host glue without a GPU: grid, descriptors over the 2-D views, the row / column offsets
-    of both memory orders, GQA, the log2-domain scale and the launch options."""
+    """The host glue without a GPU: grid, descriptors over the 3-D views, the sequence / column
+    offsets of both memory orders, GQA, the log2-domain scale and the launch options."""
     import flashlab.kernels.forward_gluon as kernels
     from flashlab.gluon_forward import launch_fwd_gluon
 
@@ -136,14 +155,14 @@ def test_launch_arguments(monkeypatch, layout):
     (grid, args, kwargs), = fake.launches
     assert grid == (2, h, b)
     q_desc, k_desc, v_desc = args[:3]
-    assert q_desc.block_shape == [64, d] and k_desc.block_shape == v_desc.block_shape == [128, d]
-    rows = args[10:16]
+    assert q_desc.block_shape == [1, 64, d] and k_desc.block_shape == v_desc.block_shape == [1, 128, d]
+    offsets = args[10:16]
     if layout == "bshd":
-        assert q_desc.shape == [b * s, h * d] and k_desc.shape == [b * s, hk * d]
-        assert rows == (s, 0, d, s, 0, d)
+        assert q_desc.shape == [b, s, h * d] and k_desc.shape == [b, s, hk * d]
+        assert offsets == (1, 0, d, 1, 0, d)
     else:
-        assert q_desc.shape == [b * h * s, d] and k_desc.shape == [b * hk * s, d]
-        assert rows == (h * s, s, 0, hk * s, s, 0)
+        assert q_desc.shape == [b * h, s, d] and k_desc.shape == [b * hk, s, d]
+        assert offsets == (h, 1, 0, hk, 1, 0)
     assert args[16:20] == (s, s, 0, h // hk) and args[20] == pytest.approx(0.125 * 1.4426950408889634)
     assert kwargs["CAUSAL"] is True and kwargs["HEAD_DIM"] == d and kwargs["num_warps"] == 4
     assert kwargs["EVEN_K"] is False  # 200 keys: a ragged last block
@@ -152,13 +171,7 @@ def test_launch_arguments(monkeypatch, layout):
 
 def test_k_and_v_must_share_a_memory_order(monkeypatch):
     """v is addressed with k's offsets: a call with k and v in different orders is not taken."""
-    import flashlab.gluon_forward as host
-
-    monkeypatch.setenv("FLASHLAB_FWD_GLUON", "1")
-    monkeypatch.setattr(host, "interpreting", lambda: False)
-    monkeypatch.setattr(host.configs, "device_capability", lambda device: (9, 0))
-    monkeypatch.setattr(host, "triton_has_gluon_36", lambda: True)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    _pretend_hopper(monkeypatch)
     q = torch.randn(1, 1024, 4, 128, dtype=F16)
     k = torch.randn(1, 1024, 2, 128, dtype=F16)
     v_other = torch.randn(1, 2, 1024, 128, dtype=F16).transpose(1, 2)

@@ -226,3 +226,29 @@ def test_decoding_replays_give_the_unplanned_results(monkeypatch, device, paged)
     for got in results[1:]:
         for a, b in zip(got, results[0]):
             assert torch.equal(a, b)
+
+
+def test_a_launcher_that_bypasses_the_launch_function_is_never_replayed(logged):
+    """The Gluon kernels launch outside the launch function (launch_plans.UNPLANNED): every call with
+    that signature runs its launcher again — a replay would launch nothing."""
+    q, k, v = _qkv()
+    runs = []
+
+    def launcher(launch_fn):
+        runs.append(launch_fn)
+        return launch_plans.UNPLANNED
+
+    for _ in range(3):
+        launch_plans.run(("sig",), (q, k, v), launcher)
+    assert len(runs) == 3 and logged == []
+
+
+def test_the_gluon_switch_is_part_of_the_signature(logged, monkeypatch):
+    """A plan recorded with FLASHLAB_FWD_GLUON=0 must not serve a call with the switch on (it would
+    replay the `tl` kernel where the Gluon one was asked for) — and the other way round."""
+    q, k, v = _qkv()
+    monkeypatch.setenv("FLASHLAB_FWD_GLUON", "0")
+    _fwd(q, k, v)
+    monkeypatch.delenv("FLASHLAB_FWD_GLUON")
+    _fwd(q, k, v)
+    assert len(launch_plans._plans) == 2

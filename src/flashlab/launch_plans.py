@@ -13,7 +13,8 @@ The signature must fix every non-tensor argument the launcher derives: callers b
 tensors' shapes, strides, dtype and device and every option the launch reads, and pass None (no
 plan) for calls whose arguments vary otherwise (a dropout seed) or whose tensors the launcher
 replaces by views. A launcher that passes a tensor not among the call's tensors, or a tensor after a
-non-tensor argument, gets no plan (recorded as such; it always runs unplanned). Under Triton's
+non-tensor argument, gets no plan (recorded as such; it always runs unplanned); so does one that
+returns ``UNPLANNED`` (it launched something outside the function it was given: the Gluon kernels). Under Triton's
 interpreter plans still skip the derivation; ``FLASHLAB_LAUNCH_PLANS=0`` turns them off.
 """
 
@@ -32,6 +33,7 @@ from flashlab.kernels.configs import interpreting
 MAX_PLANS = 1024  # signatures kept; a process that exceeds it starts over (shapes that never repeat)
 
 LaunchFn = Callable[..., object]
+UNPLANNED = object()  # a launcher's return value: some of its launches bypassed the launch function
 
 
 @dataclass
@@ -67,12 +69,12 @@ def layout(*tensors: torch.Tensor | None) -> tuple:
 
 
 def run(signature: tuple | None, tensors: Sequence[torch.Tensor | None],
-        launcher: Callable[[LaunchFn], None]) -> None:
+        launcher: Callable[[LaunchFn], object]) -> None:
     """``launcher(launch)``, or a replay of what it launched for an earlier call with ``signature``.
 
     ``tensors`` are every tensor the launcher passes to its kernels (inputs and the outputs the
     caller allocated; None for an absent optional one); ``launcher`` makes its launches through
-    the function it is given."""
+    the function it is given, or returns UNPLANNED."""
     if signature is None or not enabled():
         launcher(launch_module.launch)
         return
@@ -94,10 +96,10 @@ def run(signature: tuple | None, tensors: Sequence[torch.Tensor | None],
         recorded.append((kernel, tuple(grid), args, named))
         return launch_module.launch(kernel, grid, *args, **named)
 
-    launcher(record)
+    bypassed = launcher(record) is UNPLANNED
     if len(_plans) >= MAX_PLANS:
         _plans.clear()
-    _plans[signature] = _plan(recorded, tensors)
+    _plans[signature] = None if bypassed else _plan(recorded, tensors)
 
 
 def _plan(recorded: list[tuple], tensors: Sequence[torch.Tensor]) -> list[_Step] | None:

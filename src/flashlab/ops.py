@@ -18,7 +18,6 @@ Stable entry points (ring attention and split-KV decoding build on them):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from operator import itemgetter
 
@@ -27,7 +26,7 @@ import torch
 from flashlab import launch_plans
 from flashlab.block_mask import BlockMask
 from flashlab.gluon_backward import gluon_bwd_eligible, launch_bwd_gluon
-from flashlab.gluon_forward import gluon_eligible, launch_fwd_gluon
+from flashlab.gluon_forward import gluon_eligible, launch_fwd_gluon, switched_on
 from flashlab.kernels.configs import (
     FP_FUSION,
     backward_config,
@@ -60,10 +59,10 @@ def _launch_fwd(
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     optional = _optional(args)
     signature = None
-    # The opt-in forwards launch outside launch_fn, so a recorded plan would hold none of their launches.
-    opt_in = os.environ.get("FLASHLAB_FWD_TMA", "0") == "1" or os.environ.get("FLASHLAB_FWD_GLUON", "0") == "1"
-    if _plannable(args) and not opt_in:
-        signature = (forward_config, *launch_plans.layout(q, k, v, *optional), *args[7:13], args[16])
+    if _plannable(args):
+        # The Gluon switch picks the kernel: a plan of the `tl` one must not serve a call with it on.
+        signature = (forward_config, switched_on("FLASHLAB_FWD_GLUON"), *launch_plans.layout(q, k, v, *optional),
+                     *args[7:13], args[16])
     launch_plans.run(signature, (q, k, v, out, lse, *optional),
                      lambda launch_fn: _fwd_launches(out, lse, args, launch_fn))
     return out, lse
@@ -80,14 +79,16 @@ def _plannable(args: tuple) -> bool:
     return args[3] is None and args[15] == 0 and args[0].dim() == 4
 
 
-def _fwd_launches(out: torch.Tensor, lse: torch.Tensor, args: tuple, launch_fn) -> None:
-    """The forward's launch (or an opt-in one: Gluon's, TMA's) into ``out`` / ``lse``; ``args`` as _launch_fwd's."""
+def _fwd_launches(out: torch.Tensor, lse: torch.Tensor, args: tuple, launch_fn) -> object:
+    """The forward's launch into ``out`` / ``lse``: Gluon's on Hopper in its scope, the opt-in TMA one,
+    or the `tl` kernel; ``args`` as _launch_fwd's. The first two launch outside ``launch_fn`` (their
+    tensor descriptors are built per call) and say so: launch_plans.UNPLANNED."""
     from flashlab.kernels import forward as fwd_kernels  # here: importing flashlab needs no Triton
     run = prepare(*args)
     if gluon_eligible(run.flags, run.head_dim, run.seqlen_q, run.seqlen_k, run.scalars[1], run.q4, run.k4, run.v4):
         launch_fwd_gluon(run.q4, run.k4, run.v4, as4d(out), lse, run.lse_strides, run.scalars[2],
                          run.flags["HAS_UPPER"], run.flags["BOTTOM_RIGHT"])
-        return
+        return launch_plans.UNPLANNED
     q = args[0]
     varlen = args[3] is not None
     block_d = padded_head_dim(run.head_dim)
@@ -96,7 +97,7 @@ def _fwd_launches(out: torch.Tensor, lse: torch.Tensor, args: tuple, launch_fn) 
     if tma_eligible(run.flags, run.head_dim, run.q4, run.k4, run.v4, out):
         launch_fwd_tma(run.q4, run.k4, run.v4, out, lse, run.lse_strides, run.seqlen_q, run.seqlen_k, run.heads,
                        run.kv_heads, run.head_dim, block_d, run.scalars, run.flags, cfg)
-        return
+        return launch_plans.UNPLANNED
     grid = (cdiv(run.seqlen_q, cfg.block_m), run.heads, run.batch)
     out4 = as4d(out)
     launch_fn(
@@ -131,18 +132,18 @@ def _launch_bwd(
     tensors = (dout, q, k, v, out, lse, dq, dk, dv, delta)
     optional = _optional(args)
     signature = None
-    # The opt-in Gluon backward launches outside launch_fn: a recorded plan would miss its launches.
-    if dlse is None and _plannable(args) and os.environ.get("FLASHLAB_BWD_GLUON", "0") != "1":
-        signature = (backward_config, *launch_plans.layout(dout, q, k, v, out, lse, *optional), *args[7:13],
-                     args[16])
+    if dlse is None and _plannable(args):
+        signature = (backward_config, switched_on("FLASHLAB_BWD_GLUON"),
+                     *launch_plans.layout(dout, q, k, v, out, lse, *optional), *args[7:13], args[16])
     launch_plans.run(signature, (*tensors, *optional),
                      lambda launch_fn: _bwd_launches(tensors, dlse, args, launch_fn))
     return dq, dk, dv
 
 
-def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch_fn) -> None:
-    """The backward's three launches (the preprocess, then dK/dV and dQ: the `tl` kernels or the opt-in
-    Gluon ones); ``tensors`` as _launch_bwd's, ``args`` as _launch_fwd's."""
+def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch_fn) -> object:
+    """The backward's three launches (the preprocess, then dK/dV and dQ: Gluon's on Hopper in their
+    scope, outside ``launch_fn``, which returns launch_plans.UNPLANNED; else the `tl` kernels);
+    ``tensors`` as _launch_bwd's, ``args`` as _launch_fwd's."""
     from flashlab.kernels import backward as bwd_kernels
     dout, q, _, _, out, lse, dq, dk, dv, delta = tensors
     run = prepare(*args)
@@ -166,7 +167,7 @@ def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch
                           run.v4):
         launch_bwd_gluon(run.q4, run.k4, run.v4, do4, dq4, dk4, dv4, lse, delta, run.lse_strides, run.scalars[2],
                          run.flags["HAS_UPPER"], run.flags["BOTTOM_RIGHT"])
-        return
+        return launch_plans.UNPLANNED
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg_kv, cfg_q = (clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,
                                                                     aligned, run.seqlen_k, run.flags["HAS_DROPOUT"]))

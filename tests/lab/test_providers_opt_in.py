@@ -1,15 +1,18 @@
-"""The opt-in kernels' lab providers refuse what they would not really run."""
+"""flashlab-tl: the `tl` kernels beside the default, only where the default runs the Gluon ones."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from flashlab.gluon_forward import switched_on
 from flashlab.lab.cases import Case
 from flashlab.lab.providers import registry
 
 
-def test_gluon_provider_is_cuda_only_and_refuses_cases_outside_its_scope(monkeypatch):
-    provider = registry()["flashlab-gluon"]
+def test_tl_provider_is_cuda_only_and_refuses_cases_where_flashlab_runs_tl_anyway(monkeypatch):
+    provider = registry()["flashlab-tl"]
     assert provider.unavailable(torch.device("cpu")) == "runs on cuda only, not cpu"
     import triton
 
@@ -17,9 +20,10 @@ def test_gluon_provider_is_cuda_only_and_refuses_cases_outside_its_scope(monkeyp
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(triton, "__version__", "3.6.0")
-    check = lambda case: opt_in_providers._check_gluon(case, torch.device("cuda"))  # noqa: E731
+    check = lambda case: opt_in_providers._check_tl(case, torch.device("cuda"))  # noqa: E731
     assert check(Case(2, 1024, 16, 128)) is None
     assert check(Case(1, 4096, 32, 64, causal=True)) is None
+    assert check(Case(2, 1024, 8, 256)) is None
     assert "scope" in check(Case(2, 1000, 16, 128))              # under 1024 tokens
     assert "scope" in check(Case(2, 1024, 32, 64))               # head dim 64 under 4096 keys
     assert check(Case(1, 1024, 16, 128, causal=True, seqlen_k=2048)) is None  # bottom-right, diag 1024
@@ -29,3 +33,38 @@ def test_gluon_provider_is_cuda_only_and_refuses_cases_outside_its_scope(monkeyp
     assert "Triton 3.6" in check(Case(2, 1024, 16, 128))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert "Hopper" in check(Case(2, 1024, 16, 128))
+
+
+def test_gluon_off_switches_both_kernels_off_and_restores_the_environment(monkeypatch):
+    from flashlab.lab.opt_in_providers import gluon_off
+
+    monkeypatch.delenv("FLASHLAB_FWD_GLUON", raising=False)
+    monkeypatch.setenv("FLASHLAB_BWD_GLUON", "1")
+    with gluon_off():
+        assert not switched_on("FLASHLAB_FWD_GLUON") and not switched_on("FLASHLAB_BWD_GLUON")
+    assert "FLASHLAB_FWD_GLUON" not in os.environ and os.environ["FLASHLAB_BWD_GLUON"] == "1"
+
+
+def test_the_workload_enters_the_providers_context_for_each_step():
+    """fwd, bwd and fwd+bwd steps (and the accuracy checks) run inside Attn.context."""
+    from contextlib import contextmanager
+
+    from flashlab.lab.providers import Attn
+    from flashlab.lab.workload import Workload
+
+    entered = []
+
+    @contextmanager
+    def context():
+        entered.append(1)
+        yield
+
+    case = Case(1, 16, 2, 16, dtype="fp32")
+    base = registry()["naive"].build(case, torch.device("cpu"))
+    attn = Attn(base.fn, base.layout, base.causal_align, context=context)
+    workload = Workload(case, attn, torch.device("cpu"), requires_grad=True)
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        entered.clear()
+        step = workload.mode_fn(mode)
+        step()
+        assert entered, mode

@@ -19,15 +19,15 @@ S = Q Kⱼᵀ and dP = dO Vⱼᵀ together, then dQ += dS Kⱼ left in flight.
 
 Accumulators are touched by nothing but wgmma while a product is in flight (ptxas would serialize
 every wgmma otherwise: its note C7514). Causal: query i sees keys j <= i + diag (diag >= 0, the
-forward's). Scope as the forward's; inputs are 2-D row views
-(``b · rows_b + h · rows_h + position``, columns from ``h · col_h``), tiles past a sequence masked.
+forward's). Scope as the forward's; inputs are the forward's 3-D (sequences, seqlen, columns)
+views (sequence ``b · seq_b + h · seq_h``, columns from ``h · col_h``): tiles past a sequence's end
+read TMA's zeros and are masked.
 """
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_init,
     warpgroup_mma_wait,
@@ -36,11 +36,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from flashlab.kernels.gluon_ring import (
     acquire,
     kv_blocks,
+    load_tile,
     mma_layout,
     operand_layout,
     release,
     ring_barriers,
     stream_kv,
+    tile_layout,
     wait_full,
 )
 
@@ -115,32 +117,32 @@ def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DE
 
 
 @gluon.jit
-def _dkdv_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty, k_row,
-                   k_col, q_rows_b, q_rows_h, q_col_h, off_b, off_hk, n0, group_size, seqlen_q, diag,
+def _dkdv_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty, k_seq,
+                   k_col, q_seq_b, q_seq_h, q_col_h, off_b, off_hk, n0, group_size, seqlen_q, diag,
                    KEYS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """One warp: both consumers' K and V halves, then (Q_i, dO_i) of every (query head, tile)."""
     mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [k_row, k_col], kv_bar, k0)
-    tma.async_copy_global_to_shared(k_desc, [k_row + KEYS, k_col], kv_bar, k1)
-    tma.async_copy_global_to_shared(v_desc, [k_row, k_col], kv_bar, v0)
-    tma.async_copy_global_to_shared(v_desc, [k_row + KEYS, k_col], kv_bar, v1)
+    load_tile(k_desc, k_seq, n0, k_col, kv_bar, k0)
+    load_tile(k_desc, k_seq, n0 + KEYS, k_col, kv_bar, k1)
+    load_tile(v_desc, k_seq, n0, k_col, kv_bar, v0)
+    load_tile(v_desc, k_seq, n0 + KEYS, k_col, kv_bar, v1)
     i_start = _first_q_block(n0, diag, BLOCK_M, CAUSAL)
     n_q = gl.cdiv(seqlen_q, BLOCK_M)
     it = 0
     for g in range(group_size):
         off_h = off_hk * group_size + g
-        q_row = off_b * q_rows_b + off_h * q_rows_h
+        q_seq = off_b * q_seq_b + off_h * q_seq_h
         for i in range(i_start, n_q):
             slot = it % STAGES
             bar = acquire(empty, full, it, q_desc.block_type.nbytes + do_desc.block_type.nbytes, STAGES)
-            tma.async_copy_global_to_shared(q_desc, [q_row + i * BLOCK_M, off_h * q_col_h], bar, q_smem.index(slot))
-            tma.async_copy_global_to_shared(do_desc, [q_row + i * BLOCK_M, off_h * q_col_h], bar, do_smem.index(slot))
+            load_tile(q_desc, q_seq, i * BLOCK_M, off_h * q_col_h, bar, q_smem.index(slot))
+            load_tile(do_desc, q_seq, i * BLOCK_M, off_h * q_col_h, bar, do_smem.index(slot))
             it += 1
 
 
 @gluon.jit
 def attn_bwd_dkdv_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, DV, stride_lb, stride_lh,
-                               stride_kb, stride_ks, stride_kh, q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h,
+                               stride_kb, stride_ks, stride_kh, q_seq_b, q_seq_h, q_col_h, k_seq_b, k_seq_h,
                                k_col_h, seqlen_q, seqlen_k, diag, group_size, qk_scale, softmax_scale,
                                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                STAGES: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr):
@@ -153,15 +155,15 @@ def attn_bwd_dkdv_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, 
     off_hk = gl.program_id(1)
     off_b = gl.program_id(2)
 
-    k0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], k_desc.layout)
-    k1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], k_desc.layout)
-    v0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], v_desc.layout)
-    v1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], v_desc.layout)
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    k0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(k_desc.layout))
+    k1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(k_desc.layout))
+    v0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(v_desc.layout))
+    v1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(v_desc.layout))
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], tile_layout(q_desc.layout))
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], tile_layout(do_desc.layout))
     kv_bar, full, empty = ring_barriers(STAGES)
 
-    k_row = off_b * k_rows_b + off_hk * k_rows_h + n0
+    k_seq = off_b * k_seq_b + off_hk * k_seq_h
     gl.warp_specialize([
         (_dkdv_consumer, (k0, v0, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV, stride_lb, stride_lh,
                           stride_kb, stride_ks, stride_kh, off_b, off_hk, n0, n0, group_size, seqlen_q, seqlen_k,
@@ -171,7 +173,7 @@ def attn_bwd_dkdv_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, 
                           seqlen_k, diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL,
                           EVEN)),
         (_dkdv_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
-                          k_row, off_hk * k_col_h, q_rows_b, q_rows_h, q_col_h, off_b, off_hk, n0, group_size,
+                          k_seq, off_hk * k_col_h, q_seq_b, q_seq_h, q_col_h, off_b, off_hk, n0, group_size,
                           seqlen_q, diag, KEYS, BLOCK_M, STAGES, CAUSAL)),
     ], [4, 1], [240, 24])
 
@@ -223,20 +225,21 @@ def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_bar, full, empty, LSE, DELTA
 
 
 @gluon.jit
-def _dq_producer(q_desc, do_desc, k_desc, v_desc, q0, q1, do0, do1, k_smem, v_smem, q_bar, full, empty, q_row,
-                 q_col, k_row, k_col, n_blocks, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+def _dq_producer(q_desc, do_desc, k_desc, v_desc, q0, q1, do0, do1, k_smem, v_smem, q_bar, full, empty, q_seq,
+                 q_row, q_col, k_seq, k_col, n_blocks, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr):
     """One warp: both consumers' Q and dO halves, then key block j's K and V into slot j % STAGES."""
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + 2 * do_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q0)
-    tma.async_copy_global_to_shared(q_desc, [q_row + ROWS, q_col], q_bar, q1)
-    tma.async_copy_global_to_shared(do_desc, [q_row, q_col], q_bar, do0)
-    tma.async_copy_global_to_shared(do_desc, [q_row + ROWS, q_col], q_bar, do1)
-    stream_kv(k_desc, v_desc, k_smem, v_smem, full, empty, k_row, k_col, n_blocks, BLOCK_N, STAGES)
+    load_tile(q_desc, q_seq, q_row, q_col, q_bar, q0)
+    load_tile(q_desc, q_seq, q_row + ROWS, q_col, q_bar, q1)
+    load_tile(do_desc, q_seq, q_row, q_col, q_bar, do0)
+    load_tile(do_desc, q_seq, q_row + ROWS, q_col, q_bar, do1)
+    stream_kv(k_desc, v_desc, k_smem, v_smem, full, empty, k_seq, k_col, n_blocks, BLOCK_N, STAGES)
 
 
 @gluon.jit
 def attn_bwd_dq_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, stride_lb, stride_lh, stride_qb,
-                             stride_qs, stride_qh, q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h,
+                             stride_qs, stride_qh, q_seq_b, q_seq_h, q_col_h, k_seq_b, k_seq_h, k_col_h,
                              seqlen_q, seqlen_k, diag, group_size, qk_scale, softmax_scale, HEAD_DIM: gl.constexpr,
                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                              CAUSAL: gl.constexpr, EVEN: gl.constexpr):
@@ -254,16 +257,16 @@ def attn_bwd_dq_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, st
     row0 = pid_m * BLOCK_M
     n_blocks = kv_blocks(row0 + diag, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
 
-    q0 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], q_desc.layout)
-    q1 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], q_desc.layout)
-    do0 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], do_desc.layout)
-    do1 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], do_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q0 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], tile_layout(q_desc.layout))
+    q1 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], tile_layout(q_desc.layout))
+    do0 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], tile_layout(do_desc.layout))
+    do1 = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], tile_layout(do_desc.layout))
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile_layout(k_desc.layout))
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile_layout(v_desc.layout))
     q_bar, full, empty = ring_barriers(STAGES)
 
-    q_row = off_b * q_rows_b + off_h * q_rows_h + row0
-    k_row = off_b * k_rows_b + off_hk * k_rows_h
+    q_seq = off_b * q_seq_b + off_h * q_seq_h
+    k_seq = off_b * k_seq_b + off_hk * k_seq_h
     gl.warp_specialize([
         (_dq_consumer, (q0, do0, k_smem, v_smem, q_bar, full, empty, LSE, DELTA, DQ, stride_lb, stride_lh,
                         stride_qb, stride_qs, stride_qh, off_b, off_h, row0, n_blocks, seqlen_q, seqlen_k, diag,
@@ -272,5 +275,5 @@ def attn_bwd_dq_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DQ, st
                         stride_qb, stride_qs, stride_qh, off_b, off_h, row0 + ROWS, n_blocks, seqlen_q, seqlen_k,
                         diag, qk_scale, softmax_scale, dtype, HEAD_DIM, ROWS, BLOCK_N, STAGES, CAUSAL, EVEN)),
         (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q0, q1, do0, do1, k_smem, v_smem, q_bar, full, empty,
-                        q_row, off_h * q_col_h, k_row, off_hk * k_col_h, n_blocks, ROWS, BLOCK_N, STAGES)),
+                        q_seq, row0, off_h * q_col_h, k_seq, off_hk * k_col_h, n_blocks, ROWS, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])

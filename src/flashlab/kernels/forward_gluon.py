@@ -16,23 +16,25 @@ else makes ptxas serialize every wgmma (its note C7514), which is what round 8 f
 
 Scope: no softcap / ALiBi / masks / dropout / varlen / window; causal where every query sees a key
 (the diagonal offset diag >= 0);
-head dims 64 and 128; any seqlens; q, k, v viewed as 2-D tensors by the host (gluon_forward.py):
-row ``b · rows_b + h · rows_h + position``, columns from ``h · col_h``. A tile that runs past a
-sequence reads the next (batch, head)'s rows, or TMA's zeros past the tensor: keys there are masked
-out of the last block's scores (their V rows meet P = 0), query rows there are never stored.
+head dims 64, 128 and 256; any seqlens; q, k, v viewed as 3-D (sequences, seqlen, columns) tensors by
+the host (gluon_forward.py's tile_view): sequence ``b · seq_b + h · seq_h``, columns from
+``h · col_h``. A tile that runs past a sequence's end reads TMA's zeros: keys there are masked out
+of the last block's scores, query rows there are never stored.
 """
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
 from flashlab.kernels.gluon_ring import (
     kv_blocks,
+    load_tile,
     mma_layout,
     operand_layout,
     release,
     ring_barriers,
     stream_kv,
+    tile_layout,
     wait_full,
 )
 
@@ -123,18 +125,18 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, s
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q0, q1, k_smem, v_smem, q_bar, full, empty, q_row, q_col, k_row, k_col,
-              n_blocks, HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+def _producer(q_desc, k_desc, v_desc, q0, q1, k_smem, v_smem, q_bar, full, empty, q_seq, q_row, q_col, k_seq,
+              k_col, n_blocks, HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """One warp: both Q halves, then the key blocks through the ring."""
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q0)
-    tma.async_copy_global_to_shared(q_desc, [q_row + HALF, q_col], q_bar, q1)
-    stream_kv(k_desc, v_desc, k_smem, v_smem, full, empty, k_row, k_col, n_blocks, BLOCK_N, STAGES)
+    load_tile(q_desc, q_seq, q_row, q_col, q_bar, q0)
+    load_tile(q_desc, q_seq, q_row + HALF, q_col, q_bar, q1)
+    stream_kv(k_desc, v_desc, k_smem, v_smem, full, empty, k_seq, k_col, n_blocks, BLOCK_N, STAGES)
 
 
 @gluon.jit
 def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                          q_rows_b, q_rows_h, q_col_h, k_rows_b, k_rows_h, k_col_h, seqlen_q, seqlen_k, diag,
+                          q_seq_b, q_seq_h, q_col_h, k_seq_b, k_seq_h, k_col_h, seqlen_q, seqlen_k, diag,
                           group_size, qk_scale,
                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, CAUSAL: gl.constexpr, EVEN_K: gl.constexpr):
@@ -153,15 +155,15 @@ def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os
     off_hk = off_h // group_size
     n_blocks = kv_blocks(pid_m * BLOCK_M + diag, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
 
-    q0 = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], q_desc.layout)
-    q1 = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q0 = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], tile_layout(q_desc.layout))
+    q1 = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], tile_layout(q_desc.layout))
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile_layout(k_desc.layout))
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile_layout(v_desc.layout))
     q_bar, full, empty = ring_barriers(STAGES)
 
     row0 = pid_m * BLOCK_M
-    q_row = off_b * q_rows_b + off_h * q_rows_h + row0
-    k_row = off_b * k_rows_b + off_hk * k_rows_h
+    q_seq = off_b * q_seq_b + off_h * q_seq_h
+    k_seq = off_b * k_seq_b + off_hk * k_seq_h
     gl.warp_specialize([
         (_consumer, (q0, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
                      stride_lh, off_b, off_h, row0, diag, n_blocks, seqlen_q, seqlen_k, qk_scale, dtype, HEAD_DIM, HALF,
@@ -169,6 +171,6 @@ def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, LSE, stride_ob, stride_os
         (_consumer, (q1, k_smem, v_smem, q_bar, full, empty, Out, LSE, stride_ob, stride_os, stride_oh, stride_lb,
                      stride_lh, off_b, off_h, row0 + HALF, diag, n_blocks, seqlen_q, seqlen_k, qk_scale, dtype,
                      HEAD_DIM, HALF, BLOCK_N, STAGES, CAUSAL, EVEN_K)),
-        (_producer, (q_desc, k_desc, v_desc, q0, q1, k_smem, v_smem, q_bar, full, empty, q_row, off_h * q_col_h,
-                     k_row, off_hk * k_col_h, n_blocks, HALF, BLOCK_N, STAGES)),
+        (_producer, (q_desc, k_desc, v_desc, q0, q1, k_smem, v_smem, q_bar, full, empty, q_seq, row0,
+                     off_h * q_col_h, k_seq, off_hk * k_col_h, n_blocks, HALF, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])

@@ -6,6 +6,10 @@ the TMA bytes of the tile in slot s have landed (the producer arms it with the b
 ``empty[s]`` when both consumer warpgroups are done with it (count 2, one arrive each). Item i of
 the stream sits in slot i % STAGES and is waited for with phase (i // STAGES) & 1; mbarriers start
 as if phase 1 had completed, so the producer's first pass over the ring does not wait.
+
+Tiles come through 3-D descriptors over (sequences, seqlen, columns) views (gluon_forward.py's
+``tile_view``): a tile that runs past its sequence's end is filled with TMA's zeros rather than the
+next sequence's rows, so a non-finite value in one sequence never reaches another's output.
 """
 
 from triton.experimental import gluon
@@ -23,6 +27,20 @@ def mma_layout(num_warps, n):
 def operand_layout(accumulator_layout):
     """The layout of a 16-bit register A operand whose product lands in ``accumulator_layout``."""
     return gl.DotOperandLayout(operand_index=0, parent=accumulator_layout, k_width=2)
+
+
+@gluon.constexpr_function
+def tile_layout(desc_layout):
+    """The 2-D shared-memory layout of a [rows, dim] tile a [1, rows, dim] descriptor fills."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=desc_layout.swizzle_byte_width,
+                                element_bitwidth=desc_layout.element_bitwidth, rank=2)
+
+
+@gluon.jit
+def load_tile(desc, seq, row, col, bar, dst):
+    """TMA: rows ``row`` .. of sequence ``seq``, columns from ``col``, into the 2-D tile ``dst``;
+    completes on mbarrier ``bar``."""
+    tma.async_copy_global_to_shared(desc, [seq, row, col], bar, dst.reshape([1, dst.shape[0], dst.shape[1]]))
 
 
 @gluon.jit
@@ -63,14 +81,14 @@ def acquire(empty, full, i, nbytes, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def stream_kv(k_desc, v_desc, k_smem, v_smem, full, empty, k_row, k_col, n_blocks, BLOCK_N: gl.constexpr,
+def stream_kv(k_desc, v_desc, k_smem, v_smem, full, empty, k_seq, k_col, n_blocks, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr):
-    """Producer: key blocks 0 .. n_blocks - 1 (rows k_row + j · BLOCK_N, columns from k_col) of K
-    and V into the ring."""
+    """Producer: key blocks 0 .. n_blocks - 1 (rows j · BLOCK_N of sequence k_seq, columns from
+    k_col) of K and V into the ring."""
     for j in range(n_blocks):
         bar = acquire(empty, full, j, k_desc.block_type.nbytes + v_desc.block_type.nbytes, STAGES)
-        tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, k_col], bar, k_smem.index(j % STAGES))
-        tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, k_col], bar, v_smem.index(j % STAGES))
+        load_tile(k_desc, k_seq, j * BLOCK_N, k_col, bar, k_smem.index(j % STAGES))
+        load_tile(v_desc, k_seq, j * BLOCK_N, k_col, bar, v_smem.index(j % STAGES))
 
 
 @gluon.jit

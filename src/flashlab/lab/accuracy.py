@@ -72,7 +72,7 @@ def high_dtype(case_dtype: str) -> torch.dtype:
 
 def check_output(workload: Workload) -> dict[str, Any]:
     """Compare the provider's forward output on batch element 0 with the references."""
-    with torch.no_grad():
+    with torch.no_grad(), workload.attn.context():
         out = workload.first_item(workload.forward())
     hi, _ = _reference(workload, high_dtype(workload.case.dtype), None)
     lo, _ = _reference(workload, None, None)
@@ -85,9 +85,10 @@ def check_grads(workload: Workload) -> dict[str, Any]:
     The workload must have been built with ``requires_grad=True``; its grads are cleared after.
     """
     workload.clear_grads()
-    out = workload.forward()
-    dout = workload.grad_output(out)
-    out.backward(dout)
+    with workload.attn.context():
+        out = workload.forward()
+        dout = workload.grad_output(out)
+        out.backward(dout)
     grads = [workload.first_item(t.grad) for t in workload.leaves[: workload.n_batched]]
     workload.clear_grads()
     del out

@@ -1,14 +1,17 @@
-"""Lab providers for flashlab's opt-in kernels, so a run can put them beside the peers.
+"""Lab providers for flashlab's kernel switches, so a run can put one kernel beside another.
 
-``flashlab-gluon``: flash_attn_func with ``FLASHLAB_FWD_GLUON=1`` during the call (the Gluon forward,
-kernels/forward_gluon.py; the backward is the standard one). It refuses every case outside the
-Gluon kernel's scope — there the call would quietly run the standard kernel, and the lab would
-report that kernel's time under this provider's name.
+``flashlab-tl``: flash_attn_func with the Gluon kernels switched off (``FLASHLAB_FWD_GLUON=0``,
+``FLASHLAB_BWD_GLUON=0``) for each measured step, forward and backward: flashlab's portable `tl`
+kernels, the ones every GPU but Hopper runs. Beside ``flashlab`` it shows what the Gluon kernels
+add. It refuses the cases where ``flashlab`` would run the `tl` kernels anyway (no Hopper GPU, not
+Triton 3.6, outside the Gluon forward's scope): there the two would time the same code.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -17,45 +20,54 @@ from flashlab.lab.features import has_features
 from flashlab.lab.providers import Attn, Provider, register
 
 _TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}
+SWITCHES = ("FLASHLAB_FWD_GLUON", "FLASHLAB_BWD_GLUON")
 
 
-def _check_gluon(case: Case, device: torch.device) -> str | None:
+def _check_tl(case: Case, device: torch.device) -> str | None:
     import triton
 
     from flashlab.gluon_forward import gluon_shape_ok, triton_has_gluon_36
 
+    anyway = "flashlab runs its `tl` kernels here anyway: "
     if torch.cuda.get_device_capability(device) != (9, 0):
-        return "the Gluon forward is written for Hopper (compute capability 9.0)"
+        return anyway + "the Gluon kernels are Hopper's (compute capability 9.0)"
     if not triton_has_gluon_36():
-        return f"the Gluon forward is written for Triton 3.6's Gluon API, this is Triton {triton.__version__}"
+        return anyway + f"the Gluon kernels need Triton 3.6, not {triton.__version__}"
     flags = dict(IS_VARLEN=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False, HAS_LOWER=False,
                  HAS_UPPER=case.causal, MASK_KIND=0, BOTTOM_RIGHT=True)
     if has_features(case) or case.scope != "op" or not gluon_shape_ok(
             flags, case.head_dim, case.seqlen_q, case.seqlen_k, _TORCH[case.dtype], 0):
-        return ("outside the Gluon forward's scope (head dim 128 from 1024 tokens, or 64 from 4096; causal "
-                "where every query sees a key; no features)")
+        return anyway + ("outside the Gluon forward's scope (head dim 128 or 256 from 1024 tokens, 64 from 4096; "
+                         "causal where every query sees a key; no features)")
     return None
 
 
-def _build_gluon(case: Case, device: torch.device) -> Attn:
+@contextmanager
+def gluon_off() -> Iterator[None]:
+    """Both Gluon switches off inside, restored after."""
+    before = {name: os.environ.get(name) for name in SWITCHES}
+    os.environ.update({name: "0" for name in SWITCHES})
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def _build_tl(case: Case, device: torch.device) -> Attn:
     import flashlab
 
     scale = case.head_dim ** -0.5
 
     def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        before = os.environ.get("FLASHLAB_FWD_GLUON")
-        os.environ["FLASHLAB_FWD_GLUON"] = "1"
-        try:
-            return flashlab.flash_attn_func(q, k, v, softmax_scale=scale, causal=case.causal)
-        finally:
-            if before is None:
-                del os.environ["FLASHLAB_FWD_GLUON"]
-            else:
-                os.environ["FLASHLAB_FWD_GLUON"] = before
-    return Attn(fn, "bshd", "bottom_right")
+        return flashlab.flash_attn_func(q, k, v, softmax_scale=scale, causal=case.causal)
+    return Attn(fn, "bshd", "bottom_right", context=gluon_off)
 
 
 register(Provider(
-    "flashlab-gluon", "flashlab's opt-in Gluon forward (FLASHLAB_FWD_GLUON=1: FlashAttention-3's structure for "
-    "Hopper, Triton 3.6) with the standard backward; only cases in its scope",
-    build=_build_gluon, devices=("cuda",), dtypes=("fp16", "bf16"), check=_check_gluon, min_capability=(9, 0)))
+    "flashlab-tl", "flashlab with its Gluon kernels switched off: the portable `tl` kernels; only cases where "
+    "flashlab would run the Gluon forward (Hopper, Triton 3.6, in its scope)",
+    build=_build_tl, devices=("cuda",), dtypes=("fp16", "bf16"), check=_check_tl, min_capability=(9, 0)))

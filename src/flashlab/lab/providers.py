@@ -18,6 +18,7 @@ import importlib.util
 import math
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -33,11 +34,13 @@ AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class Attn:
-    """An attention callable for one case: ``fn(q, k, v) -> out``, all in ``layout``."""
+    """An attention callable for one case: ``fn(q, k, v) -> out``, all in ``layout``; ``context``
+    is entered around each measured step, forward and backward (a provider that switches kernels)."""
 
     fn: AttnFn
     layout: str  # "bshd" | "bhsd" | varlen only: "packed" (total, h, d), "packed-bhsd" (1, h, total, d)
     causal_align: str  # "bottom_right" | "top_left" (same result when seqlen_q == seqlen_k)
+    context: Callable[[], AbstractContextManager] = nullcontext
 
 
 @dataclass(frozen=True)
@@ -399,4 +402,4 @@ for _name, _module, _attr, _pkg, _cap, _desc in (
                       dtypes=("fp16", "bf16"), requires=_needs_module(_module, _pkg), min_capability=_cap,
                       default_on=("cuda",)))
 
-from flashlab.lab import opt_in_providers  # noqa: E402, F401 - registers flashlab-gluon
+from flashlab.lab import opt_in_providers  # noqa: E402, F401 - registers flashlab-tl

@@ -146,25 +146,29 @@ class Workload:
 
         The workload must have been built with ``requires_grad=True`` for ``bwd`` / ``fwd+bwd``.
         """
+        context = self.attn.context
         if mode == "fwd":
             def fwd() -> object:
-                with torch.no_grad():
+                with torch.no_grad(), context():
                     return self.forward()
             return fwd
         if mode == "bwd":
-            out = self.forward()
+            with context():
+                out = self.forward()
             dout = self.grad_output(out)
 
             def bwd() -> None:
-                out.backward(dout, retain_graph=True)
+                with context():
+                    out.backward(dout, retain_graph=True)
             return bwd
         if mode == "fwd+bwd":
             dout_box: list[torch.Tensor] = []
 
             def fwd_bwd() -> None:
-                out = self.forward()
-                if not dout_box:
-                    dout_box.append(self.grad_output(out))
-                out.backward(dout_box[0])
+                with context():
+                    out = self.forward()
+                    if not dout_box:
+                        dout_box.append(self.grad_output(out))
+                    out.backward(dout_box[0])
             return fwd_bwd
         raise ValueError(f"unknown mode {mode!r}")
