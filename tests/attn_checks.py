@@ -53,15 +53,19 @@ class FakeKernel:
 
 
 def gluon_spy(monkeypatch, switch: str, owner, launcher: str) -> list:
-    """Turn ``switch`` on (the default; a test may have set it off) and record the shapes
-    ``owner.launcher`` is called with (it still runs); skips unless the Gluon kernels can run here
-    (a Hopper GPU, Triton 3.6)."""
+    """Turn ``switch`` on (the default; a test may have set it off), let calls of any size take the
+    Gluon kernels (MIN_WORK 0), and record the shapes ``owner.launcher`` is called with (it still
+    runs); skips unless the Gluon kernels can run here (a Hopper GPU, Triton 3.6)."""
     import pytest
     import triton
 
     if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith("3.6."):
         pytest.skip("the Gluon kernels need a Hopper GPU and Triton 3.6")
     monkeypatch.setenv(switch, "1")
+    import flashlab.gluon_forward
+
+    monkeypatch.setattr(flashlab.gluon_forward, "MIN_WORK", 0)  # the tests' shapes are small on purpose
+    monkeypatch.setattr(flashlab.launch_plans, "_plans", {})  # plans recorded before MIN_WORK was lifted
     calls: list = []
     real = getattr(owner, launcher)
 

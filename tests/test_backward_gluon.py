@@ -25,6 +25,7 @@ def test_on_by_default_at_head_dim_128_only(monkeypatch):
     monkeypatch.setattr(host.configs, "device_capability", lambda device: (9, 0))
     monkeypatch.setattr(host, "triton_has_gluon_36", lambda: True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(host, "MIN_WORK", 0)
     q = torch.randn(1, 4096, 2, 128, dtype=F16)
     monkeypatch.delenv("FLASHLAB_BWD_GLUON", raising=False)
     assert gluon_bwd_eligible(PLAIN, 128, 4096, 4096, -1, q, q, q)

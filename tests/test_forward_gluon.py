@@ -68,13 +68,25 @@ def _pretend_hopper(monkeypatch):
 
 
 def test_on_by_default_off_when_switched_off(monkeypatch):
-    q = torch.randn(1, 1024, 2, 128, dtype=F16)
-    assert not gluon_eligible(PLAIN, 128, 1024, 1024, -1, q, q, q)  # a CPU tensor
+    q = torch.empty(8, 2048, 16, 128, dtype=F16)  # 2^38 FLOPs: enough work
+    assert not gluon_eligible(PLAIN, 128, 2048, 2048, -1, q, q, q)  # a CPU tensor
     _pretend_hopper(monkeypatch)
     monkeypatch.delenv("FLASHLAB_FWD_GLUON", raising=False)
-    assert gluon_eligible(PLAIN, 128, 1024, 1024, -1, q, q, q)
+    assert gluon_eligible(PLAIN, 128, 2048, 2048, -1, q, q, q)
     monkeypatch.setenv("FLASHLAB_FWD_GLUON", "0")
-    assert not gluon_eligible(PLAIN, 128, 1024, 1024, -1, q, q, q)
+    assert not gluon_eligible(PLAIN, 128, 2048, 2048, -1, q, q, q)
+
+
+def test_calls_with_little_work_keep_the_tl_kernel(monkeypatch):
+    """Under MIN_WORK FLOPs the Gluon launch's host time outweighs its faster kernel (round 9)."""
+    from flashlab.gluon_forward import MIN_WORK, enough_work
+
+    _pretend_hopper(monkeypatch)
+    q = torch.empty(1, 4096, 8, 128, dtype=F16)  # 2^36 FLOPs
+    assert not gluon_eligible(PLAIN, 128, 4096, 4096, -1, q, q, q)
+    assert enough_work(1, 16, 4096, 4096, 128, False) and not enough_work(1, 16, 4096, 4096, 128, True)
+    assert enough_work(8, 16, 2048, 2048, 128, True)  # the FlashAttention grid's causal 2k point: 2^37
+    assert MIN_WORK == 2**37
 
 
 @pytest.fixture
@@ -172,6 +184,7 @@ def test_launch_arguments(monkeypatch, layout):
 def test_k_and_v_must_share_a_memory_order(monkeypatch):
     """v is addressed with k's offsets: a call with k and v in different orders is not taken."""
     _pretend_hopper(monkeypatch)
+    monkeypatch.setattr("flashlab.gluon_forward.MIN_WORK", 0)
     q = torch.randn(1, 1024, 4, 128, dtype=F16)
     k = torch.randn(1, 1024, 2, 128, dtype=F16)
     v_other = torch.randn(1, 2, 1024, 128, dtype=F16).transpose(1, 2)

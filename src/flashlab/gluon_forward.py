@@ -7,7 +7,8 @@ from 4k tokens, 1.01–1.07× cuDNN. Its scope is what the kernel was checked an
 
 * a Hopper GPU (compute capability 9.0) and Triton 3.6 (Gluon's API changes between releases);
 * fp16 / bf16, head dim 128 or 256 from 1024 tokens, 64 from 4096 (shorter, the `tl` forward wins:
-  round 8), for queries and keys alike, any length past that;
+  round 8), for queries and keys alike, any length past that, and at least MIN_WORK FLOPs a call
+  (less, and the Gluon launch's host time costs more than its faster kernel saves: round 9);
 * no softcap, ALiBi, masks, block masks, dropout, varlen or window; causal where every query
   sees a key (PyTorch's top-left alignment, or flash-attn's bottom-right with seqlen_q <= seqlen_k);
 * q, k, v in the (batch, seqlen, heads, dim) or the (batch, heads, seqlen, dim) memory order,
@@ -32,6 +33,10 @@ TILES = {64: (128, 3), 128: (128, 3), 256: (32, 4)}
 MAXNREG = 168  # 12 warps (4 + 4 consumers, the producer's warp group) × 32 × 168 fills the 64K registers
 # The shortest sequences measured faster than the `tl` forward (round 8: d64 at 1k was 0.90×).
 MIN_SEQLEN = {128: 1024, 64: 4096, 256: 1024}
+# The least work (FLOPs of Q·Kᵀ and P·V, halved under causal) a call needs: a Gluon launch costs
+# ~150–300 µs of host time a forward (more a backward) against the `tl` kernels' ~40–90 (launch
+# plans), so below this the GPU waits on the host and the `tl` kernels finish first (round 9).
+MIN_WORK = 2**37  # e.g. batch 1 × 16 heads × 4096² tokens at head dim 128: ~230 µs of kernel
 _FEATURE_FLAGS = ("IS_VARLEN", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT", "HAS_LOWER")
 
 
@@ -70,6 +75,11 @@ def gluon_shape_ok(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, dty
     return not flags["HAS_UPPER"] or (window_right == 0 and (not flags["BOTTOM_RIGHT"] or seqlen_q <= seqlen_k))
 
 
+def enough_work(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int, causal: bool) -> bool:
+    """Whether a call has the work (MIN_WORK) for the Gluon launch's host time to pay."""
+    return 4 * batch * heads * seqlen_q * seqlen_k * head_dim // (2 if causal else 1) >= MIN_WORK
+
+
 def causal_diag(causal: bool, bottom_right: bool, seqlen_q: int, seqlen_k: int) -> int:
     """The kernels' diagonal offset: query i sees keys j <= i + diag under causal."""
     return seqlen_k - seqlen_q if causal and bottom_right else 0
@@ -93,6 +103,8 @@ def gluon_call_ok(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, wind
     are the 4-D q, k, v."""
     q = tensors[0]
     if q.numel() == 0 or not q.is_cuda or interpreting() or configs.device_capability(q.device) != (9, 0):
+        return False
+    if not enough_work(q.shape[0], q.shape[2], seqlen_q, seqlen_k, head_dim, flags["HAS_UPPER"]):
         return False
     if not gluon_shape_ok(flags, head_dim, seqlen_q, seqlen_k, q.dtype, window_right) or not triton_has_gluon_36():
         return False

@@ -21,12 +21,13 @@ def test_tl_provider_is_cuda_only_and_refuses_cases_where_flashlab_runs_tl_anywa
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     check = lambda case: opt_in_providers._check_tl(case, torch.device("cuda"))  # noqa: E731
-    assert check(Case(2, 1024, 16, 128)) is None
-    assert check(Case(1, 4096, 32, 64, causal=True)) is None
-    assert check(Case(2, 1024, 8, 256)) is None
+    assert check(Case(8, 2048, 16, 128)) is None
+    assert check(Case(4, 4096, 32, 64, causal=True)) is None
+    assert check(Case(16, 1024, 8, 256)) is None
+    assert "too little work" in check(Case(1, 4096, 8, 128))
     assert "scope" in check(Case(2, 1000, 16, 128))              # under 1024 tokens
     assert "scope" in check(Case(2, 1024, 32, 64))               # head dim 64 under 4096 keys
-    assert check(Case(1, 1024, 16, 128, causal=True, seqlen_k=2048)) is None  # bottom-right, diag 1024
+    assert check(Case(16, 1024, 16, 128, causal=True, seqlen_k=2048)) is None  # bottom-right, diag 1024
     assert "scope" in check(Case(1, 2048, 16, 128, causal=True, seqlen_k=1024))  # rows that see no key
     assert "scope" in check(Case(1, 1024, 16, 128, softcap=5.0))
     monkeypatch.setattr(triton, "__version__", "3.9.0")

@@ -4,7 +4,8 @@
 ``FLASHLAB_BWD_GLUON=0``) for each measured step, forward and backward: flashlab's portable `tl`
 kernels, the ones every GPU but Hopper runs. Beside ``flashlab`` it shows what the Gluon kernels
 add. It refuses the cases where ``flashlab`` would run the `tl` kernels anyway (no Hopper GPU, not
-Triton 3.6, outside the Gluon forward's scope): there the two would time the same code.
+Triton 3.6, outside the Gluon forward's scope or under its least work): there the two would time
+the same code.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ SWITCHES = ("FLASHLAB_FWD_GLUON", "FLASHLAB_BWD_GLUON")
 def _check_tl(case: Case, device: torch.device) -> str | None:
     import triton
 
-    from flashlab.gluon_forward import gluon_shape_ok, triton_has_gluon_36
+    from flashlab.gluon_forward import enough_work, gluon_shape_ok, triton_has_gluon_36
 
     anyway = "flashlab runs its `tl` kernels here anyway: "
     if torch.cuda.get_device_capability(device) != (9, 0):
@@ -39,6 +40,8 @@ def _check_tl(case: Case, device: torch.device) -> str | None:
             flags, case.head_dim, case.seqlen_q, case.seqlen_k, _TORCH[case.dtype], 0):
         return anyway + ("outside the Gluon forward's scope (head dim 128 or 256 from 1024 tokens, 64 from 4096; "
                          "causal where every query sees a key; no features)")
+    if not enough_work(case.batch, case.heads, case.seqlen_q, case.seqlen_k, case.head_dim, case.causal):
+        return anyway + "too little work a call for the Gluon launch's host time to pay (gluon_forward.MIN_WORK)"
     return None
 
 
