@@ -6,12 +6,17 @@ launch costs more host time than a `tl` launch-plan replay.
 
 The floor lifted (MIN_WORK 0) so every call of the sweep in the Gluon scope takes the Gluon kernels.
 
-Usage: PYTHONPATH=src python3 benchmarks/gluon_crossover.py      (a Hopper GPU, Triton 3.6)
+``--host``: only the host time a call, on a call too small to keep the GPU busy (batch 1 × 1024
+tokens × 2 heads × d128), 300 back-to-back calls of each path.
+
+Usage: PYTHONPATH=src python3 benchmarks/gluon_crossover.py [--host]   (a Hopper GPU, Triton 3.6)
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import torch
 import triton
@@ -28,8 +33,38 @@ def switched(fn, on: str):
     return run
 
 
+def host_time() -> None:
+    """µs a call of the forward and the training step, Gluon on and off, where the GPU work is
+    negligible: the host time of each path."""
+    q, k, v = (torch.randn(1, 1024, 2, 128, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
+    g = torch.randn_like(q)
+
+    def per_call(fn, n: int = 300) -> float:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / n * 1e6
+
+    def fwd():
+        with torch.no_grad():
+            return flashlab.flash_attn_func(q, k, v)
+
+    def step():
+        return torch.autograd.grad(flashlab.flash_attn_func(q, k, v), (q, k, v), g)
+    for on, name in (("1", "gluon"), ("0", "tl")):
+        print(f"{name}: forward {per_call(switched(fwd, on)):.0f} µs a call, "
+              f"step {per_call(switched(step, on)):.0f} µs a call", flush=True)
+
+
 def main() -> None:
     flashlab.gluon_forward.MIN_WORK = 0
+    if "--host" in sys.argv:
+        host_time()
+        return
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")  # noqa: E731
     print("work = 4·B·H·Sq·Sk·D (halved causal); columns: Gluon on, off (`tl`) in µs, and off / on")
     for head_dim, seqlens in ((128, (1024, 2048, 4096, 8192)), (64, (4096, 8192))):

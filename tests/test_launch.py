@@ -106,3 +106,22 @@ def test_interpreter_always_launches_through_triton(monkeypatch):
     for _ in range(2):
         launch_module.launch(kernel, (1,), torch.zeros(4), 16, 1.0, BLOCK=16)
     assert [entry[0] for entry in kernel.log] == ["triton", "triton"]
+
+
+def test_a_gluon_descriptor_is_keyed_as_triton_specializes_it():
+    """Gluon TMA descriptors: one compiled kernel per (dtype, block shape, layout, padding) — never
+    per tensor, shape or stride (Triton passes those at launch), so a new call's descriptor hits."""
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from flashlab.gluon_forward import tile_descriptor, tile_view
+    from flashlab.kernels.launch import _spec
+
+    def desc(shape, rows=64, dtype=torch.float16):
+        return tile_descriptor(tile_view(torch.randn(*shape).to(dtype))[0], rows, shape[-1])
+
+    a = desc((2, 256, 4, 64))
+    assert _spec(a) == _spec(desc((3, 100, 2, 64)))  # other tensor, shape, strides: the same kernel
+    assert _spec(a) != _spec(desc((2, 256, 4, 64), rows=128))
+    assert _spec(a) != _spec(desc((2, 256, 4, 64), dtype=torch.bfloat16))
+    assert _spec(a) != _spec(desc((2, 256, 4, 128)))
+    hash(_spec(a))
+    assert a.block_shape == [1, 64, 64] and a.shape == [2, 256, 256] and a.padding == "zero"

@@ -14,6 +14,7 @@ import torch
 
 from flashlab.gluon_forward import MAXNREG, causal_diag, gluon_call_ok, switched_on, tile_descriptor, tile_view
 from flashlab.kernels import configs
+from flashlab.kernels.launch import launch
 
 DKDV_BLOCK_N = 128  # keys a dK/dV program (64 a consumer)
 DQ_BLOCK_M = 128  # query rows a dQ program (64 a consumer)
@@ -56,7 +57,8 @@ def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: 
             softmax_scale * 1.4426950408889634, softmax_scale)
 
     block_m, stages = dkdv_tiles or DKDV_TILES[head_dim]
-    attn_bwd_dkdv_gluon_kernel[(configs.cdiv(seqlen_k, DKDV_BLOCK_N), kv_heads, batch)](
+    launch(
+        attn_bwd_dkdv_gluon_kernel, (configs.cdiv(seqlen_k, DKDV_BLOCK_N), kv_heads, batch),
         tile_descriptor(q3, block_m, head_dim), tile_descriptor(do_view[0], block_m, head_dim),
         tile_descriptor(k3, DKDV_BLOCK_N // 2, head_dim), tile_descriptor(v3, DKDV_BLOCK_N // 2, head_dim),
         lse, delta, dk4, dv4, *lse_strides, dk4.stride(0), dk4.stride(1), dk4.stride(2), *rows,
@@ -64,7 +66,8 @@ def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: 
         EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0,
         num_warps=4, maxnreg=MAXNREG)
     block_n, stages = dq_tiles or DQ_TILES[head_dim]
-    attn_bwd_dq_gluon_kernel[(configs.cdiv(seqlen_q, DQ_BLOCK_M), heads, batch)](
+    launch(
+        attn_bwd_dq_gluon_kernel, (configs.cdiv(seqlen_q, DQ_BLOCK_M), heads, batch),
         tile_descriptor(q3, DQ_BLOCK_M // 2, head_dim), tile_descriptor(do_view[0], DQ_BLOCK_M // 2, head_dim),
         tile_descriptor(k3, block_n, head_dim), tile_descriptor(v3, block_n, head_dim),
         lse, delta, dq4, *lse_strides, dq4.stride(0), dq4.stride(1), dq4.stride(2), *rows,

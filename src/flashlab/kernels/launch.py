@@ -38,6 +38,9 @@ def _spec(arg: object) -> object:
         return float
     if isinstance(arg, torch.Tensor):
         return arg.dtype, not arg.data_ptr() & 15
+    if cls.__name__ == "TensorDescriptor":  # a Gluon kernel's TMA descriptor (gluon_forward.py)
+        # Triton specializes it on its dtype, block shape and layout (repr), not on any value.
+        return cls, arg.base.dtype, tuple(arg.block_shape), repr(getattr(arg, "layout", None)), arg.padding
     return arg if arg is None or cls is bool else (cls, arg)
 
 
@@ -53,12 +56,13 @@ Runner = tuple[object, tuple]  # (Triton's compiled kernel, the arguments after 
 def launch(kernel, grid: Sequence[int], *args: object, **named: object) -> Runner | None:
     """``kernel[grid](*args, **named)``, through a cache of compiled kernels (module docstring).
 
-    ``args`` are the kernel's leading parameters (tensors, ints, floats, bools, None); ``named``
-    holds the rest (constexprs; absent ones take their defaults) and launch options (num_warps, ...).
-    The kernel runs on the device of ``args[0]`` (Triton would use the current device). Returns the
+    ``args`` are the kernel's leading parameters (tensors, Gluon TensorDescriptors, ints, floats,
+    bools, None); ``named`` holds the rest (constexprs; absent ones take their defaults) and launch
+    options (num_warps, ...). The kernel runs on the device of ``args[0]`` (a descriptor's: its
+    base's; Triton would use the current device). Returns the
     compiled kernel and its trailing arguments when it launched directly (``run_compiled`` replays
     it for arguments Triton specializes the same way), else None."""
-    device = getattr(args[0], "device", None)
+    device = getattr(getattr(args[0], "base", args[0]), "device", None)
     if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):
             launch(kernel, grid, *args, **named)
@@ -70,6 +74,8 @@ def launch(kernel, grid: Sequence[int], *args: object, **named: object) -> Runne
     hit = _compiled.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **named)
+        if compiled is None:  # a stand-in kernel (tests): nothing to call directly
+            return None
         params = list(kernel.signature.parameters.values())[len(args):]
         hit = _compiled[key] = (compiled, tuple(named.get(p.name, p.default) for p in params))
         return hit
