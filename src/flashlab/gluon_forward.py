@@ -35,9 +35,9 @@ TILES = {64: (128, 3), 128: (128, 3), 256: (32, 4)}
 MAXNREG = 168  # 12 warps (4 + 4 consumers, the producer's warp group) × 32 × 168 fills the 64K registers
 # The shortest sequences measured faster than the `tl` forward (round 8: d64 at 1k was 0.90×).
 MIN_SEQLEN = {128: 1024, 64: 4096, 256: 1024}
-# The least work (FLOPs of Q·Kᵀ and P·V, halved under causal) a call needs: a Gluon launch costs
-# ~150–300 µs of host time a forward (more a backward) against the `tl` kernels' ~40–90 (launch
-# plans), so below this the GPU waits on the host and the `tl` kernels finish first (round 9).
+# The least work (FLOPs of Q·Kᵀ and P·V, halved under causal) a call needs: the Gluon path costs
+# more host time than the `tl` kernels' replayed launch plans (round 9: ~150 µs more a forward call,
+# ~650 µs more a training step), so below this the GPU waits on the host and `tl` finishes first.
 MIN_WORK = 2**37  # e.g. batch 1 × 16 heads × 4096² tokens at head dim 128: ~230 µs of kernel
 _FEATURE_FLAGS = ("IS_VARLEN", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT", "HAS_LOWER")
 
