@@ -1,6 +1,6 @@
 """The Hopper backward in Gluon (Triton 3.6): a dK/dV kernel and a dQ kernel with the Gluon forward's
-structure (forward_gluon.py), opt-in (gluon_backward.py says when they run; docs/perf-notes.md round
-8, experiment 10, how they were built; never run on a GPU yet).
+structure (forward_gluon.py), Hopper's default at head dim 128 (gluon_backward.py says when they
+run; docs/perf-notes.md round 8, experiment 10, how they were built, round 9 how they measure).
 
 dK/dV: one program per 128 keys and (kv head, batch). A 1-warp producer loads the program's K and V
 once, then streams (Q_i, dO_i) tiles through a ring of stages (full / empty mbarriers); two 4-warp

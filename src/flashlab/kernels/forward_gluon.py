@@ -1,5 +1,6 @@
 """The Hopper forward in Gluon (Triton 3.6's ``triton.experimental.gluon``): FlashAttention-3's
-structure, opt-in (gluon_forward.py says when it runs; docs/perf-notes.md round 8 how it was found).
+structure, Hopper's default forward in its scope (gluon_forward.py says when it runs;
+docs/perf-notes.md round 8 how it was found).
 
 One program per 128-row query block and (head, batch), in three warp-specialized partitions:
 
