@@ -12,7 +12,12 @@ import argparse
 import json
 from pathlib import Path
 
-PROVIDERS = ("flashlab", "sdpa-flash", "sdpa-cudnn")
+ORDER = ("flashlab", "flashlab-tl", "flashlab-tma", "sdpa-flash", "sdpa-cudnn")
+
+
+def providers(cells: dict[tuple, dict[str, float]]) -> list[str]:
+    """The providers the results hold, in ORDER."""
+    return [p for p in ORDER if any(p in v for v in cells.values())]
 
 
 def load(path: Path) -> dict[tuple, dict[str, float]]:
@@ -25,12 +30,13 @@ def load(path: Path) -> dict[tuple, dict[str, float]]:
 
 
 def markdown(cells: dict[tuple, dict[str, float]], mode: str) -> str:
-    lines = ["| head dim | mask | seqlen | " + " | ".join(PROVIDERS) + " | vs SDPA-flash | vs cuDNN |",
-             "|---:|---|---:|" + "---:|" * (len(PROVIDERS) + 2)]
+    shown = providers(cells)
+    lines = ["| head dim | mask | seqlen | " + " | ".join(shown) + " | vs SDPA-flash | vs cuDNN |",
+             "|---:|---|---:|" + "---:|" * (len(shown) + 2)]
     for (d, causal, s, m), v in sorted(cells.items()):
         if m != mode:
             continue
-        vals = " | ".join(f"{v[p]:.0f}" if p in v else "–" for p in PROVIDERS)
+        vals = " | ".join(f"{v[p]:.0f}" if p in v else "–" for p in shown)
         lines.append(f"| {d} | {'causal' if causal else 'full'} | {s} | {vals} | "
                      f"{v['flashlab'] / v['sdpa-flash']:.2f}× | {v['flashlab'] / v['sdpa-cudnn']:.2f}× |")
     return "\n".join(lines)
@@ -46,8 +52,9 @@ def figure(cells: dict[tuple, dict[str, float]], out: Path, title: str) -> None:
     fig, axes = plt.subplots(len(modes), 1, figsize=(12, 3.6 * len(modes)), squeeze=False)
     for ax, mode in zip(axes[:, 0], modes):
         keys = sorted(k for k in cells if k[3] == mode)
-        width = 0.8 / len(PROVIDERS)
-        for i, p in enumerate(PROVIDERS):
+        shown = providers(cells)
+        width = 0.8 / len(shown)
+        for i, p in enumerate(shown):
             ax.bar([x + i * width for x in range(len(keys))], [cells[k].get(p, 0) for k in keys], width, label=p)
         ax.set_xticks([x + width for x in range(len(keys))])
         ax.set_xticklabels([f"d{d} {'c' if c else 'f'}\n{s // 1024}k" for d, c, s, _ in keys], fontsize=8)
