@@ -243,12 +243,16 @@ def test_a_launcher_that_bypasses_the_launch_function_is_never_replayed(logged):
     assert len(runs) == 3 and logged == []
 
 
-def test_the_gluon_switch_is_part_of_the_signature(logged, monkeypatch):
+def test_the_kernel_switches_are_part_of_the_signature(logged, monkeypatch):
     """A plan recorded with FLASHLAB_FWD_GLUON=0 must not serve a call with the switch on (it would
-    replay the `tl` kernel where the Gluon one was asked for) — and the other way round."""
+    replay the `tl` kernel where the Gluon one was asked for) — and the other way round; the same
+    for FLASHLAB_FWD_TMA."""
     q, k, v = _qkv()
     monkeypatch.setenv("FLASHLAB_FWD_GLUON", "0")
     _fwd(q, k, v)
     monkeypatch.delenv("FLASHLAB_FWD_GLUON")
     _fwd(q, k, v)
     assert len(launch_plans._plans) == 2
+    monkeypatch.setenv("FLASHLAB_FWD_TMA", "1")  # the opt-in TMA forward: its own signature too
+    _fwd(q, k, v)
+    assert len(launch_plans._plans) == 3

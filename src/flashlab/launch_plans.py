@@ -14,8 +14,9 @@ tensors' shapes, strides, dtype and device and every option the launch reads, an
 plan) for calls whose arguments vary otherwise (a dropout seed) or whose tensors the launcher
 replaces by views. A launcher that passes a tensor not among the call's tensors, or a tensor after a
 non-tensor argument, gets no plan (recorded as such; it always runs unplanned); so does one that
-returns ``UNPLANNED`` (it launched something outside the function it was given: the Gluon kernels). Under Triton's
-interpreter plans still skip the derivation; ``FLASHLAB_LAUNCH_PLANS=0`` turns them off.
+returns ``UNPLANNED`` (it launched something outside the function it was given: the Gluon kernels,
+the TMA forward). Under Triton's interpreter plans still skip the derivation;
+``FLASHLAB_LAUNCH_PLANS=0`` turns them off.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from flashlab.kernels.configs import (
 from flashlab.launch_args import as4d, clamp_tiles, prepare, strides3
 from flashlab.library import attn_bwd_fake, attn_fwd_fake, kernel_op
 from flashlab.philox import counter_stride
-from flashlab.tma_forward import launch_fwd_tma, tma_eligible
+from flashlab.tma_forward import launch_fwd_tma, tma_eligible, tma_switched_on
 
 
 def _launch_fwd(
@@ -60,9 +60,9 @@ def _launch_fwd(
     optional = _optional(args)
     signature = None
     if _plannable(args):
-        # The Gluon switch picks the kernel: a plan of the `tl` one must not serve a call with it on.
-        signature = (forward_config, switched_on("FLASHLAB_FWD_GLUON"), *launch_plans.layout(q, k, v, *optional),
-                     *args[7:13], args[16])
+        # The switches pick the kernel: a plan of the `tl` one must not serve a call with one on.
+        signature = (forward_config, switched_on("FLASHLAB_FWD_GLUON"), tma_switched_on(),
+                     *launch_plans.layout(q, k, v, *optional), *args[7:13], args[16])
     launch_plans.run(signature, (q, k, v, out, lse, *optional),
                      lambda launch_fn: _fwd_launches(out, lse, args, launch_fn))
     return out, lse

@@ -24,9 +24,14 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
 
 
+def tma_switched_on() -> bool:
+    """Whether the opt-in TMA forward is asked for (``FLASHLAB_FWD_TMA=1``)."""
+    return os.environ.get("FLASHLAB_FWD_TMA", "0") == "1"
+
+
 def tma_eligible(flags: dict, head_dim: int, *tensors: torch.Tensor) -> bool:
     """Whether the TMA forward may run this call (module docstring); ``tensors`` are q, k, v, out."""
-    if os.environ.get("FLASHLAB_FWD_TMA", "0") != "1" or any(flags[f] for f in _FEATURE_FLAGS):
+    if not tma_switched_on() or any(flags[f] for f in _FEATURE_FLAGS):
         return False
     if flags["MASK_KIND"] != 0 or head_dim * tensors[0].element_size() % 16 != 0:
         return False
