@@ -2,8 +2,8 @@
 
 The default forward on Hopper for the calls in its scope (``FLASHLAB_FWD_GLUON=0`` turns it off);
 every other call, and every other GPU, takes the portable `tl` kernel (kernels/forward.py). Measured
-on the H200 (docs/performance.md, "The Gluon forward"): 1.27–1.37× the `tl` forward at head dim 128
-from 4k tokens, 1.01–1.07× cuDNN. Its scope is what the kernel was checked and measured faster on:
+on the H200 (docs/performance.md, first section): 1.24–1.37× the `tl` forward at head dim 128 from
+2k tokens, 0.94–1.15× cuDNN. Its scope is what the kernel was checked and measured faster on:
 
 * a Hopper GPU (compute capability 9.0) and Triton 3.6 (Gluon's API changes between releases);
 * fp16 / bf16, head dim 128 or 256 from 1024 tokens, 64 from 4096 (shorter, the `tl` forward wins:
