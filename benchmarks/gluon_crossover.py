@@ -6,20 +6,20 @@ launch costs more host time than a `tl` launch-plan replay.
 
 The floor lifted (MIN_WORK 0) so every call of the sweep in the Gluon scope takes the Gluon kernels.
 
-``--host``: only the host time a call, on a call too small to keep the GPU busy (batch 1 × 1024
-tokens × 2 heads × d128), 300 back-to-back calls of each path.
+``--host``: only the host time a call (host_overhead.py's measure), on a call too small to keep
+the GPU busy (batch 1 × 1024 tokens × 2 heads × d128), 300 back-to-back calls of each path.
 
 Usage: PYTHONPATH=src python3 benchmarks/gluon_crossover.py [--host]   (a Hopper GPU, Triton 3.6)
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 
 import torch
 import triton
+from host_overhead import per_call_us
+from kernel_check import under_env
 
 import flashlab
 import flashlab.gluon_forward
@@ -27,10 +27,7 @@ import flashlab.gluon_forward
 
 def switched(fn, on: str):
     """``fn`` with both Gluon switches set to ``on`` ("1" / "0") for the call."""
-    def run():
-        os.environ["FLASHLAB_FWD_GLUON"] = os.environ["FLASHLAB_BWD_GLUON"] = on
-        return fn()
-    return run
+    return under_env(fn, {"FLASHLAB_FWD_GLUON": on, "FLASHLAB_BWD_GLUON": on})
 
 
 def host_time() -> None:
@@ -39,16 +36,6 @@ def host_time() -> None:
     q, k, v = (torch.randn(1, 1024, 2, 128, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
     g = torch.randn_like(q)
 
-    def per_call(fn, n: int = 300) -> float:
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / n * 1e6
-
     def fwd():
         with torch.no_grad():
             return flashlab.flash_attn_func(q, k, v)
@@ -56,8 +43,8 @@ def host_time() -> None:
     def step():
         return torch.autograd.grad(flashlab.flash_attn_func(q, k, v), (q, k, v), g)
     for on, name in (("1", "gluon"), ("0", "tl")):
-        print(f"{name}: forward {per_call(switched(fwd, on)):.0f} µs a call, "
-              f"step {per_call(switched(step, on)):.0f} µs a call", flush=True)
+        print(f"{name}: forward {per_call_us(switched(fwd, on)):.0f} µs a call, "
+              f"step {per_call_us(switched(step, on)):.0f} µs a call", flush=True)
 
 
 def main() -> None:

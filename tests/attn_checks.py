@@ -52,6 +52,17 @@ class FakeKernel:
         return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
 
 
+def pretend_hopper(monkeypatch) -> None:
+    """Make the Gluon scope checks see a Hopper GPU with Triton 3.6 and CUDA tensors, so which calls
+    they take can be tested on the CPU (no kernel may run)."""
+    import flashlab.gluon_forward as host
+
+    monkeypatch.setattr(host, "interpreting", lambda: False)
+    monkeypatch.setattr(host.configs, "device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(host, "triton_has_gluon_36", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+
+
 def gluon_spy(monkeypatch, switch: str, owner, launcher: str) -> list:
     """Turn ``switch`` on (the default; a test may have set it off), let calls of any size take the
     Gluon kernels (MIN_WORK 0), and record the shapes ``owner.launcher`` is called with (it still

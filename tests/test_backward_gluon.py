@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attn_checks import FakeKernel, check_against_reference, gluon_spy, make_qkv
+from attn_checks import FakeKernel, check_against_reference, gluon_spy, make_qkv, pretend_hopper
 
 import flashlab
-from flashlab import launch_plans, ops
+from flashlab import ops
 from flashlab.gluon_backward import gluon_bwd_eligible, launch_bwd_gluon
 
 F16, BF16 = torch.float16, torch.bfloat16
@@ -21,10 +21,7 @@ PLAIN = dict(IS_VARLEN=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=Fa
 def test_on_by_default_at_head_dim_128_only(monkeypatch):
     import flashlab.gluon_forward as host
 
-    monkeypatch.setattr(host, "interpreting", lambda: False)
-    monkeypatch.setattr(host.configs, "device_capability", lambda device: (9, 0))
-    monkeypatch.setattr(host, "triton_has_gluon_36", lambda: True)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    pretend_hopper(monkeypatch)
     monkeypatch.setattr(host, "MIN_WORK", 0)
     q = torch.randn(1, 4096, 2, 128, dtype=F16)
     monkeypatch.delenv("FLASHLAB_BWD_GLUON", raising=False)
@@ -105,7 +102,6 @@ def test_gradients_match_the_reference(gluon_bwd_calls, monkeypatch, batch, sq, 
     import flashlab.gluon_backward as host
 
     monkeypatch.setattr(host, "HEAD_DIMS", (64, 128))  # d64 is not the default; its kernel still is checked
-    monkeypatch.setattr(launch_plans, "_plans", {})  # plans of these shapes' `tl` backward (other tests)
     monkeypatch.setenv("FLASHLAB_FWD_GLUON", "1" if gluon_fwd else "0")
     torch.manual_seed(7)
     q, k, v = make_qkv(batch, sq, sk, heads, kv_heads, head_dim, dtype, "cuda")

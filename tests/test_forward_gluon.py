@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attn_checks import FakeKernel, check_against_reference, gluon_spy, make_qkv
+from attn_checks import FakeKernel, check_against_reference, gluon_spy, make_qkv, pretend_hopper
 
 import flashlab
 from flashlab import ops
@@ -58,19 +58,10 @@ def test_tile_view_of_both_memory_orders_and_refusal_of_others():
     assert tile_view(torch.randn(256, 2, 4, 64).transpose(0, 1)) is None
 
 
-def _pretend_hopper(monkeypatch):
-    import flashlab.gluon_forward as host
-
-    monkeypatch.setattr(host, "interpreting", lambda: False)
-    monkeypatch.setattr(host.configs, "device_capability", lambda device: (9, 0))
-    monkeypatch.setattr(host, "triton_has_gluon_36", lambda: True)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-
-
 def test_on_by_default_off_when_switched_off(monkeypatch):
     q = torch.empty(8, 2048, 16, 128, dtype=F16)  # 2^38 FLOPs: enough work
     assert not gluon_eligible(PLAIN, 128, 2048, 2048, -1, q, q, q)  # a CPU tensor
-    _pretend_hopper(monkeypatch)
+    pretend_hopper(monkeypatch)
     monkeypatch.delenv("FLASHLAB_FWD_GLUON", raising=False)
     assert gluon_eligible(PLAIN, 128, 2048, 2048, -1, q, q, q)
     monkeypatch.setenv("FLASHLAB_FWD_GLUON", "0")
@@ -81,7 +72,7 @@ def test_calls_with_little_work_keep_the_tl_kernel(monkeypatch):
     """Under MIN_WORK FLOPs the Gluon launch's host time outweighs its faster kernel (round 9)."""
     from flashlab.gluon_forward import MIN_WORK, enough_work
 
-    _pretend_hopper(monkeypatch)
+    pretend_hopper(monkeypatch)
     q = torch.empty(1, 4096, 8, 128, dtype=F16)  # 2^36 FLOPs
     assert not gluon_eligible(PLAIN, 128, 4096, 4096, -1, q, q, q)
     assert enough_work(1, 16, 4096, 4096, 128, False) and not enough_work(1, 16, 4096, 4096, 128, True)
@@ -183,7 +174,7 @@ def test_launch_arguments(monkeypatch, layout):
 
 def test_k_and_v_must_share_a_memory_order(monkeypatch):
     """v is addressed with k's offsets: a call with k and v in different orders is not taken."""
-    _pretend_hopper(monkeypatch)
+    pretend_hopper(monkeypatch)
     monkeypatch.setattr("flashlab.gluon_forward.MIN_WORK", 0)
     q = torch.randn(1, 1024, 4, 128, dtype=F16)
     k = torch.randn(1, 1024, 2, 128, dtype=F16)

@@ -402,4 +402,4 @@ for _name, _module, _attr, _pkg, _cap, _desc in (
                       dtypes=("fp16", "bf16"), requires=_needs_module(_module, _pkg), min_capability=_cap,
                       default_on=("cuda",)))
 
-from flashlab.lab import opt_in_providers  # noqa: E402, F401 - registers flashlab-tl
+from flashlab.lab import switch_providers  # noqa: E402, F401 - registers flashlab-tl

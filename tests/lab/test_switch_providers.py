@@ -16,11 +16,11 @@ def test_tl_provider_is_cuda_only_and_refuses_cases_where_flashlab_runs_tl_anywa
     assert provider.unavailable(torch.device("cpu")) == "runs on cuda only, not cpu"
     import triton
 
-    from flashlab.lab import opt_in_providers
+    from flashlab.lab import switch_providers
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(triton, "__version__", "3.6.0")
-    check = lambda case: opt_in_providers._check_tl(case, torch.device("cuda"))  # noqa: E731
+    check = lambda case: switch_providers._check_tl(case, torch.device("cuda"))  # noqa: E731
     assert check(Case(8, 2048, 16, 128)) is None
     assert check(Case(4, 4096, 32, 64, causal=True)) is None
     assert check(Case(16, 1024, 8, 256)) is None
@@ -37,7 +37,7 @@ def test_tl_provider_is_cuda_only_and_refuses_cases_where_flashlab_runs_tl_anywa
 
 
 def test_gluon_off_switches_both_kernels_off_and_restores_the_environment(monkeypatch):
-    from flashlab.lab.opt_in_providers import gluon_off
+    from flashlab.lab.switch_providers import gluon_off
 
     monkeypatch.delenv("FLASHLAB_FWD_GLUON", raising=False)
     monkeypatch.setenv("FLASHLAB_BWD_GLUON", "1")
