@@ -20,12 +20,21 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flashlab.gluon_backward import DKDV_BLOCK_N, DQ_BLOCK_M, launch_bwd_gluon  # noqa: E402
+from flashlab.gluon_backward import (  # noqa: E402
+    DKDV_BLOCK_N,
+    DQ_BLOCK_M,
+    FUSED_TILES,
+    launch_bwd_gluon,
+    launch_bwd_gluon_fused,
+)
 from flashlab.kernels.backward_gluon import attn_bwd_dkdv_gluon_kernel, attn_bwd_dq_gluon_kernel  # noqa: E402
+from flashlab.kernels.backward_gluon_fused import attn_bwd_fused_gluon_kernel  # noqa: E402
 
 # head dim -> [(dK/dV tiles, dQ tiles)] timed, the shipped ones (gluon_backward.py) first. dK/dV tiles:
 # (query rows, stages) of 128-key programs; dQ tiles: (keys a block, stages) of 128-row programs.
-VARIANTS = {64: [((64, 3), (128, 3))], 128: [((64, 3), (128, 2)), ((32, 4), (64, 3))]}
+# The fused kernel's (query rows, stages, dS buffers) are 3-tuples beside them (head dim 128 only).
+VARIANTS = {64: [((64, 3), (128, 3))],
+            128: [((64, 3), (128, 2)), FUSED_TILES, (32, 3, 3), (64, 2, 2)]}
 
 
 def gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
@@ -38,7 +47,12 @@ def gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
         delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
     lse = lse.contiguous()
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    dkdv_tiles, dq_tiles = tiles or VARIANTS[q.shape[-1]][0]
+    tiles = tiles or VARIANTS[q.shape[-1]][0]
+    if len(tiles) == 3:
+        launch_bwd_gluon_fused(q, k, v, dout, dq, dk, dv, lse, delta, (lse.stride(0), lse.stride(1)), softmax_scale,
+                               causal, tiles=tiles)
+        return dq, dk, dv
+    dkdv_tiles, dq_tiles = tiles
     launch_bwd_gluon(q, k, v, dout, dq, dk, dv, lse, delta, (lse.stride(0), lse.stride(1)), softmax_scale, causal,
                      dkdv_tiles=dkdv_tiles, dq_tiles=dq_tiles)
     return dq, dk, dv
@@ -49,21 +63,25 @@ def compile_only() -> None:
     from gluon_forward import compile_report
 
     kinds = (("fp16", False), ("bf16", True))
-    dkdv = {(d, t[0]) for d, vs in VARIANTS.items() for t in vs}
-    dq = {(d, t[1]) for d, vs in VARIANTS.items() for t in vs}
+    dkdv = {(d, t[0]) for d, vs in VARIANTS.items() for t in vs if len(t) == 2}
+    dq = {(d, t[1]) for d, vs in VARIANTS.items() for t in vs if len(t) == 2}
     points = [("dkdv", attn_bwd_dkdv_gluon_kernel, d, bm, DKDV_BLOCK_N, st, bm, DKDV_BLOCK_N // 2, c)
               for d, (bm, st) in sorted(dkdv) for c in kinds]
     points += [("dq", attn_bwd_dq_gluon_kernel, d, DQ_BLOCK_M, bn, st, DQ_BLOCK_M // 2, bn, c)
                for d, (bn, st) in sorted(dq) for c in kinds]
-    types = {"LSE": "*fp32", "DELTA": "*fp32", "DK": "*{ty}", "DV": "*{ty}", "DQ": "*{ty}", "qk_scale": "fp32",
-             "softmax_scale": "fp32"}
+    points += [("fused", attn_bwd_fused_gluon_kernel, d, t[0], DKDV_BLOCK_N, t[1:], t[0], DKDV_BLOCK_N // 2, c)
+               for d, vs in VARIANTS.items() for t in vs if len(t) == 3 for c in kinds]
+    types = {"LSE": "*fp32", "DELTA": "*fp32", "DK": "*{ty}", "DV": "*{ty}", "DQ": "*{ty}", "DQ_ACC": "*fp32",
+             "qk_scale": "fp32", "softmax_scale": "fp32"}
     for what, kernel, head_dim, block_m, block_n, stages, q_rows, kv_rows, (ty, causal) in points:
         blocks = {"q_desc": [q_rows, head_dim], "do_desc": [q_rows, head_dim], "k_desc": [kv_rows, head_dim],
                   "v_desc": [kv_rows, head_dim]}
         # Full rows compile the tile-multiple kernels, causal rows the ragged ones (EVEN off).
-        consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "CAUSAL": causal,
-                  "EVEN": not causal}
-        report = compile_report(kernel, consts, blocks, ty, types)
+        consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "CAUSAL": causal, "EVEN": not causal}
+        if what == "fused":
+            stages, consts["NBUF"] = stages
+        consts["STAGES"] = stages
+        report = compile_report(kernel, consts, blocks, ty, types, divisible=("stride_ad",))
         print(f"{what} d{head_dim} {block_m} x {block_n} tiles, {stages} stages, {ty} "
               f"{'causal, ragged' if causal else 'full, even'}: {report}", flush=True)
 

@@ -60,10 +60,12 @@ def wgmma_serialized(ptx: str) -> bool:
     return "C7514" in report
 
 
-def compile_report(kernel, consts: dict, blocks: dict[str, list[int]], ty: str, types: dict[str, str]) -> str:
+def compile_report(kernel, consts: dict, blocks: dict[str, list[int]], ty: str, types: dict[str, str],
+                   divisible: tuple[str, ...] = ()) -> str:
     """Compile a Gluon ``kernel`` for sm_90 as a launch specializes it — the arguments in ``blocks``
     as tensor descriptors of [1, *those] blocks and dtype ``ty`` (fp16 / bf16), the others typed by
-    ``types`` or i32 — with num_warps 4 and the Gluon kernels' register cap; returns shared memory,
+    ``types`` or i32, pointers and the integers in ``divisible`` known 16-divisible (as a launch
+    finds them) — with num_warps 4 and the Gluon kernels' register cap; returns shared memory,
     the setmaxnreg values, ptxas's registers and spills, and its wgmma-serialization note."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -87,7 +89,9 @@ def compile_report(kernel, consts: dict, blocks: dict[str, list[int]], ty: str, 
                                                               layout))
         else:
             sig[n] = types.get(n, "i32").replace("{ty}", ty)
-    src = GluonASTSource(kernel, sig, {(names.index(n),): v for n, v in consts.items()}, {})
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if n in divisible or sig[n].startswith("*")}
+    src = GluonASTSource(kernel, sig, {(names.index(n),): v for n, v in consts.items()}, attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": 4, "maxnreg": gluon_host.MAXNREG})
     ptx = compiled.asm["ptx"]

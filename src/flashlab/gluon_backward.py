@@ -24,6 +24,9 @@ DQ_BLOCK_M = 128  # query rows a dQ program (64 a consumer)
 DKDV_TILES = {64: (64, 3), 128: (64, 3)}
 DQ_TILES = {64: (128, 3), 128: (128, 2)}  # head dim -> (keys a dQ block, ring stages)
 HEAD_DIMS = (128,)  # where it runs by default; d64's tiles are the benchmark's (a tie with `tl`)
+# The fused kernel (kernels/backward_gluon_fused.py, head dim 128): (query rows a tile, ring stages,
+# dS buffers). 32-row tiles compile spill-free; 64-row ones spill 300-400 B.
+FUSED_TILES = (32, 4, 2)
 
 
 def gluon_bwd_eligible(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, window_right: int,
@@ -74,3 +77,42 @@ def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: 
         HEAD_DIM=head_dim, BLOCK_M=DQ_BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
         EVEN=seqlen_k % block_n == 0,
         num_warps=4, maxnreg=MAXNREG)
+
+
+def launch_bwd_gluon_fused(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: torch.Tensor,
+                           dq4: torch.Tensor, dk4: torch.Tensor, dv4: torch.Tensor, lse: torch.Tensor,
+                           delta: torch.Tensor, lse_strides: tuple[int, int], softmax_scale: float, causal: bool,
+                           bottom_right: bool = True, tiles: tuple[int, int, int] | None = None) -> None:
+    """launch_bwd_gluon's contract (head dim 128) by the one-kernel backward: dK, dV and dQ from one
+    pass, dQ summed by fp32 atomics into a zeroed (batch, heads, head_dim, seqlen) buffer, then
+    cast into dq4 — not bit-reproducible across runs. ``tiles``: (query rows, stages, dS buffers)."""
+    from flashlab.kernels.backward_gluon_fused import attn_bwd_fused_gluon_kernel
+
+    batch, seqlen_q, heads, head_dim = q4.shape
+    seqlen_k, kv_heads = k4.shape[1], k4.shape[2]
+    block_m, stages, nbuf = tiles or FUSED_TILES
+    (q3, q_seq_b, q_seq_h, q_col_h), (k3, k_seq_b, k_seq_h, k_col_h), (v3, *_) = (
+        tile_view(t) for t in (q4, k4, v4))
+    do_view = tile_view(do4)
+    if do_view is None or do_view[1:] != (q_seq_b, q_seq_h, q_col_h):
+        do4 = torch.empty_like(q4).copy_(do4)
+        do_view = tile_view(do4)
+    if dk4.stride() != dv4.stride():
+        raise ValueError(f"dk and dv need the same strides, got {dk4.stride()} and {dv4.stride()}")
+    # Query-contiguous, so each thread's pair of dQᵀ elements is one 8-byte atomic; every tile's rows
+    # exist (a ragged last tile adds zeros past seqlen_q).
+    rows_padded = configs.cdiv(seqlen_q, block_m) * block_m
+    dq_acc = torch.zeros(batch, heads, head_dim, rows_padded, device=q4.device, dtype=torch.float32)
+    launch(
+        attn_bwd_fused_gluon_kernel, (configs.cdiv(seqlen_k, DKDV_BLOCK_N), kv_heads, batch),
+        tile_descriptor(q3, block_m, head_dim), tile_descriptor(do_view[0], block_m, head_dim),
+        tile_descriptor(k3, DKDV_BLOCK_N // 2, head_dim), tile_descriptor(v3, DKDV_BLOCK_N // 2, head_dim),
+        lse, delta, dk4, dv4, dq_acc, *lse_strides, dk4.stride(0), dk4.stride(1), dk4.stride(2),
+        dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
+        q_seq_b, q_seq_h, q_col_h, k_seq_b, k_seq_h, k_col_h, seqlen_q, seqlen_k,
+        causal_diag(causal, bottom_right, seqlen_q, seqlen_k), heads // kv_heads,
+        softmax_scale * 1.4426950408889634, softmax_scale,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=DKDV_BLOCK_N, STAGES=stages, NBUF=nbuf, CAUSAL=bool(causal),
+        EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0,
+        num_warps=4, maxnreg=MAXNREG)
+    dq4.copy_(dq_acc[..., :seqlen_q].permute(0, 3, 1, 2))

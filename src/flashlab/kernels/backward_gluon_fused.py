@@ -1,0 +1,215 @@
+"""The Hopper backward in one Gluon kernel: dK, dV and dQ from one pass over the scores (5 matrix
+products a (query tile, key block) pair, not the two-kernel split's 7: backward_gluon.py recomputes
+S and dP for dQ). dQ is summed over key blocks by fp32 atomics, so its low bits depend on the order
+programs finish: not deterministic (the two-kernel split is).
+
+The program is backward_gluon.py's dK/dV program (128 keys, two consumers of 64 keys, a producer
+warp streaming (Q_i, dO_i) through the ring) with one more product a tile:
+
+    dQᵢᵀ[dims of consumer c] = Σ_h K_hᵀ[dims of c] · dS_hᵀ      (h: the two consumers' key halves)
+
+Each consumer writes its dSᵀ (keys × queries, fp16/bf16) to shared memory and computes half of dQᵢᵀ's
+head dim from both halves, so a CTA adds 128 keys' worth of dQ at once (half the atomics of each
+consumer adding its own 64 keys) and the consumers' work stays equal. The halves meet through two
+mbarrier rings over NBUF dS buffers: ``ds_ready[b]`` (both halves of buffer b written) and
+``ds_free[b]`` (both consumers' dQ products have read it). A consumer issues tile i's dQ product one
+tile late, after writing tile i+1's dS, so it waits on the other consumer only if that one is more
+than a tile behind; dQ's atomics run while the tile's dV, dK products are in flight.
+
+dQ accumulates, scaled, into ``DQ_ACC`` fp32 by (batch, head, dim) strides, queries contiguous; the host zeroes it and
+casts it into dq. Head dim 128 only (half of it is one 64-row wgmma).
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
+
+from flashlab.kernels.backward_gluon import _dkdv_producer, _first_q_block
+from flashlab.kernels.gluon_ring import mma_layout, operand_layout, release, ring_barriers, tile_layout, wait_full
+
+LOG2E = gl.constexpr(1.4426950408889634)
+
+
+@gluon.jit
+def _dq_product(k0, k1, ds_smem, ds_ready, n, half, acc_zero, HALF_D: gl.constexpr, NBUF: gl.constexpr):
+    """Issue dQᵀ of stream item ``n`` for this consumer's dims (both key halves' dSᵀ, once ready)."""
+    b = n % NBUF
+    mbarrier.wait(ds_ready.index(b), (n // NBUF) & 1)
+    a0 = k0.permute((1, 0)).slice(half * HALF_D, HALF_D, dim=0)
+    a1 = k1.permute((1, 0)).slice(half * HALF_D, HALF_D, dim=0)
+    tok = warpgroup_mma(a0, ds_smem.index(2 * b), acc_zero, use_acc=False, is_async=True)
+    return warpgroup_mma(a1, ds_smem.index(2 * b + 1), tok, is_async=True)
+
+
+@gluon.jit
+def _dq_atomics(dq, DQ_ACC, off_b, off_h, tile, half, stride_ab, stride_ah, stride_ad,
+                dq_layout: gl.constexpr, HALF_D: gl.constexpr, BLOCK_M: gl.constexpr):
+    """Add this consumer's dQᵀ (its HALF_D dims × BLOCK_M queries of query tile ``tile``) into DQ_ACC."""
+    dims = half * HALF_D + gl.arange(0, HALF_D, layout=gl.SliceLayout(1, dq_layout))
+    queries = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, dq_layout))
+    base = DQ_ACC + off_b.to(gl.int64) * stride_ab + off_h.to(gl.int64) * stride_ah
+    gl.atomic_add(base + dims[:, None] * stride_ad + queries[None, :], dq, sem="relaxed")
+
+
+@gluon.jit
+def _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, ds_free, LSE, DELTA, stride_lb,
+                 stride_lh, off_b, off_h, i, it, half, keys, cols, s_zero, seqlen_q, seqlen_k, diag, qk_scale,
+                 dtype: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, NBUF: gl.constexpr,
+                 CAUSAL: gl.constexpr, EVEN: gl.constexpr):
+    """Stream item ``it`` (query tile i of head off_h): Pᵀ and dSᵀ of this consumer's keys, dSᵀ also
+    written to its half of dS buffer it % NBUF and signalled ready. Returns (Pᵀ, dSᵀ) in ``dtype``."""
+    slot = it % STAGES
+    wait_full(full, it, STAGES)
+    s_tok = warpgroup_mma(k_own, q_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    dp_tok = warpgroup_mma(v_own, do_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    q_idx = i * BLOCK_M + cols
+    in_seq = q_idx < seqlen_q
+    row_base = off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
+    lse2 = gl.load(LSE + row_base + q_idx, mask=in_seq, other=0.0) * LOG2E
+    delta = gl.load(DELTA + row_base + q_idx, mask=in_seq, other=0.0)
+    s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])  # every earlier product of this consumer too
+    if it > 0:
+        release(empty, it - 1, STAGES)  # the previous tile's Q, dO: read by its dV, dK products
+    p = gl.exp2(s * qk_scale - lse2[None, :])
+    if not EVEN:
+        p = gl.where(in_seq[None, :] & (keys[:, None] < seqlen_k), p, 0.0)
+    if CAUSAL:
+        p = gl.where(keys[:, None] <= q_idx[None, :] + diag, p, 0.0)
+    ds = (p * (dp - delta[None, :])).to(dtype)
+    # Into this item's buffer once both consumers' dQ products of its last use are done.
+    b = it % NBUF
+    mbarrier.wait(ds_free.index(b), ((it // NBUF) & 1) ^ 1)
+    ds_smem.index(2 * b + half).store(ds)
+    fence_async_shared()  # generic-proxy stores, read next by wgmma (the async proxy)
+    gl.thread_barrier()
+    mbarrier.arrive(ds_ready.index(b), count=1)
+    return p.to(dtype), ds
+
+
+@gluon.jit
+def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, kv_bar, full, empty, ds_ready, ds_free, LSE,
+                    DELTA, DK, DV, DQ_ACC, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, stride_ab,
+                    stride_ah, stride_ad, off_b, off_hk, half, n0, group_size, seqlen_q, seqlen_k, diag,
+                    qk_scale, softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                    KEYS: gl.constexpr, STAGES: gl.constexpr, NBUF: gl.constexpr, CAUSAL: gl.constexpr,
+                    EVEN: gl.constexpr):
+    """Consumer ``half``: keys n0 + half · KEYS .. over every (query head of the group, query tile) —
+    one stream of items, item 0 peeled so the loop issues item it-1's dQ product unconditionally;
+    dK, dV of its keys; dQ of its half of the head dim (module docstring)."""
+    HALF_D: gl.constexpr = HEAD_DIM // 2
+    NUM_WARPS: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = mma_layout(NUM_WARPS, BLOCK_M)
+    o_layout: gl.constexpr = mma_layout(NUM_WARPS, HEAD_DIM)
+    op_layout: gl.constexpr = operand_layout(o_layout)
+    key0 = n0 + half * KEYS
+    keys = key0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
+    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    s_zero = gl.zeros([KEYS, BLOCK_M], gl.float32, layout=s_layout)
+    dq_zero = gl.zeros([HALF_D, BLOCK_M], gl.float32, layout=s_layout)
+    dk = warpgroup_mma_init(gl.zeros([KEYS, HEAD_DIM], gl.float32, layout=o_layout))
+    dv = warpgroup_mma_init(gl.zeros([KEYS, HEAD_DIM], gl.float32, layout=o_layout))
+
+    mbarrier.wait(kv_bar, 0)
+    i_start = _first_q_block(n0, diag, BLOCK_M, CAUSAL)
+    per_head = gl.cdiv(seqlen_q, BLOCK_M) - i_start
+    items = group_size * per_head
+    if items > 0:
+        off_h = off_hk * group_size
+        p, ds = _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, ds_free, LSE, DELTA,
+                             stride_lb, stride_lh, off_b, off_h, i_start, 0, half, keys, cols, s_zero, seqlen_q,
+                             seqlen_k, diag, qk_scale, dtype, BLOCK_M, STAGES, NBUF, CAUSAL, EVEN)
+        dv = warpgroup_mma(gl.convert_layout(p, op_layout), do_smem.index(0), dv, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(ds, op_layout), q_smem.index(0), dk, is_async=True)
+    for it in range(1, items):
+        g = it // per_head
+        i = i_start + it - g * per_head
+        off_h = off_hk * group_size + g
+        p, ds = _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, ds_free, LSE, DELTA,
+                             stride_lb, stride_lh, off_b, off_h, i, it, half, keys, cols, s_zero, seqlen_q,
+                             seqlen_k, diag, qk_scale, dtype, BLOCK_M, STAGES, NBUF, CAUSAL, EVEN)
+        # The previous item's dQ (its dS is ready unless the other consumer lags a tile), then this
+        # item's dV, dK, left in flight under the dQ atomics.
+        dq = _dq_product(k0, k1, ds_smem, ds_ready, it - 1, half, dq_zero, HALF_D, NBUF)
+        slot = it % STAGES
+        dv = warpgroup_mma(gl.convert_layout(p, op_layout), do_smem.index(slot), dv, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(ds, op_layout), q_smem.index(slot), dk, is_async=True)
+        dq = warpgroup_mma_wait(2, deps=[dq])
+        release(ds_free, it - 1, NBUF)
+        g_prev = (it - 1) // per_head
+        _dq_atomics(dq * softmax_scale, DQ_ACC, off_b, off_hk * group_size + g_prev,
+                    i_start + it - 1 - g_prev * per_head, half, stride_ab, stride_ah, stride_ad,
+                    s_layout, HALF_D, BLOCK_M)
+    if items > 0:
+        g_last = (items - 1) // per_head
+        dq = _dq_product(k0, k1, ds_smem, ds_ready, items - 1, half, dq_zero, HALF_D, NBUF)
+        dq = warpgroup_mma_wait(0, deps=[dq])
+        _dq_atomics(dq * softmax_scale, DQ_ACC, off_b, off_hk * group_size + g_last,
+                    i_start + items - 1 - g_last * per_head, half, stride_ab, stride_ah, stride_ad,
+                    s_layout, HALF_D, BLOCK_M)
+    dk, dv = warpgroup_mma_wait(0, deps=[dk, dv])
+
+    rows = key0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, o_layout))
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    offs = (off_b.to(gl.int64) * stride_kb + rows[:, None].to(gl.int64) * stride_ks + off_hk.to(gl.int64) * stride_kh
+            + dims[None, :])
+    ok = rows[:, None] < seqlen_k
+    gl.store(DK + offs, (dk * softmax_scale).to(dtype), mask=ok)
+    gl.store(DV + offs, dv.to(dtype), mask=ok)
+
+
+@gluon.jit
+def attn_bwd_fused_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, DV, DQ_ACC, stride_lb, stride_lh,
+                                stride_kb, stride_ks, stride_kh, stride_ab, stride_ah, stride_ad,
+                                q_seq_b, q_seq_h, q_col_h, k_seq_b, k_seq_h, k_col_h, seqlen_q, seqlen_k, diag,
+                                group_size, qk_scale, softmax_scale, HEAD_DIM: gl.constexpr,
+                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                                NBUF: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr):
+    """dK, dV of keys n0 .. n0 + BLOCK_N of kv head program_id(1), batch program_id(2), and their
+    part of every visible query's dQ (module docstring). DK / DV as backward_gluon.py's; DQ_ACC fp32
+    (batch, heads, head_dim, queries) by (stride_ab, stride_ah, stride_ad), queries contiguous, zeroed, covering every
+    query tile (cdiv(seqlen_q, BLOCK_M) · BLOCK_M rows: ragged tiles add zeros past seqlen_q).
+    Grid: (cdiv(seqlen_k, BLOCK_N), kv_heads, batch); num_warps=4."""
+    KEYS: gl.constexpr = BLOCK_N // 2
+    dtype: gl.constexpr = q_desc.dtype
+    n0 = gl.program_id(0) * BLOCK_N
+    off_hk = gl.program_id(1)
+    off_b = gl.program_id(2)
+
+    k0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(k_desc.layout))
+    k1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(k_desc.layout))
+    v0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(v_desc.layout))
+    v1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(v_desc.layout))
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], tile_layout(q_desc.layout))
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], tile_layout(do_desc.layout))
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KEYS, BLOCK_M], dtype)
+    ds_smem = gl.allocate_shared_memory(dtype, [2 * NBUF, KEYS, BLOCK_M], ds_layout)
+    kv_bar, full, empty = ring_barriers(STAGES)
+    ds_ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    ds_free = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(NBUF):
+        mbarrier.init(ds_ready.index(b), count=2)
+        mbarrier.init(ds_free.index(b), count=2)
+    fence_async_shared()
+
+    k_seq = off_b * k_seq_b + off_hk * k_seq_h
+    gl.warp_specialize([
+        (_fused_consumer, (k0, v0, k0, k1, q_smem, do_smem, ds_smem, kv_bar, full, empty, ds_ready, ds_free, LSE,
+                           DELTA, DK, DV, DQ_ACC, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, stride_ab,
+                           stride_ah, stride_ad, off_b, off_hk, 0, n0, group_size, seqlen_q, seqlen_k,
+                           diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF, CAUSAL,
+                           EVEN)),
+        (_fused_consumer, (k1, v1, k0, k1, q_smem, do_smem, ds_smem, kv_bar, full, empty, ds_ready, ds_free, LSE,
+                           DELTA, DK, DV, DQ_ACC, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, stride_ab,
+                           stride_ah, stride_ad, off_b, off_hk, 1, n0, group_size, seqlen_q, seqlen_k,
+                           diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF, CAUSAL,
+                           EVEN)),
+        (_dkdv_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
+                          k_seq, off_hk * k_col_h, q_seq_b, q_seq_h, q_col_h, off_b, off_hk, n0, group_size,
+                          seqlen_q, diag, KEYS, BLOCK_M, STAGES, CAUSAL)),
+    ], [4, 1], [240, 24])
