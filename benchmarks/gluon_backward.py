@@ -151,7 +151,7 @@ def check_and_time(out_dir: Path) -> None:
                 name, r, s = f"d{w}", want[w], same[w]
                 check = accuracy_check(a, r, s, factor=3.0)
                 ok &= check.ok and not a.isnan().any().item()
-                rows.append({"kind": "check", "grad": name, "tiles": [list(t) for t in tiles], "ok": check.ok,
+                rows.append({"kind": "check", "grad": name, "tiles": str(tiles), "ok": check.ok,
                              "shape": [batch, sq, sk, heads, kv_heads, head_dim], "dtype": str(dtype),
                              "causal": causal, "detail": str(check)})
                 print("check", "PASS" if check.ok else "FAIL", name, tiles, rows[-1]["shape"], dtype,

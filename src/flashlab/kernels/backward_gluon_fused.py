@@ -49,19 +49,23 @@ def _dq_product(k0, k1, ds_smem, ds_ready, n, half, acc_zero, HALF_D: gl.constex
 
 @gluon.jit
 def _dq_atomics(dq, DQ_ACC, off_b, off_h, tile, half, stride_ab, stride_ah, stride_ad,
-                dq_layout: gl.constexpr, HALF_D: gl.constexpr, BLOCK_M: gl.constexpr):
+                dq_layout: gl.constexpr, HALF_D: gl.constexpr, BLOCK_M: gl.constexpr, ABLATE: gl.constexpr):
     """Add this consumer's dQᵀ (its HALF_D dims × BLOCK_M queries of query tile ``tile``) into DQ_ACC."""
     dims = half * HALF_D + gl.arange(0, HALF_D, layout=gl.SliceLayout(1, dq_layout))
     queries = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, dq_layout))
     base = DQ_ACC + off_b.to(gl.int64) * stride_ab + off_h.to(gl.int64) * stride_ah
-    gl.atomic_add(base + dims[:, None] * stride_ad + queries[None, :], dq, sem="relaxed")
+    if ABLATE == 1:  # experiment: the atomics predicated off at run time
+        gl.atomic_add(base + dims[:, None] * stride_ad + queries[None, :], dq, mask=queries[None, :] < 0,
+                      sem="relaxed")
+    else:
+        gl.atomic_add(base + dims[:, None] * stride_ad + queries[None, :], dq, sem="relaxed")
 
 
 @gluon.jit
 def _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, ds_free, LSE, DELTA, stride_lb,
                  stride_lh, off_b, off_h, i, it, half, keys, cols, s_zero, seqlen_q, seqlen_k, diag, qk_scale,
                  dtype: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, NBUF: gl.constexpr,
-                 CAUSAL: gl.constexpr, EVEN: gl.constexpr):
+                 CAUSAL: gl.constexpr, EVEN: gl.constexpr, ABLATE: gl.constexpr):
     """Stream item ``it`` (query tile i of head off_h): Pᵀ and dSᵀ of this consumer's keys, dSᵀ also
     written to its half of dS buffer it % NBUF and signalled ready. Returns (Pᵀ, dSᵀ) in ``dtype``."""
     slot = it % STAGES
@@ -84,11 +88,13 @@ def _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, 
     ds = (p * (dp - delta[None, :])).to(dtype)
     # Into this item's buffer once both consumers' dQ products of its last use are done.
     b = it % NBUF
-    mbarrier.wait(ds_free.index(b), ((it // NBUF) & 1) ^ 1)
+    if ABLATE != 2:
+        mbarrier.wait(ds_free.index(b), ((it // NBUF) & 1) ^ 1)
     ds_smem.index(2 * b + half).store(ds)
     fence_async_shared()  # generic-proxy stores, read next by wgmma (the async proxy)
     gl.thread_barrier()
-    mbarrier.arrive(ds_ready.index(b), count=1)
+    if ABLATE != 2:
+        mbarrier.arrive(ds_ready.index(b), count=1)
     return p.to(dtype), ds
 
 
@@ -98,7 +104,7 @@ def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, kv_bar, full
                     stride_ah, stride_ad, off_b, off_hk, half, n0, group_size, seqlen_q, seqlen_k, diag,
                     qk_scale, softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                     KEYS: gl.constexpr, STAGES: gl.constexpr, NBUF: gl.constexpr, CAUSAL: gl.constexpr,
-                    EVEN: gl.constexpr):
+                    EVEN: gl.constexpr, ABLATE: gl.constexpr):
     """Consumer ``half``: keys n0 + half · KEYS .. over every (query head of the group, query tile) —
     one stream of items, item 0 peeled so the loop issues item it-1's dQ product unconditionally;
     dK, dV of its keys; dQ of its half of the head dim (module docstring)."""
@@ -123,7 +129,7 @@ def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, kv_bar, full
         off_h = off_hk * group_size
         p, ds = _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, ds_free, LSE, DELTA,
                              stride_lb, stride_lh, off_b, off_h, i_start, 0, half, keys, cols, s_zero, seqlen_q,
-                             seqlen_k, diag, qk_scale, dtype, BLOCK_M, STAGES, NBUF, CAUSAL, EVEN)
+                             seqlen_k, diag, qk_scale, dtype, BLOCK_M, STAGES, NBUF, CAUSAL, EVEN, ABLATE)
         dv = warpgroup_mma(gl.convert_layout(p, op_layout), do_smem.index(0), dv, is_async=True)
         dk = warpgroup_mma(gl.convert_layout(ds, op_layout), q_smem.index(0), dk, is_async=True)
     for it in range(1, items):
@@ -132,26 +138,30 @@ def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, kv_bar, full
         off_h = off_hk * group_size + g
         p, ds = _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, ds_free, LSE, DELTA,
                              stride_lb, stride_lh, off_b, off_h, i, it, half, keys, cols, s_zero, seqlen_q,
-                             seqlen_k, diag, qk_scale, dtype, BLOCK_M, STAGES, NBUF, CAUSAL, EVEN)
+                             seqlen_k, diag, qk_scale, dtype, BLOCK_M, STAGES, NBUF, CAUSAL, EVEN, ABLATE)
         # The previous item's dQ (its dS is ready unless the other consumer lags a tile), then this
         # item's dV, dK, left in flight under the dQ atomics.
-        dq = _dq_product(k0, k1, ds_smem, ds_ready, it - 1, half, dq_zero, HALF_D, NBUF)
         slot = it % STAGES
-        dv = warpgroup_mma(gl.convert_layout(p, op_layout), do_smem.index(slot), dv, is_async=True)
-        dk = warpgroup_mma(gl.convert_layout(ds, op_layout), q_smem.index(slot), dk, is_async=True)
-        dq = warpgroup_mma_wait(2, deps=[dq])
-        release(ds_free, it - 1, NBUF)
-        g_prev = (it - 1) // per_head
-        _dq_atomics(dq * softmax_scale, DQ_ACC, off_b, off_hk * group_size + g_prev,
-                    i_start + it - 1 - g_prev * per_head, half, stride_ab, stride_ah, stride_ad,
-                    s_layout, HALF_D, BLOCK_M)
-    if items > 0:
+        if ABLATE == 2:  # experiment: no dQ at all
+            dv = warpgroup_mma(gl.convert_layout(p, op_layout), do_smem.index(slot), dv, is_async=True)
+            dk = warpgroup_mma(gl.convert_layout(ds, op_layout), q_smem.index(slot), dk, is_async=True)
+        else:
+            dq = _dq_product(k0, k1, ds_smem, ds_ready, it - 1, half, dq_zero, HALF_D, NBUF)
+            dv = warpgroup_mma(gl.convert_layout(p, op_layout), do_smem.index(slot), dv, is_async=True)
+            dk = warpgroup_mma(gl.convert_layout(ds, op_layout), q_smem.index(slot), dk, is_async=True)
+            dq = warpgroup_mma_wait(2, deps=[dq])
+            release(ds_free, it - 1, NBUF)
+            g_prev = (it - 1) // per_head
+            _dq_atomics(dq * softmax_scale, DQ_ACC, off_b, off_hk * group_size + g_prev,
+                        i_start + it - 1 - g_prev * per_head, half, stride_ab, stride_ah, stride_ad,
+                        s_layout, HALF_D, BLOCK_M, ABLATE)
+    if items > 0 and ABLATE != 2:
         g_last = (items - 1) // per_head
         dq = _dq_product(k0, k1, ds_smem, ds_ready, items - 1, half, dq_zero, HALF_D, NBUF)
         dq = warpgroup_mma_wait(0, deps=[dq])
         _dq_atomics(dq * softmax_scale, DQ_ACC, off_b, off_hk * group_size + g_last,
                     i_start + items - 1 - g_last * per_head, half, stride_ab, stride_ah, stride_ad,
-                    s_layout, HALF_D, BLOCK_M)
+                    s_layout, HALF_D, BLOCK_M, ABLATE)
     dk, dv = warpgroup_mma_wait(0, deps=[dk, dv])
 
     rows = key0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, o_layout))
@@ -169,7 +179,8 @@ def attn_bwd_fused_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK,
                                 q_seq_b, q_seq_h, q_col_h, k_seq_b, k_seq_h, k_col_h, seqlen_q, seqlen_k, diag,
                                 group_size, qk_scale, softmax_scale, HEAD_DIM: gl.constexpr,
                                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                                NBUF: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr):
+                                NBUF: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr,
+                                ABLATE: gl.constexpr = 0):
     """dK, dV of keys n0 .. n0 + BLOCK_N of kv head program_id(1), batch program_id(2), and their
     part of every visible query's dQ (module docstring). DK / DV as backward_gluon.py's; DQ_ACC fp32
     (batch, heads, head_dim, queries) by (stride_ab, stride_ah, stride_ad), queries contiguous, zeroed, covering every
@@ -203,12 +214,12 @@ def attn_bwd_fused_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK,
                            DELTA, DK, DV, DQ_ACC, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, stride_ab,
                            stride_ah, stride_ad, off_b, off_hk, 0, n0, group_size, seqlen_q, seqlen_k,
                            diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF, CAUSAL,
-                           EVEN)),
+                           EVEN, ABLATE)),
         (_fused_consumer, (k1, v1, k0, k1, q_smem, do_smem, ds_smem, kv_bar, full, empty, ds_ready, ds_free, LSE,
                            DELTA, DK, DV, DQ_ACC, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, stride_ab,
                            stride_ah, stride_ad, off_b, off_hk, 1, n0, group_size, seqlen_q, seqlen_k,
                            diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF, CAUSAL,
-                           EVEN)),
+                           EVEN, ABLATE)),
         (_dkdv_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
                           k_seq, off_hk * k_col_h, q_seq_b, q_seq_h, q_col_h, off_b, off_hk, n0, group_size,
                           seqlen_q, diag, KEYS, BLOCK_M, STAGES, CAUSAL)),
