@@ -82,7 +82,8 @@ def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: 
 def launch_bwd_gluon_fused(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: torch.Tensor,
                            dq4: torch.Tensor, dk4: torch.Tensor, dv4: torch.Tensor, lse: torch.Tensor,
                            delta: torch.Tensor, lse_strides: tuple[int, int], softmax_scale: float, causal: bool,
-                           bottom_right: bool = True, tiles: tuple[int, int, int] | None = None, ablate: int = 0) -> None:
+                           bottom_right: bool = True, tiles: tuple[int, int, int] | None = None, ablate: int = 0,
+                           writer: int = 0) -> None:
     """launch_bwd_gluon's contract (head dim 128) by the one-kernel backward: dK, dV and dQ from one
     pass, dQ summed by fp32 atomics into a zeroed (batch, heads, head_dim, seqlen) buffer, then
     cast into dq4 — not bit-reproducible across runs. ``tiles``: (query rows, stages, dS buffers)."""
@@ -113,6 +114,6 @@ def launch_bwd_gluon_fused(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
         causal_diag(causal, bottom_right, seqlen_q, seqlen_k), heads // kv_heads,
         softmax_scale * 1.4426950408889634, softmax_scale,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=DKDV_BLOCK_N, STAGES=stages, NBUF=nbuf, CAUSAL=bool(causal),
-        EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0, ABLATE=ablate,
+        EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0, ABLATE=ablate, WRITER=writer,
         num_warps=4, maxnreg=MAXNREG)
     dq4.copy_(dq_acc[..., :seqlen_q].permute(0, 3, 1, 2))

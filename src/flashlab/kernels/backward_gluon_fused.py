@@ -30,8 +30,17 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from flashlab.kernels.backward_gluon import _dkdv_producer, _first_q_block
-from flashlab.kernels.gluon_ring import mma_layout, operand_layout, release, ring_barriers, tile_layout, wait_full
+from flashlab.kernels.backward_gluon import _first_q_block
+from flashlab.kernels.gluon_ring import (
+    acquire,
+    load_tile,
+    mma_layout,
+    operand_layout,
+    release,
+    ring_barriers,
+    tile_layout,
+    wait_full,
+)
 
 LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -59,6 +68,72 @@ def _dq_atomics(dq, DQ_ACC, off_b, off_h, tile, half, stride_ab, stride_ah, stri
                       sem="relaxed")
     else:
         gl.atomic_add(base + dims[:, None] * stride_ad + queries[None, :], dq, sem="relaxed")
+
+
+@gluon.jit
+def _dq_stage(dq, dq_stage, dq_ready, dq_free, n, half):
+    """Experiment (WRITER): this consumer's dQᵀ of item ``n`` into its half of the staging buffer,
+    for the producer warp to add into DQ_ACC; waits until the producer has drained item n - 1."""
+    mbarrier.wait(dq_free.index(0), (n & 1) ^ 1)
+    dq_stage.index(half).store(dq)
+    gl.thread_barrier()
+    mbarrier.arrive(dq_ready.index(0), count=1)
+
+
+@gluon.jit
+def _dq_drain(dq_stage, dq_ready, dq_free, DQ_ACC, n, off_b, off_h, tile, stride_ab, stride_ah, stride_ad,
+              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
+    """Experiment (WRITER), the producer warp: item ``n``'s staged dQᵀ (both halves) added into DQ_ACC
+    by 16-byte atomics, 8 dims at a time, then the buffer freed."""
+    CH: gl.constexpr = 4  # dims at a time (the producer's 32 registers)
+    # The same bytes as [chunks, CH, queries]: the swizzle's phase is the dim mod 4 either way.
+    chunks = dq_stage._reinterpret(gl.float32, [HEAD_DIM // CH, CH, BLOCK_M], dq_stage.layout)
+    layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // BLOCK_M, BLOCK_M // 4], [1, 1], [1, 0])
+    mbarrier.wait(dq_ready.index(0), n & 1)
+    base = DQ_ACC + off_b.to(gl.int64) * stride_ab + off_h.to(gl.int64) * stride_ah + tile * BLOCK_M
+    rows = gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, layout))
+    for j in range(HEAD_DIM // CH):  # chunk j: dims j · CH ..
+        part = chunks.index(j).load(layout)
+        gl.atomic_add(base + (j * CH + rows)[:, None] * stride_ad + cols[None, :], part, sem="relaxed")
+    gl.thread_barrier()
+    mbarrier.arrive(dq_free.index(0), count=1)
+
+
+@gluon.jit
+def _fused_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
+                    dq_stage, dq_ready, dq_free, DQ_ACC, stride_ab, stride_ah, stride_ad, k_seq, k_col, q_seq_b,
+                    q_seq_h, q_col_h, off_b, off_hk, n0, group_size, seqlen_q, diag, HEAD_DIM: gl.constexpr,
+                    KEYS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                    WRITER: gl.constexpr):
+    """Experiment (WRITER): backward_gluon.py's dK/dV producer over the consumers' flattened stream,
+    draining item it - STAGES's dQ after loading item it (and the last ones after the loop)."""
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+    load_tile(k_desc, k_seq, n0, k_col, kv_bar, k0)
+    load_tile(k_desc, k_seq, n0 + KEYS, k_col, kv_bar, k1)
+    load_tile(v_desc, k_seq, n0, k_col, kv_bar, v0)
+    load_tile(v_desc, k_seq, n0 + KEYS, k_col, kv_bar, v1)
+    i_start = _first_q_block(n0, diag, BLOCK_M, CAUSAL)
+    per_head = gl.cdiv(seqlen_q, BLOCK_M) - i_start
+    items = group_size * per_head
+    for it in range(items):
+        g = it // per_head
+        off_h = off_hk * group_size + g
+        q_seq = off_b * q_seq_b + off_h * q_seq_h
+        i = i_start + it - g * per_head
+        bar = acquire(empty, full, it, q_desc.block_type.nbytes + do_desc.block_type.nbytes, STAGES)
+        load_tile(q_desc, q_seq, i * BLOCK_M, off_h * q_col_h, bar, q_smem.index(it % STAGES))
+        load_tile(do_desc, q_seq, i * BLOCK_M, off_h * q_col_h, bar, do_smem.index(it % STAGES))
+        if WRITER and it >= STAGES:
+            n = it - STAGES
+            gn = n // per_head
+            _dq_drain(dq_stage, dq_ready, dq_free, DQ_ACC, n, off_b, off_hk * group_size + gn,
+                      i_start + n - gn * per_head, stride_ab, stride_ah, stride_ad, HEAD_DIM, BLOCK_M)
+    if WRITER:
+        for n in range(gl.maximum(items - STAGES, 0), items):
+            gn = n // per_head
+            _dq_drain(dq_stage, dq_ready, dq_free, DQ_ACC, n, off_b, off_hk * group_size + gn,
+                      i_start + n - gn * per_head, stride_ab, stride_ah, stride_ad, HEAD_DIM, BLOCK_M)
 
 
 @gluon.jit
@@ -99,12 +174,13 @@ def _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, 
 
 
 @gluon.jit
-def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, kv_bar, full, empty, ds_ready, ds_free, LSE,
+def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq_ready, dq_free, kv_bar, full,
+                    empty, ds_ready, ds_free, LSE,
                     DELTA, DK, DV, DQ_ACC, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, stride_ab,
                     stride_ah, stride_ad, off_b, off_hk, half, n0, group_size, seqlen_q, seqlen_k, diag,
                     qk_scale, softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                     KEYS: gl.constexpr, STAGES: gl.constexpr, NBUF: gl.constexpr, CAUSAL: gl.constexpr,
-                    EVEN: gl.constexpr, ABLATE: gl.constexpr):
+                    EVEN: gl.constexpr, ABLATE: gl.constexpr, WRITER: gl.constexpr):
     """Consumer ``half``: keys n0 + half · KEYS .. over every (query head of the group, query tile) —
     one stream of items, item 0 peeled so the loop issues item it-1's dQ product unconditionally;
     dK, dV of its keys; dQ of its half of the head dim (module docstring)."""
@@ -151,17 +227,23 @@ def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, kv_bar, full
             dk = warpgroup_mma(gl.convert_layout(ds, op_layout), q_smem.index(slot), dk, is_async=True)
             dq = warpgroup_mma_wait(2, deps=[dq])
             release(ds_free, it - 1, NBUF)
-            g_prev = (it - 1) // per_head
-            _dq_atomics(dq * softmax_scale, DQ_ACC, off_b, off_hk * group_size + g_prev,
-                        i_start + it - 1 - g_prev * per_head, half, stride_ab, stride_ah, stride_ad,
-                        s_layout, HALF_D, BLOCK_M, ABLATE)
+            if WRITER:
+                _dq_stage(dq * softmax_scale, dq_stage, dq_ready, dq_free, it - 1, half)
+            else:
+                g_prev = (it - 1) // per_head
+                _dq_atomics(dq * softmax_scale, DQ_ACC, off_b, off_hk * group_size + g_prev,
+                            i_start + it - 1 - g_prev * per_head, half, stride_ab, stride_ah, stride_ad,
+                            s_layout, HALF_D, BLOCK_M, ABLATE)
     if items > 0 and ABLATE != 2:
         g_last = (items - 1) // per_head
         dq = _dq_product(k0, k1, ds_smem, ds_ready, items - 1, half, dq_zero, HALF_D, NBUF)
         dq = warpgroup_mma_wait(0, deps=[dq])
-        _dq_atomics(dq * softmax_scale, DQ_ACC, off_b, off_hk * group_size + g_last,
-                    i_start + items - 1 - g_last * per_head, half, stride_ab, stride_ah, stride_ad,
-                    s_layout, HALF_D, BLOCK_M, ABLATE)
+        if WRITER:
+            _dq_stage(dq * softmax_scale, dq_stage, dq_ready, dq_free, items - 1, half)
+        else:
+            _dq_atomics(dq * softmax_scale, DQ_ACC, off_b, off_hk * group_size + g_last,
+                        i_start + items - 1 - g_last * per_head, half, stride_ab, stride_ah, stride_ad,
+                        s_layout, HALF_D, BLOCK_M, ABLATE)
     dk, dv = warpgroup_mma_wait(0, deps=[dk, dv])
 
     rows = key0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, o_layout))
@@ -180,7 +262,7 @@ def attn_bwd_fused_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK,
                                 group_size, qk_scale, softmax_scale, HEAD_DIM: gl.constexpr,
                                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                                 NBUF: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr,
-                                ABLATE: gl.constexpr = 0):
+                                ABLATE: gl.constexpr = 0, WRITER: gl.constexpr = 0):
     """dK, dV of keys n0 .. n0 + BLOCK_N of kv head program_id(1), batch program_id(2), and their
     part of every visible query's dQ (module docstring). DK / DV as backward_gluon.py's; DQ_ACC fp32
     (batch, heads, head_dim, queries) by (stride_ab, stride_ah, stride_ad), queries contiguous, zeroed, covering every
@@ -206,21 +288,32 @@ def attn_bwd_fused_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK,
     for b in gl.static_range(NBUF):
         mbarrier.init(ds_ready.index(b), count=2)
         mbarrier.init(ds_free.index(b), count=2)
+    dq_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    dq_free = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(dq_ready.index(0), count=2)
+    mbarrier.init(dq_free.index(0), count=1)
+    # Each consumer's [dims, queries] half; 32-byte units swizzled by the dim mod 4, so a wgmma-layout
+    # store (8 dims × 32 bytes a warp) meets each bank twice at most.
+    stage_layout: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 4, [1, 0])
+    dq_stage = gl.allocate_shared_memory(gl.float32, [2, HEAD_DIM // 2, BLOCK_M] if WRITER else [1, 8, 8], stage_layout)
     fence_async_shared()
 
     k_seq = off_b * k_seq_b + off_hk * k_seq_h
     gl.warp_specialize([
-        (_fused_consumer, (k0, v0, k0, k1, q_smem, do_smem, ds_smem, kv_bar, full, empty, ds_ready, ds_free, LSE,
+        (_fused_consumer, (k0, v0, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq_ready, dq_free, kv_bar, full, empty,
+                           ds_ready, ds_free, LSE,
                            DELTA, DK, DV, DQ_ACC, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, stride_ab,
                            stride_ah, stride_ad, off_b, off_hk, 0, n0, group_size, seqlen_q, seqlen_k,
                            diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF, CAUSAL,
-                           EVEN, ABLATE)),
-        (_fused_consumer, (k1, v1, k0, k1, q_smem, do_smem, ds_smem, kv_bar, full, empty, ds_ready, ds_free, LSE,
+                           EVEN, ABLATE, WRITER)),
+        (_fused_consumer, (k1, v1, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq_ready, dq_free, kv_bar, full, empty,
+                           ds_ready, ds_free, LSE,
                            DELTA, DK, DV, DQ_ACC, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, stride_ab,
                            stride_ah, stride_ad, off_b, off_hk, 1, n0, group_size, seqlen_q, seqlen_k,
                            diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF, CAUSAL,
-                           EVEN, ABLATE)),
-        (_dkdv_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
-                          k_seq, off_hk * k_col_h, q_seq_b, q_seq_h, q_col_h, off_b, off_hk, n0, group_size,
-                          seqlen_q, diag, KEYS, BLOCK_M, STAGES, CAUSAL)),
-    ], [4, 1], [240, 24])
+                           EVEN, ABLATE, WRITER)),
+        (_fused_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
+                           dq_stage, dq_ready, dq_free, DQ_ACC, stride_ab, stride_ah, stride_ad, k_seq,
+                           off_hk * k_col_h, q_seq_b, q_seq_h, q_col_h, off_b, off_hk, n0, group_size, seqlen_q,
+                           diag, HEAD_DIM, KEYS, BLOCK_M, STAGES, CAUSAL, WRITER)),
+    ], [4, 1], [240, 32 if WRITER else 24])
