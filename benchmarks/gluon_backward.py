@@ -1,7 +1,7 @@
 """The Gluon backward (issue 5; src/flashlab/kernels/backward_gluon.py, Hopper's default at head dim
-128): compile its two kernels for sm_90 without a GPU, or check dQ, dK, dV against the fp64
-reference on odd shapes and time them beside flashlab's `tl` backward and SDPA's (docs/perf-notes.md
-round 8, experiment 10; round 9).
+128, and the one-kernel backward_gluon_fused.py beside it): compile the kernels for sm_90 without a
+GPU, or check dQ, dK, dV against the fp64 reference on odd shapes and time them beside flashlab's
+`tl` backward and SDPA's (docs/perf-notes.md round 8, experiment 10; rounds 9 and 10).
 
 Usage:
   PYTHONPATH=src python3 benchmarks/gluon_backward.py --compile-only
@@ -34,7 +34,7 @@ from flashlab.kernels.backward_gluon_fused import attn_bwd_fused_gluon_kernel  #
 # (query rows, stages) of 128-key programs; dQ tiles: (keys a block, stages) of 128-row programs.
 # The fused kernel's (query rows, stages, dS buffers) are 3-tuples beside them (head dim 128 only).
 VARIANTS = {64: [((64, 3), (128, 3))],
-            128: [((64, 3), (128, 2)), FUSED_TILES, (32, 3, 3), (64, 2, 2)]}
+            128: [((64, 3), (128, 2)), FUSED_TILES, (64, 2, 3), (32, 4, 2)]}
 
 
 def gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
@@ -81,8 +81,10 @@ def compile_only() -> None:
         if what == "fused":
             stages, consts["NBUF"] = stages
         consts["STAGES"] = stages
+        # A launch finds the dQ accumulator's dim stride 16-divisible: 16-byte atomics.
         report = compile_report(kernel, consts, blocks, ty, types, divisible=("stride_ad",))
-        print(f"{what} d{head_dim} {block_m} x {block_n} tiles, {stages} stages, {ty} "
+        buffers = f", {consts['NBUF']} dS buffers" if "NBUF" in consts else ""
+        print(f"{what} d{head_dim} {block_m} x {block_n} tiles, {stages} stages{buffers}, {ty} "
               f"{'causal, ragged' if causal else 'full, even'}: {report}", flush=True)
 
 

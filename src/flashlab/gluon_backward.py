@@ -24,9 +24,10 @@ DQ_BLOCK_M = 128  # query rows a dQ program (64 a consumer)
 DKDV_TILES = {64: (64, 3), 128: (64, 3)}
 DQ_TILES = {64: (128, 3), 128: (128, 2)}  # head dim -> (keys a dQ block, ring stages)
 HEAD_DIMS = (128,)  # where it runs by default; d64's tiles are the benchmark's (a tie with `tl`)
-# The fused kernel (kernels/backward_gluon_fused.py, head dim 128): (query rows a tile, ring stages,
-# dS buffers). 32-row tiles compile spill-free; 64-row ones spill 300-400 B.
-FUSED_TILES = (32, 4, 2)
+# The fused kernel (kernels/backward_gluon_fused.py, head dim 128; not yet flashlab's backward):
+# (query rows a tile, ring stages, dS buffers). 64-row tiles spill ~200 B and still beat 32-row
+# ones (spill-free) by 13-19% (round 10).
+FUSED_TILES = (64, 2, 2)
 
 
 def gluon_bwd_eligible(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, window_right: int,
@@ -82,8 +83,7 @@ def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: 
 def launch_bwd_gluon_fused(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: torch.Tensor,
                            dq4: torch.Tensor, dk4: torch.Tensor, dv4: torch.Tensor, lse: torch.Tensor,
                            delta: torch.Tensor, lse_strides: tuple[int, int], softmax_scale: float, causal: bool,
-                           bottom_right: bool = True, tiles: tuple[int, int, int] | None = None, ablate: int = 0,
-                           writer: int = 0) -> None:
+                           bottom_right: bool = True, tiles: tuple[int, int, int] | None = None) -> None:
     """launch_bwd_gluon's contract (head dim 128) by the one-kernel backward: dK, dV and dQ from one
     pass, dQ summed by fp32 atomics into a zeroed (batch, heads, head_dim, seqlen) buffer, then
     cast into dq4 — not bit-reproducible across runs. ``tiles``: (query rows, stages, dS buffers)."""
@@ -114,6 +114,6 @@ def launch_bwd_gluon_fused(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
         causal_diag(causal, bottom_right, seqlen_q, seqlen_k), heads // kv_heads,
         softmax_scale * 1.4426950408889634, softmax_scale,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=DKDV_BLOCK_N, STAGES=stages, NBUF=nbuf, CAUSAL=bool(causal),
-        EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0, ABLATE=ablate, WRITER=writer,
+        EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0,
         num_warps=4, maxnreg=MAXNREG)
     dq4.copy_(dq_acc[..., :seqlen_q].permute(0, 3, 1, 2))

@@ -1,23 +1,26 @@
 """The Hopper backward in one Gluon kernel: dK, dV and dQ from one pass over the scores (5 matrix
 products a (query tile, key block) pair, not the two-kernel split's 7: backward_gluon.py recomputes
 S and dP for dQ). dQ is summed over key blocks by fp32 atomics, so its low bits depend on the order
-programs finish: not deterministic (the two-kernel split is).
+programs finish: not deterministic (the two-kernel split is). Head dim 128 (half of it is one
+64-row wgmma). Not wired into flashlab's backward yet (docs/perf-notes.md, round 10):
+benchmarks/gluon_backward.py checks and times it.
 
 The program is backward_gluon.py's dK/dV program (128 keys, two consumers of 64 keys, a producer
 warp streaming (Q_i, dO_i) through the ring) with one more product a tile:
 
     dQᵢᵀ[dims of consumer c] = Σ_h K_hᵀ[dims of c] · dS_hᵀ      (h: the two consumers' key halves)
 
-Each consumer writes its dSᵀ (keys × queries, fp16/bf16) to shared memory and computes half of dQᵢᵀ's
-head dim from both halves, so a CTA adds 128 keys' worth of dQ at once (half the atomics of each
-consumer adding its own 64 keys) and the consumers' work stays equal. The halves meet through two
-mbarrier rings over NBUF dS buffers: ``ds_ready[b]`` (both halves of buffer b written) and
-``ds_free[b]`` (both consumers' dQ products have read it). A consumer issues tile i's dQ product one
-tile late, after writing tile i+1's dS, so it waits on the other consumer only if that one is more
-than a tile behind; dQ's atomics run while the tile's dV, dK products are in flight.
+Each consumer writes its dSᵀ (keys × queries) to shared memory and computes half of dQᵢᵀ's head dim
+from both halves, so a CTA adds 128 keys' worth of dQ at once and the consumers' work stays equal.
+The halves meet through two mbarrier rings over NBUF dS buffers: ``ds_ready[b]`` (both halves of
+buffer b written) and ``ds_free[b]`` (both consumers' dQ products have read it). A consumer issues
+tile i's dQ product one tile late, after tile i+1's dS, so it waits on the other only if that one
+is more than a tile behind. The consumers stage their fp32 dQᵀ halves in shared memory and the
+producer warp adds them into DQ_ACC with 16-byte atomics between its loads (round 10: atomics by
+the consumers themselves cost 15% of the kernel's time; from the producer, nothing measurable).
 
-dQ accumulates, scaled, into ``DQ_ACC`` fp32 by (batch, head, dim) strides, queries contiguous; the host zeroes it and
-casts it into dq. Head dim 128 only (half of it is one 64-row wgmma).
+dQ accumulates, scaled, into ``DQ_ACC`` fp32 (batch, heads, head_dim, queries), queries contiguous;
+the host zeroes it and casts it into dq.
 """
 
 from triton.experimental import gluon
@@ -57,23 +60,9 @@ def _dq_product(k0, k1, ds_smem, ds_ready, n, half, acc_zero, HALF_D: gl.constex
 
 
 @gluon.jit
-def _dq_atomics(dq, DQ_ACC, off_b, off_h, tile, half, stride_ab, stride_ah, stride_ad,
-                dq_layout: gl.constexpr, HALF_D: gl.constexpr, BLOCK_M: gl.constexpr, ABLATE: gl.constexpr):
-    """Add this consumer's dQᵀ (its HALF_D dims × BLOCK_M queries of query tile ``tile``) into DQ_ACC."""
-    dims = half * HALF_D + gl.arange(0, HALF_D, layout=gl.SliceLayout(1, dq_layout))
-    queries = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, dq_layout))
-    base = DQ_ACC + off_b.to(gl.int64) * stride_ab + off_h.to(gl.int64) * stride_ah
-    if ABLATE == 1:  # experiment: the atomics predicated off at run time
-        gl.atomic_add(base + dims[:, None] * stride_ad + queries[None, :], dq, mask=queries[None, :] < 0,
-                      sem="relaxed")
-    else:
-        gl.atomic_add(base + dims[:, None] * stride_ad + queries[None, :], dq, sem="relaxed")
-
-
-@gluon.jit
 def _dq_stage(dq, dq_stage, dq_ready, dq_free, n, half):
-    """Experiment (WRITER): this consumer's dQᵀ of item ``n`` into its half of the staging buffer,
-    for the producer warp to add into DQ_ACC; waits until the producer has drained item n - 1."""
+    """This consumer's dQᵀ of item ``n`` into its half of the staging buffer, for the producer warp to
+    add into DQ_ACC; waits until the producer has drained item n - 1."""
     mbarrier.wait(dq_free.index(0), (n & 1) ^ 1)
     dq_stage.index(half).store(dq)
     gl.thread_barrier()
@@ -83,8 +72,8 @@ def _dq_stage(dq, dq_stage, dq_ready, dq_free, n, half):
 @gluon.jit
 def _dq_drain(dq_stage, dq_ready, dq_free, DQ_ACC, n, off_b, off_h, tile, stride_ab, stride_ah, stride_ad,
               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
-    """Experiment (WRITER), the producer warp: item ``n``'s staged dQᵀ (both halves) added into DQ_ACC
-    by 16-byte atomics, 8 dims at a time, then the buffer freed."""
+    """The producer warp: item ``n``'s staged dQᵀ (both halves) added into DQ_ACC by 16-byte atomics,
+    CH dims at a time, then the buffer freed."""
     CH: gl.constexpr = 4  # dims at a time (the producer's 32 registers)
     # The same bytes as [chunks, CH, queries]: the swizzle's phase is the dim mod 4 either way.
     chunks = dq_stage._reinterpret(gl.float32, [HEAD_DIM // CH, CH, BLOCK_M], dq_stage.layout)
@@ -104,10 +93,9 @@ def _dq_drain(dq_stage, dq_ready, dq_free, DQ_ACC, n, off_b, off_h, tile, stride
 def _fused_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
                     dq_stage, dq_ready, dq_free, DQ_ACC, stride_ab, stride_ah, stride_ad, k_seq, k_col, q_seq_b,
                     q_seq_h, q_col_h, off_b, off_hk, n0, group_size, seqlen_q, diag, HEAD_DIM: gl.constexpr,
-                    KEYS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                    WRITER: gl.constexpr):
-    """Experiment (WRITER): backward_gluon.py's dK/dV producer over the consumers' flattened stream,
-    draining item it - STAGES's dQ after loading item it (and the last ones after the loop)."""
+                    KEYS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """One warp: backward_gluon.py's dK/dV producer over the consumers' flattened stream, draining
+    item it - STAGES's dQ after loading item it (and the last items' after the loop)."""
     mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
     load_tile(k_desc, k_seq, n0, k_col, kv_bar, k0)
     load_tile(k_desc, k_seq, n0 + KEYS, k_col, kv_bar, k1)
@@ -124,23 +112,22 @@ def _fused_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0
         bar = acquire(empty, full, it, q_desc.block_type.nbytes + do_desc.block_type.nbytes, STAGES)
         load_tile(q_desc, q_seq, i * BLOCK_M, off_h * q_col_h, bar, q_smem.index(it % STAGES))
         load_tile(do_desc, q_seq, i * BLOCK_M, off_h * q_col_h, bar, do_smem.index(it % STAGES))
-        if WRITER and it >= STAGES:
+        if it >= STAGES:
             n = it - STAGES
             gn = n // per_head
             _dq_drain(dq_stage, dq_ready, dq_free, DQ_ACC, n, off_b, off_hk * group_size + gn,
                       i_start + n - gn * per_head, stride_ab, stride_ah, stride_ad, HEAD_DIM, BLOCK_M)
-    if WRITER:
-        for n in range(gl.maximum(items - STAGES, 0), items):
-            gn = n // per_head
-            _dq_drain(dq_stage, dq_ready, dq_free, DQ_ACC, n, off_b, off_hk * group_size + gn,
-                      i_start + n - gn * per_head, stride_ab, stride_ah, stride_ad, HEAD_DIM, BLOCK_M)
+    for n in range(gl.maximum(items - STAGES, 0), items):
+        gn = n // per_head
+        _dq_drain(dq_stage, dq_ready, dq_free, DQ_ACC, n, off_b, off_hk * group_size + gn,
+                  i_start + n - gn * per_head, stride_ab, stride_ah, stride_ad, HEAD_DIM, BLOCK_M)
 
 
 @gluon.jit
 def _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, ds_free, LSE, DELTA, stride_lb,
                  stride_lh, off_b, off_h, i, it, half, keys, cols, s_zero, seqlen_q, seqlen_k, diag, qk_scale,
                  dtype: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, NBUF: gl.constexpr,
-                 CAUSAL: gl.constexpr, EVEN: gl.constexpr, ABLATE: gl.constexpr):
+                 CAUSAL: gl.constexpr, EVEN: gl.constexpr):
     """Stream item ``it`` (query tile i of head off_h): Pᵀ and dSᵀ of this consumer's keys, dSᵀ also
     written to its half of dS buffer it % NBUF and signalled ready. Returns (Pᵀ, dSᵀ) in ``dtype``."""
     slot = it % STAGES
@@ -163,13 +150,11 @@ def _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, 
     ds = (p * (dp - delta[None, :])).to(dtype)
     # Into this item's buffer once both consumers' dQ products of its last use are done.
     b = it % NBUF
-    if ABLATE != 2:
-        mbarrier.wait(ds_free.index(b), ((it // NBUF) & 1) ^ 1)
+    mbarrier.wait(ds_free.index(b), ((it // NBUF) & 1) ^ 1)
     ds_smem.index(2 * b + half).store(ds)
     fence_async_shared()  # generic-proxy stores, read next by wgmma (the async proxy)
     gl.thread_barrier()
-    if ABLATE != 2:
-        mbarrier.arrive(ds_ready.index(b), count=1)
+    mbarrier.arrive(ds_ready.index(b), count=1)
     return p.to(dtype), ds
 
 
@@ -180,7 +165,7 @@ def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq
                     stride_ah, stride_ad, off_b, off_hk, half, n0, group_size, seqlen_q, seqlen_k, diag,
                     qk_scale, softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                     KEYS: gl.constexpr, STAGES: gl.constexpr, NBUF: gl.constexpr, CAUSAL: gl.constexpr,
-                    EVEN: gl.constexpr, ABLATE: gl.constexpr, WRITER: gl.constexpr):
+                    EVEN: gl.constexpr):
     """Consumer ``half``: keys n0 + half · KEYS .. over every (query head of the group, query tile) —
     one stream of items, item 0 peeled so the loop issues item it-1's dQ product unconditionally;
     dK, dV of its keys; dQ of its half of the head dim (module docstring)."""
@@ -205,7 +190,7 @@ def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq
         off_h = off_hk * group_size
         p, ds = _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, ds_free, LSE, DELTA,
                              stride_lb, stride_lh, off_b, off_h, i_start, 0, half, keys, cols, s_zero, seqlen_q,
-                             seqlen_k, diag, qk_scale, dtype, BLOCK_M, STAGES, NBUF, CAUSAL, EVEN, ABLATE)
+                             seqlen_k, diag, qk_scale, dtype, BLOCK_M, STAGES, NBUF, CAUSAL, EVEN)
         dv = warpgroup_mma(gl.convert_layout(p, op_layout), do_smem.index(0), dv, is_async=True)
         dk = warpgroup_mma(gl.convert_layout(ds, op_layout), q_smem.index(0), dk, is_async=True)
     for it in range(1, items):
@@ -214,36 +199,20 @@ def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq
         off_h = off_hk * group_size + g
         p, ds = _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, ds_free, LSE, DELTA,
                              stride_lb, stride_lh, off_b, off_h, i, it, half, keys, cols, s_zero, seqlen_q,
-                             seqlen_k, diag, qk_scale, dtype, BLOCK_M, STAGES, NBUF, CAUSAL, EVEN, ABLATE)
+                             seqlen_k, diag, qk_scale, dtype, BLOCK_M, STAGES, NBUF, CAUSAL, EVEN)
         # The previous item's dQ (its dS is ready unless the other consumer lags a tile), then this
         # item's dV, dK, left in flight under the dQ atomics.
         slot = it % STAGES
-        if ABLATE == 2:  # experiment: no dQ at all
-            dv = warpgroup_mma(gl.convert_layout(p, op_layout), do_smem.index(slot), dv, is_async=True)
-            dk = warpgroup_mma(gl.convert_layout(ds, op_layout), q_smem.index(slot), dk, is_async=True)
-        else:
-            dq = _dq_product(k0, k1, ds_smem, ds_ready, it - 1, half, dq_zero, HALF_D, NBUF)
-            dv = warpgroup_mma(gl.convert_layout(p, op_layout), do_smem.index(slot), dv, is_async=True)
-            dk = warpgroup_mma(gl.convert_layout(ds, op_layout), q_smem.index(slot), dk, is_async=True)
-            dq = warpgroup_mma_wait(2, deps=[dq])
-            release(ds_free, it - 1, NBUF)
-            if WRITER:
-                _dq_stage(dq * softmax_scale, dq_stage, dq_ready, dq_free, it - 1, half)
-            else:
-                g_prev = (it - 1) // per_head
-                _dq_atomics(dq * softmax_scale, DQ_ACC, off_b, off_hk * group_size + g_prev,
-                            i_start + it - 1 - g_prev * per_head, half, stride_ab, stride_ah, stride_ad,
-                            s_layout, HALF_D, BLOCK_M, ABLATE)
-    if items > 0 and ABLATE != 2:
-        g_last = (items - 1) // per_head
+        dq = _dq_product(k0, k1, ds_smem, ds_ready, it - 1, half, dq_zero, HALF_D, NBUF)
+        dv = warpgroup_mma(gl.convert_layout(p, op_layout), do_smem.index(slot), dv, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(ds, op_layout), q_smem.index(slot), dk, is_async=True)
+        dq = warpgroup_mma_wait(2, deps=[dq])
+        release(ds_free, it - 1, NBUF)
+        _dq_stage(dq * softmax_scale, dq_stage, dq_ready, dq_free, it - 1, half)
+    if items > 0:
         dq = _dq_product(k0, k1, ds_smem, ds_ready, items - 1, half, dq_zero, HALF_D, NBUF)
         dq = warpgroup_mma_wait(0, deps=[dq])
-        if WRITER:
-            _dq_stage(dq * softmax_scale, dq_stage, dq_ready, dq_free, items - 1, half)
-        else:
-            _dq_atomics(dq * softmax_scale, DQ_ACC, off_b, off_hk * group_size + g_last,
-                        i_start + items - 1 - g_last * per_head, half, stride_ab, stride_ah, stride_ad,
-                        s_layout, HALF_D, BLOCK_M, ABLATE)
+        _dq_stage(dq * softmax_scale, dq_stage, dq_ready, dq_free, items - 1, half)
     dk, dv = warpgroup_mma_wait(0, deps=[dk, dv])
 
     rows = key0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, o_layout))
@@ -261,8 +230,7 @@ def attn_bwd_fused_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK,
                                 q_seq_b, q_seq_h, q_col_h, k_seq_b, k_seq_h, k_col_h, seqlen_q, seqlen_k, diag,
                                 group_size, qk_scale, softmax_scale, HEAD_DIM: gl.constexpr,
                                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                                NBUF: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr,
-                                ABLATE: gl.constexpr = 0, WRITER: gl.constexpr = 0):
+                                NBUF: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr):
     """dK, dV of keys n0 .. n0 + BLOCK_N of kv head program_id(1), batch program_id(2), and their
     part of every visible query's dQ (module docstring). DK / DV as backward_gluon.py's; DQ_ACC fp32
     (batch, heads, head_dim, queries) by (stride_ab, stride_ah, stride_ad), queries contiguous, zeroed, covering every
@@ -295,7 +263,7 @@ def attn_bwd_fused_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK,
     # Each consumer's [dims, queries] half; 32-byte units swizzled by the dim mod 4, so a wgmma-layout
     # store (8 dims × 32 bytes a warp) meets each bank twice at most.
     stage_layout: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 4, [1, 0])
-    dq_stage = gl.allocate_shared_memory(gl.float32, [2, HEAD_DIM // 2, BLOCK_M] if WRITER else [1, 8, 8], stage_layout)
+    dq_stage = gl.allocate_shared_memory(gl.float32, [2, HEAD_DIM // 2, BLOCK_M], stage_layout)
     fence_async_shared()
 
     k_seq = off_b * k_seq_b + off_hk * k_seq_h
@@ -305,15 +273,15 @@ def attn_bwd_fused_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK,
                            DELTA, DK, DV, DQ_ACC, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, stride_ab,
                            stride_ah, stride_ad, off_b, off_hk, 0, n0, group_size, seqlen_q, seqlen_k,
                            diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF, CAUSAL,
-                           EVEN, ABLATE, WRITER)),
+                           EVEN)),
         (_fused_consumer, (k1, v1, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq_ready, dq_free, kv_bar, full, empty,
                            ds_ready, ds_free, LSE,
                            DELTA, DK, DV, DQ_ACC, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, stride_ab,
                            stride_ah, stride_ad, off_b, off_hk, 1, n0, group_size, seqlen_q, seqlen_k,
                            diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF, CAUSAL,
-                           EVEN, ABLATE, WRITER)),
+                           EVEN)),
         (_fused_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
                            dq_stage, dq_ready, dq_free, DQ_ACC, stride_ab, stride_ah, stride_ad, k_seq,
                            off_hk * k_col_h, q_seq_b, q_seq_h, q_col_h, off_b, off_hk, n0, group_size, seqlen_q,
-                           diag, HEAD_DIM, KEYS, BLOCK_M, STAGES, CAUSAL, WRITER)),
-    ], [4, 1], [240, 32 if WRITER else 24])
+                           diag, HEAD_DIM, KEYS, BLOCK_M, STAGES, CAUSAL)),
+    ], [4, 1], [240, 32])  # the producer's 32: both consumers keep 240
