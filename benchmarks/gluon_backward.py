@@ -34,7 +34,7 @@ from flashlab.kernels.backward_gluon_fused import attn_bwd_fused_gluon_kernel  #
 # (query rows, stages) of 128-key programs; dQ tiles: (keys a block, stages) of 128-row programs.
 # The fused kernel's (query rows, stages, dS buffers) are 3-tuples beside them (head dim 128 only).
 VARIANTS = {64: [((64, 3), (128, 3))],
-            128: [((64, 3), (128, 2)), FUSED_TILES, (64, 2, 3), (32, 4, 2)]}
+            128: [((64, 3), (128, 2)), FUSED_TILES, (64, 2, 2, False), (32, 4, 2)]}
 
 
 def gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
@@ -48,7 +48,7 @@ def gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     lse = lse.contiguous()
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     tiles = tiles or VARIANTS[q.shape[-1]][0]
-    if len(tiles) == 3:
+    if len(tiles) > 2:
         launch_bwd_gluon_fused(q, k, v, dout, dq, dk, dv, lse, delta, (lse.stride(0), lse.stride(1)), softmax_scale,
                                causal, tiles=tiles)
         return dq, dk, dv
@@ -70,7 +70,7 @@ def compile_only() -> None:
     points += [("dq", attn_bwd_dq_gluon_kernel, d, DQ_BLOCK_M, bn, st, DQ_BLOCK_M // 2, bn, c)
                for d, (bn, st) in sorted(dq) for c in kinds]
     points += [("fused", attn_bwd_fused_gluon_kernel, d, t[0], DKDV_BLOCK_N, t[1:], t[0], DKDV_BLOCK_N // 2, c)
-               for d, vs in VARIANTS.items() for t in vs if len(t) == 3 for c in kinds]
+               for d, vs in VARIANTS.items() for t in vs if len(t) > 2 for c in kinds]
     types = {"LSE": "*fp32", "DELTA": "*fp32", "DK": "*{ty}", "DV": "*{ty}", "DQ": "*{ty}", "DQ_ACC": "*fp32",
              "qk_scale": "fp32", "softmax_scale": "fp32"}
     for what, kernel, head_dim, block_m, block_n, stages, q_rows, kv_rows, (ty, causal) in points:
@@ -79,7 +79,8 @@ def compile_only() -> None:
         # Full rows compile the tile-multiple kernels, causal rows the ragged ones (EVEN off).
         consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "CAUSAL": causal, "EVEN": not causal}
         if what == "fused":
-            stages, consts["NBUF"] = stages
+            stages, consts["NBUF"], *operand = stages
+            consts["DS_SMEM"] = operand[0] if operand else True
         consts["STAGES"] = stages
         # A launch finds the dQ accumulator's dim stride 16-divisible: 16-byte atomics.
         report = compile_report(kernel, consts, blocks, ty, types, divisible=("stride_ad",))

@@ -86,12 +86,13 @@ def launch_bwd_gluon_fused(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
                            bottom_right: bool = True, tiles: tuple[int, int, int] | None = None) -> None:
     """launch_bwd_gluon's contract (head dim 128) by the one-kernel backward: dK, dV and dQ from one
     pass, dQ summed by fp32 atomics into a zeroed (batch, heads, head_dim, seqlen) buffer, then
-    cast into dq4 — not bit-reproducible across runs. ``tiles``: (query rows, stages, dS buffers)."""
+    cast into dq4 — not bit-reproducible across runs. ``tiles``: (query rows, stages, dS buffers[,
+    dSᵀ from shared memory as dK's operand (default) or from registers])."""
     from flashlab.kernels.backward_gluon_fused import attn_bwd_fused_gluon_kernel
 
     batch, seqlen_q, heads, head_dim = q4.shape
     seqlen_k, kv_heads = k4.shape[1], k4.shape[2]
-    block_m, stages, nbuf = tiles or FUSED_TILES
+    block_m, stages, nbuf, *operand = tiles or FUSED_TILES
     (q3, q_seq_b, q_seq_h, q_col_h), (k3, k_seq_b, k_seq_h, k_col_h), (v3, *_) = (
         tile_view(t) for t in (q4, k4, v4))
     do_view = tile_view(do4)
@@ -114,6 +115,6 @@ def launch_bwd_gluon_fused(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
         causal_diag(causal, bottom_right, seqlen_q, seqlen_k), heads // kv_heads,
         softmax_scale * 1.4426950408889634, softmax_scale,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=DKDV_BLOCK_N, STAGES=stages, NBUF=nbuf, CAUSAL=bool(causal),
-        EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0,
+        EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0, DS_SMEM=operand[0] if operand else True,
         num_warps=4, maxnreg=MAXNREG)
     dq4.copy_(dq_acc[..., :seqlen_q].permute(0, 3, 1, 2))
