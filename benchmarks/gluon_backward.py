@@ -34,7 +34,7 @@ from flashlab.kernels.backward_gluon_fused import attn_bwd_fused_gluon_kernel  #
 # (query rows, stages) of 128-key programs; dQ tiles: (keys a block, stages) of 128-row programs.
 # The fused kernel's (query rows, stages, dS buffers) are 3-tuples beside them (head dim 128 only).
 VARIANTS = {64: [((64, 3), (128, 3))],
-            128: [((64, 3), (128, 2)), FUSED_TILES, (64, 2, 2, False), (32, 4, 2)]}
+            128: [((64, 3), (128, 2)), FUSED_TILES, (32, 4, 2)]}
 
 
 def gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
@@ -79,8 +79,7 @@ def compile_only() -> None:
         # Full rows compile the tile-multiple kernels, causal rows the ragged ones (EVEN off).
         consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "CAUSAL": causal, "EVEN": not causal}
         if what == "fused":
-            stages, consts["NBUF"], *operand = stages
-            consts["DS_SMEM"] = operand[0] if operand else True
+            stages, consts["NBUF"] = stages
         consts["STAGES"] = stages
         # A launch finds the dQ accumulator's dim stride 16-divisible: 16-byte atomics.
         report = compile_report(kernel, consts, blocks, ty, types, divisible=("stride_ad",))

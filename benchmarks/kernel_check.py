@@ -6,7 +6,9 @@ backends measured in the same run (the FlashAttention grid: 16k tokens, heads ×
 ``--tune`` also times tile-config variants of flashlab (monkeypatched, same run); ``--fwd-tma``
 checks and times the TMA forward experiment (``FLASHLAB_FWD_TMA=1``, kernels/forward_tma.py) as
 the provider ``flashlab-tma``; ``--tl`` the portable `tl` kernels where Hopper's default is Gluon
-(``FLASHLAB_FWD_GLUON=0`` and ``FLASHLAB_BWD_GLUON=0`` for the whole step) as ``flashlab-tl``.
+(``FLASHLAB_FWD_GLUON=0`` and ``FLASHLAB_BWD_GLUON=0`` for the whole step) as ``flashlab-tl``;
+``--unfused`` the Gluon backward's two kernels where the fused one is the default
+(``FLASHLAB_BWD_FUSED=0``) as ``flashlab-unfused``.
 Prints a short table last; full rows go to DIR/kernel_check.json.
 """
 
@@ -105,7 +107,9 @@ def bench(fn, mode: str, out_grad: torch.Tensor | None, inputs) -> float:
 FWD_TMA = False  # --fwd-tma: also the TMA forward experiment, as the provider "flashlab-tma"
 TL = False  # --tl: also the `tl` kernels with the Gluon ones switched off, as the provider "flashlab-tl"
 # Providers that run flashlab under switches for the whole timed step (forward and backward).
-PROVIDER_ENV = {"flashlab-tl": {"FLASHLAB_FWD_GLUON": "0", "FLASHLAB_BWD_GLUON": "0"}}
+PROVIDER_ENV = {"flashlab-tl": {"FLASHLAB_FWD_GLUON": "0", "FLASHLAB_BWD_GLUON": "0"},
+                "flashlab-unfused": {"FLASHLAB_BWD_FUSED": "0"}}
+UNFUSED = False  # --unfused: also "flashlab-unfused"
 
 
 def under_env(fn, env: dict[str, str]):
@@ -133,6 +137,8 @@ def providers(q, k, v, causal):
         found["flashlab-tma"] = with_env(found["flashlab"], "FLASHLAB_FWD_TMA", "1")
     if TL:
         found["flashlab-tl"] = found["flashlab"]  # time_grid sets its switches around the whole step
+    if UNFUSED:
+        found["flashlab-unfused"] = found["flashlab"]
     return found
 
 
@@ -248,9 +254,10 @@ def main() -> None:
     ap.add_argument("--cudagraph", action="store_true", help="time forwards as CUDA graph replays")
     ap.add_argument("--fwd-tma", action="store_true", help="also check and time the TMA forward experiment")
     ap.add_argument("--tl", action="store_true", help="also check and time the `tl` kernels with Gluon off")
+    ap.add_argument("--unfused", action="store_true", help="also time the two-kernel Gluon backward")
     args = ap.parse_args()
-    global CUDA_GRAPHS, FWD_TMA, TL
-    CUDA_GRAPHS, FWD_TMA, TL = args.cudagraph, args.fwd_tma, args.tl
+    global CUDA_GRAPHS, FWD_TMA, TL, UNFUSED
+    CUDA_GRAPHS, FWD_TMA, TL, UNFUSED = args.cudagraph, args.fwd_tma, args.tl, args.unfused
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = [{"kind": "env", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                          "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(), "time": time.ctime()}]
@@ -271,7 +278,7 @@ def main() -> None:
     time_grid(rows, args.seqlens, args.head_dims, args.modes, torch.float16)
     dump()
     shown = ("flashlab", *(("flashlab-tma",) if FWD_TMA else ()), *(("flashlab-tl",) if TL else ()),
-             "sdpa-flash", "sdpa-cudnn")
+             *(("flashlab-unfused",) if UNFUSED else ()), "sdpa-flash", "sdpa-cudnn")
     print(f"{'d':>4} {'mask':>6} {'seqlen':>6} {'mode':>8} | " + " ".join(f"{p:>12}" for p in shown) + " | vs flash")
     table: dict[tuple, dict[str, float]] = {}
     for r in rows:

@@ -28,6 +28,9 @@ HEAD_DIMS = (128,)  # where it runs by default; d64's tiles are the benchmark's 
 # (query rows a tile, ring stages, dS buffers). 64-row tiles spill ~200 B and still beat 32-row
 # ones (spill-free) by 13-19% (round 10).
 FUSED_TILES = (64, 2, 2)
+# Where the fused kernel runs instead of the two: causal from 8k tokens, measured 1.11-1.13x the
+# two-kernel backward there (round 10); at 2k it is 0.96x, without the mask 0.92-0.99x.
+FUSED_MIN_SEQLEN = 8192
 
 
 def gluon_bwd_eligible(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, window_right: int,
@@ -35,6 +38,14 @@ def gluon_bwd_eligible(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int,
     """Whether the Gluon backward runs this call; ``tensors`` are the 4-D q, k, v."""
     return head_dim in HEAD_DIMS and switched_on("FLASHLAB_BWD_GLUON") and gluon_call_ok(
         flags, head_dim, seqlen_q, seqlen_k, window_right, *tensors)
+
+
+def fused_eligible(causal: bool, seqlen_q: int, seqlen_k: int, head_dim: int, deterministic: bool) -> bool:
+    """Whether a call that passed gluon_bwd_eligible takes the fused kernel: causal, head dim 128,
+    both lengths from FUSED_MIN_SEQLEN, and nondeterminism allowed (neither ``deterministic`` nor
+    torch.use_deterministic_algorithms); FLASHLAB_BWD_FUSED=0 turns it off."""
+    return (causal and head_dim == 128 and min(seqlen_q, seqlen_k) >= FUSED_MIN_SEQLEN and not deterministic
+            and not torch.are_deterministic_algorithms_enabled() and switched_on("FLASHLAB_BWD_FUSED"))
 
 
 def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: torch.Tensor, dq4: torch.Tensor,
@@ -86,13 +97,12 @@ def launch_bwd_gluon_fused(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
                            bottom_right: bool = True, tiles: tuple[int, int, int] | None = None) -> None:
     """launch_bwd_gluon's contract (head dim 128) by the one-kernel backward: dK, dV and dQ from one
     pass, dQ summed by fp32 atomics into a zeroed (batch, heads, head_dim, seqlen) buffer, then
-    cast into dq4 — not bit-reproducible across runs. ``tiles``: (query rows, stages, dS buffers[,
-    dSᵀ from shared memory as dK's operand (default) or from registers])."""
+    cast into dq4 — not bit-reproducible across runs. ``tiles``: (query rows, stages, dS buffers)."""
     from flashlab.kernels.backward_gluon_fused import attn_bwd_fused_gluon_kernel
 
     batch, seqlen_q, heads, head_dim = q4.shape
     seqlen_k, kv_heads = k4.shape[1], k4.shape[2]
-    block_m, stages, nbuf, *operand = tiles or FUSED_TILES
+    block_m, stages, nbuf = tiles or FUSED_TILES
     (q3, q_seq_b, q_seq_h, q_col_h), (k3, k_seq_b, k_seq_h, k_col_h), (v3, *_) = (
         tile_view(t) for t in (q4, k4, v4))
     do_view = tile_view(do4)
@@ -115,6 +125,6 @@ def launch_bwd_gluon_fused(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
         causal_diag(causal, bottom_right, seqlen_q, seqlen_k), heads // kv_heads,
         softmax_scale * 1.4426950408889634, softmax_scale,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=DKDV_BLOCK_N, STAGES=stages, NBUF=nbuf, CAUSAL=bool(causal),
-        EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0, DS_SMEM=operand[0] if operand else True,
+        EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0,
         num_warps=4, maxnreg=MAXNREG)
     dq4.copy_(dq_acc[..., :seqlen_q].permute(0, 3, 1, 2))

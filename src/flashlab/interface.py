@@ -112,8 +112,10 @@ def flash_attn_func(
             Blocks outside the window are skipped, so cost grows linearly with seqlen.
         softcap: if > 0, scores become ``softcap · tanh(scores / softcap)`` before the softmax.
         alibi_slopes: fp32 (heads,) or (batch, heads); adds ``-slope · |i + seqlen_k - seqlen_q - j|``.
-        deterministic: accepted for compatibility; flashlab's backward is always deterministic
-            (no atomics), so gradients are bit-identical run to run.
+        deterministic: if True, gradients are bit-identical run to run. Only the Hopper backward at
+            head dim 128, causal, from 8k tokens sums dQ with fp32 atomics (one fused kernel, faster:
+            docs/performance.md); True (or ``torch.use_deterministic_algorithms(True)``) keeps it on
+            the deterministic two-kernel backward. Every other call is deterministic anyway.
         return_attn_probs: if True, return ``(out, softmax_lse, dropout_keep)``; ``softmax_lse`` is
             fp32, natural log, (batch, heads, seqlen_q), -inf for rows that see no key;
             ``dropout_keep`` is the bool (batch, heads, seqlen_q, seqlen_k) pattern of kept weights
@@ -132,7 +134,8 @@ def flash_attn_func(
     checks.check_qkv(q, k, v, ("q", "k", "v"), rank=4, head_axis=2, allowed_dtypes=checks.accepted_dtypes(kernels),
                      kernels=kernels)
     scale = checks.resolve_scale(softmax_scale, q.shape[-1], "softmax_scale")
-    options = _feature_options(q, q.shape[0], window_size, softcap, alibi_slopes, dropout_p)
+    options = _feature_options(q, q.shape[0], window_size, softcap, alibi_slopes, dropout_p,
+                               deterministic=bool(deterministic))
     if block_mask is not None:
         conflicts = {"causal": bool(causal), "window_size": (options.window_left, options.window_right) != (-1, -1)}
         bm = check_block_mask(block_mask, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.device, conflicts)

@@ -25,7 +25,7 @@ import torch
 
 from flashlab import launch_plans
 from flashlab.block_mask import BlockMask
-from flashlab.gluon_backward import gluon_bwd_eligible, launch_bwd_gluon
+from flashlab.gluon_backward import fused_eligible, gluon_bwd_eligible, launch_bwd_gluon, launch_bwd_gluon_fused
 from flashlab.gluon_forward import gluon_eligible, launch_fwd_gluon, switched_on
 from flashlab.kernels.configs import (
     FP_FUSION,
@@ -48,8 +48,9 @@ def _launch_fwd(
     softmax_scale: float, causal: bool, bottom_right: bool, window_left: int, window_right: int,
     softcap: float, alibi_slopes: torch.Tensor | None, attn_mask: torch.Tensor | None,
     dropout_p: float, seed: int, block_tiles: torch.Tensor | None = None, block_kv: torch.Tensor | None = None,
-    block_q: torch.Tensor | None = None,
+    block_q: torch.Tensor | None = None, deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # ``deterministic`` is the backward's (saved with the forward's arguments).
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, bottom_right,
             window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p, seed, block_tiles, block_kv,
             block_q)
@@ -120,7 +121,7 @@ def _launch_bwd(
     softmax_scale: float, causal: bool, bottom_right: bool, window_left: int, window_right: int,
     softcap: float, alibi_slopes: torch.Tensor | None, attn_mask: torch.Tensor | None,
     dropout_p: float, seed: int, block_tiles: torch.Tensor | None = None, block_kv: torch.Tensor | None = None,
-    block_q: torch.Tensor | None = None,
+    block_q: torch.Tensor | None = None, deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, bottom_right,
             window_left, window_right, softcap, alibi_slopes, attn_mask, dropout_p, seed, block_tiles, block_kv,
@@ -133,17 +134,18 @@ def _launch_bwd(
     optional = _optional(args)
     signature = None
     if dlse is None and _plannable(args):
-        signature = (backward_config, switched_on("FLASHLAB_BWD_GLUON"),
+        signature = (backward_config, switched_on("FLASHLAB_BWD_GLUON"), deterministic,
                      *launch_plans.layout(dout, q, k, v, out, lse, *optional), *args[7:13], args[16])
     launch_plans.run(signature, (*tensors, *optional),
-                     lambda launch_fn: _bwd_launches(tensors, dlse, args, launch_fn))
+                     lambda launch_fn: _bwd_launches(tensors, dlse, args, launch_fn, deterministic))
     return dq, dk, dv
 
 
-def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch_fn) -> object:
+def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch_fn, deterministic: bool) -> object:
     """The backward's three launches (the preprocess, then dK/dV and dQ: Gluon's on Hopper in their
-    scope, outside ``launch_fn``, which returns launch_plans.UNPLANNED; else the `tl` kernels);
-    ``tensors`` as _launch_bwd's, ``args`` as _launch_fwd's."""
+    scope — one fused kernel with dQ by atomics where gluon_backward.fused_eligible says, else two —
+    outside ``launch_fn``, which returns launch_plans.UNPLANNED; else the `tl` kernels); ``tensors``
+    as _launch_bwd's, ``args`` as _launch_fwd's."""
     from flashlab.kernels import backward as bwd_kernels
     dout, q, _, _, out, lse, dq, dk, dv, delta = tensors
     run = prepare(*args)
@@ -165,8 +167,10 @@ def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch
     )
     if gluon_bwd_eligible(run.flags, run.head_dim, run.seqlen_q, run.seqlen_k, run.scalars[1], run.q4, run.k4,
                           run.v4):
-        launch_bwd_gluon(run.q4, run.k4, run.v4, do4, dq4, dk4, dv4, lse, delta, run.lse_strides, run.scalars[2],
-                         run.flags["HAS_UPPER"], run.flags["BOTTOM_RIGHT"])
+        fused = fused_eligible(run.flags["HAS_UPPER"], run.seqlen_q, run.seqlen_k, run.head_dim, deterministic)
+        (launch_bwd_gluon_fused if fused else launch_bwd_gluon)(
+            run.q4, run.k4, run.v4, do4, dq4, dk4, dv4, lse, delta, run.lse_strides, run.scalars[2],
+            run.flags["HAS_UPPER"], run.flags["BOTTOM_RIGHT"])
         return launch_plans.UNPLANNED
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg_kv, cfg_q = (clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,
@@ -192,7 +196,7 @@ attn_bwd = kernel_op("flashlab::attn_bwd", mutates_args=(), fake=attn_bwd_fake, 
 
 _FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale",
              "causal", "bottom_right", "window_left", "window_right", "softcap", "alibi_slopes", "attn_mask",
-             "dropout_p", "seed", "block_tiles", "block_kv", "block_q")
+             "dropout_p", "seed", "block_tiles", "block_kv", "block_q", "deterministic")
 
 
 _SAVED = ("alibi_slopes", "attn_mask", "block_tiles", "block_kv", "block_q")
@@ -218,7 +222,8 @@ def _backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None, run_bwd
     s = ctx.scalars
     dq, dk, dv = run_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, s["max_seqlen_q"], s["max_seqlen_k"],
                          s["softmax_scale"], s["causal"], s["bottom_right"], s["window_left"], s["window_right"],
-                         s["softcap"], slopes, mask, s["dropout_p"], s["seed"], block_tiles, block_kv, block_q)
+                         s["softcap"], slopes, mask, s["dropout_p"], s["seed"], block_tiles, block_kv, block_q,
+                         s.get("deterministic", False))
     return (dq, dk, dv) + (None,) * (len(_FWD_ARGS) - 3)
 
 
@@ -268,6 +273,7 @@ class AttentionOptions:
     dropout_p: float = 0.0
     seed: int = 0
     block_mask: BlockMask | None = None
+    deterministic: bool = False  # the backward's: bit-identical gradients (no float atomics)
 
     def args(self) -> tuple:
         return (self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k)
@@ -277,7 +283,7 @@ class AttentionOptions:
         if self.block_mask is not None:
             sparse = (self.block_mask.tiles, self.block_mask.kv_table, self.block_mask.q_table)
         return (self.window_left, self.window_right, self.softcap, self.alibi_slopes, self.attn_mask,
-                self.dropout_p, self.seed, *sparse)
+                self.dropout_p, self.seed, *sparse, self.deterministic)
 
 
 def attention_forward(
