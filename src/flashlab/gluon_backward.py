@@ -26,7 +26,7 @@ DQ_TILES = {64: (128, 3), 128: (128, 2)}  # head dim -> (keys a dQ block, ring s
 HEAD_DIMS = (128,)  # where it runs by default; d64's tiles are the benchmark's (a tie with `tl`)
 # The fused kernel (kernels/backward_gluon_fused.py, head dim 128; not yet flashlab's backward):
 # (query rows a tile, ring stages, dS buffers). 64-row tiles spill ~200 B and still beat 32-row
-# ones (spill-free) by 13-19% (round 10).
+# ones (spill-free) by 5-23% at 16k (round 10).
 FUSED_TILES = (64, 2, 2)
 # Where the fused kernel runs instead of the two: causal from 8k tokens, measured 1.11-1.13x the
 # two-kernel backward there (round 10); at 2k it is 0.96x, without the mask 0.92-0.99x.
