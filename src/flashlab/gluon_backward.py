@@ -1,11 +1,14 @@
-"""Host side of the Gluon backward (kernels/backward_gluon.py): when it runs, and its two launches.
+"""Host side of the Gluon backward (kernels/backward_gluon.py, kernels/backward_gluon_fused.py): when
+it runs, its two-kernel launches and its fused launch.
 
 The default backward on Hopper at head dim 128 in the Gluon forward's scope (gluon_forward.py:
 Hopper, Triton 3.6, fp16/bf16, from 1024 tokens, causal where every query sees a key, no other
 option, dense q / k / v with k and v in one memory order); ``FLASHLAB_BWD_GLUON=0`` turns it off.
 It replaces the dK/dV and dQ kernels; the `tl` preprocess kernel still computes Δ = rowsum(dO ⊙ O).
 Measured on the H200 (docs/performance.md): 1.10–1.16× the `tl` backward at head dim 128; at 64 it
-ties (0.93–1.02×), so head dim 64 keeps the `tl` kernels.
+ties (0.93–1.02×), so head dim 64 keeps the `tl` kernels. Causal calls from FUSED_MIN_SEQLEN tokens
+take the fused kernel instead (dQ by fp32 atomics: 1.11–1.13× the two kernels, round 10) unless the
+caller asks for deterministic gradients (fused_eligible).
 """
 
 from __future__ import annotations

@@ -160,12 +160,10 @@ def _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, 
 
 @gluon.jit
 def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq_ready, dq_free, kv_bar, full,
-                    empty, ds_ready, ds_free, LSE,
-                    DELTA, DK, DV, DQ_ACC, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, stride_ab,
-                    stride_ah, stride_ad, off_b, off_hk, half, n0, group_size, seqlen_q, seqlen_k, diag,
-                    qk_scale, softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                    KEYS: gl.constexpr, STAGES: gl.constexpr, NBUF: gl.constexpr, CAUSAL: gl.constexpr,
-                    EVEN: gl.constexpr):
+                    empty, ds_ready, ds_free, LSE, DELTA, DK, DV, stride_lb, stride_lh, stride_kb, stride_ks,
+                    stride_kh, off_b, off_hk, half, n0, group_size, seqlen_q, seqlen_k, diag, qk_scale, softmax_scale,
+                    dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, KEYS: gl.constexpr,
+                    STAGES: gl.constexpr, NBUF: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr):
     """Consumer ``half``: keys n0 + half · KEYS .. over every (query head of the group, query tile) —
     one stream of items, item 0 peeled so the loop issues item it-1's dQ product unconditionally;
     dK, dV of its keys; dQ of its half of the head dim (module docstring)."""
@@ -234,8 +232,9 @@ def attn_bwd_fused_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK,
                                 NBUF: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr):
     """dK, dV of keys n0 .. n0 + BLOCK_N of kv head program_id(1), batch program_id(2), and their
     part of every visible query's dQ (module docstring). DK / DV as backward_gluon.py's; DQ_ACC fp32
-    (batch, heads, head_dim, queries) by (stride_ab, stride_ah, stride_ad), queries contiguous, zeroed, covering every
-    query tile (cdiv(seqlen_q, BLOCK_M) · BLOCK_M rows: ragged tiles add zeros past seqlen_q).
+    (batch, heads, head_dim, queries) by (stride_ab, stride_ah, stride_ad), queries contiguous,
+    zeroed, covering every query tile (cdiv(seqlen_q, BLOCK_M) · BLOCK_M rows: ragged tiles add
+    zeros past seqlen_q).
     Grid: (cdiv(seqlen_k, BLOCK_N), kv_heads, batch); num_warps=4."""
     KEYS: gl.constexpr = BLOCK_N // 2
     dtype: gl.constexpr = q_desc.dtype
@@ -269,18 +268,14 @@ def attn_bwd_fused_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK,
 
     k_seq = off_b * k_seq_b + off_hk * k_seq_h
     gl.warp_specialize([
-        (_fused_consumer, (k0, v0, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq_ready, dq_free, kv_bar, full, empty,
-                           ds_ready, ds_free, LSE,
-                           DELTA, DK, DV, DQ_ACC, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, stride_ab,
-                           stride_ah, stride_ad, off_b, off_hk, 0, n0, group_size, seqlen_q, seqlen_k,
-                           diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF, CAUSAL,
-                           EVEN)),
-        (_fused_consumer, (k1, v1, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq_ready, dq_free, kv_bar, full, empty,
-                           ds_ready, ds_free, LSE,
-                           DELTA, DK, DV, DQ_ACC, stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, stride_ab,
-                           stride_ah, stride_ad, off_b, off_hk, 1, n0, group_size, seqlen_q, seqlen_k,
-                           diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF, CAUSAL,
-                           EVEN)),
+        (_fused_consumer, (k0, v0, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq_ready, dq_free, kv_bar, full,
+                           empty, ds_ready, ds_free, LSE, DELTA, DK, DV, stride_lb, stride_lh, stride_kb, stride_ks,
+                           stride_kh, off_b, off_hk, 0, n0, group_size, seqlen_q, seqlen_k, diag, qk_scale,
+                           softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF, CAUSAL, EVEN)),
+        (_fused_consumer, (k1, v1, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq_ready, dq_free, kv_bar, full,
+                           empty, ds_ready, ds_free, LSE, DELTA, DK, DV, stride_lb, stride_lh, stride_kb, stride_ks,
+                           stride_kh, off_b, off_hk, 1, n0, group_size, seqlen_q, seqlen_k, diag, qk_scale,
+                           softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF, CAUSAL, EVEN)),
         (_fused_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
                            dq_stage, dq_ready, dq_free, DQ_ACC, stride_ab, stride_ah, stride_ad, k_seq,
                            off_hk * k_col_h, q_seq_b, q_seq_h, q_col_h, off_b, off_hk, n0, group_size, seqlen_q,
