@@ -69,3 +69,32 @@ def test_the_workload_enters_the_providers_context_for_each_step():
         step = workload.mode_fn(mode)
         step()
         assert entered, mode
+
+
+def test_deterministic_provider_only_where_the_default_backward_uses_atomics(monkeypatch):
+    provider = registry()["flashlab-deterministic"]
+    assert provider.unavailable(torch.device("cpu")) == "runs on cuda only, not cpu"
+    import triton
+
+    from flashlab.lab import switch_providers
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    check = lambda case: switch_providers._check_deterministic(case, torch.device("cuda"))  # noqa: E731
+    assert check(Case(2, 8192, 16, 128, causal=True)) is None
+    assert check(Case(1, 16384, 32, 128, causal=True, kv_heads=8)) is None  # GQA
+    assert "from 8192 tokens" in check(Case(2, 8192, 16, 128))           # no mask: the two kernels
+    assert "from 8192 tokens" in check(Case(8, 2048, 16, 128, causal=True))
+    assert "from 8192 tokens" in check(Case(4, 8192, 32, 64, causal=True))
+    assert "deterministic here anyway" in check(Case(2, 8192, 16, 128, causal=True, softcap=5.0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "Hopper" in check(Case(2, 8192, 16, 128, causal=True))
+
+
+def test_training_suite_times_the_backward_beside_the_peers():
+    from flashlab.lab.suites import load_suite
+
+    suite = load_suite("training")
+    assert suite.modes == ("fwd+bwd", "bwd") and "flashlab-deterministic" in suite.providers
+    assert {c.kv_heads for c in suite.cases if c.heads == 32} == {8, 1}
+    assert all(c.head_dim == 128 and c.dtype == "bf16" for c in suite.cases)

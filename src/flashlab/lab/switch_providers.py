@@ -6,6 +6,12 @@ kernels, the ones every GPU but Hopper runs. Beside ``flashlab`` it shows what t
 add. It refuses the cases where ``flashlab`` would run the `tl` kernels anyway (no Hopper GPU, not
 Triton 3.6, outside the Gluon forward's scope or under its least work): there the two would time
 the same code.
+
+``flashlab-deterministic``: flash_attn_func with ``deterministic=True``: the atomics-free backward
+where the default takes the fused one (Hopper, head dim 128, causal, from 8k tokens:
+gluon_backward.fused_eligible) — the price of bit-identical gradients. It refuses every other case
+(flashlab is deterministic there anyway); its forward is flashlab's (the flag changes the backward
+only), so time it in the fwd+bwd or bwd modes.
 """
 
 from __future__ import annotations
@@ -74,3 +80,32 @@ register(Provider(
     "flashlab-tl", "flashlab with its Gluon kernels switched off: the portable `tl` kernels; only cases where "
     "flashlab would run the Gluon forward (Hopper, Triton 3.6, in its scope)",
     build=_build_tl, devices=("cuda",), dtypes=("fp16", "bf16"), check=_check_tl, min_capability=(9, 0)))
+
+
+def _check_deterministic(case: Case, device: torch.device) -> str | None:
+    from flashlab.gluon_backward import FUSED_MIN_SEQLEN
+
+    refusal = _check_tl(case, device)
+    anyway = "flashlab's backward is deterministic here anyway: "
+    if refusal is not None:
+        return anyway + refusal.split(": ", 1)[1]
+    if not case.causal or case.head_dim != 128 or min(case.seqlen_q, case.seqlen_k) < FUSED_MIN_SEQLEN:
+        return anyway + f"the fused backward runs at head dim 128, causal, from {FUSED_MIN_SEQLEN} tokens only"
+    return None
+
+
+def _build_deterministic(case: Case, device: torch.device) -> Attn:
+    import flashlab
+
+    scale = case.head_dim ** -0.5
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return flashlab.flash_attn_func(q, k, v, softmax_scale=scale, causal=case.causal, deterministic=True)
+    return Attn(fn, "bshd", "bottom_right")
+
+
+register(Provider(
+    "flashlab-deterministic", "flashlab with deterministic=True: the atomics-free backward; only cases where the "
+    "default takes the fused backward (Hopper, Triton 3.6, head dim 128, causal, from 8k tokens)",
+    build=_build_deterministic, devices=("cuda",), dtypes=("fp16", "bf16"), check=_check_deterministic,
+    min_capability=(9, 0)))
