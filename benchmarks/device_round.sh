@@ -23,6 +23,8 @@
 #   gluon-grid kernel_check.py --tl: the grid with flashlab (Gluon kernels) beside flashlab-tl and SDPA
 #   gluon-bwd  the Gluon backward (Hopper's default at d128): tests/test_backward_gluon.py, gluon_backward.py
 #   fa-grid-gluon  the lab's FlashAttention grid (d64/d128, 2k-16k, fwd) with flashlab-tl and Flex
+#   training   issue 5's suite: fwd+bwd and bwd with flashlab-deterministic, GQA 32:8 / 32:1, peak memory
+#              (Flex compiles its backward per shape: rerun with the same OUT and --resume to finish)
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:?usage: device_round.sh OUT STAGE...}
@@ -148,6 +150,11 @@ for stage in "$@"; do
         --providers flashlab,flashlab-tl,sdpa-flash,sdpa-cudnn,flex --out "$dir/grid" > "$dir/grid.log" 2>&1
       tail -n 40 "$dir/grid.log"
       ;;
+    training)
+      timeout 520 "$py" -m flashlab.lab.cli bench --suite training --rep-ms 50 --out "$dir/training" \
+        > "$dir/training.log" 2>&1
+      tail -n 40 "$dir/training.log"
+      ;;
     gluon)
       # The package's Gluon forward: its tests, then checked and timed.
       timeout 200 "$py" -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_forward_gluon.py \
@@ -158,7 +165,7 @@ for stage in "$@"; do
       timeout 120 "$py" benchmarks/first_call.py --head-dims 128 --out "$dir/first-call" | tail -4
       ;;
     *)
-      echo "unknown stage: $stage (verify, host, tune, tma, decode, dropout-tests, decode-tune, bwd-tune, dropout-tune, lab, dropout, attn-mask, gluon, gluon-grid, gluon-bwd, fa-grid-gluon)"
+      echo "unknown stage: $stage (verify, host, tune, tma, decode, dropout-tests, decode-tune, bwd-tune, dropout-tune, lab, dropout, attn-mask, gluon, gluon-grid, gluon-bwd, fa-grid-gluon, training)"
       exit 2
       ;;
   esac
