@@ -27,7 +27,7 @@ DQ_BLOCK_M = 128  # query rows a dQ program (64 a consumer)
 DKDV_TILES = {64: (64, 3), 128: (64, 3)}
 DQ_TILES = {64: (128, 3), 128: (128, 2)}  # head dim -> (keys a dQ block, ring stages)
 HEAD_DIMS = (128,)  # where it runs by default; d64's tiles are the benchmark's (a tie with `tl`)
-# The fused kernel (kernels/backward_gluon_fused.py, head dim 128; not yet flashlab's backward):
+# The fused kernel (kernels/backward_gluon_fused.py, head dim 128):
 # (query rows a tile, ring stages, dS buffers). 64-row tiles spill ~200 B and still beat 32-row
 # ones (spill-free) by 5-23% at 16k (round 10).
 FUSED_TILES = (64, 2, 2)

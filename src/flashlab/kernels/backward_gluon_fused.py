@@ -2,8 +2,8 @@
 products a (query tile, key block) pair, not the two-kernel split's 7: backward_gluon.py recomputes
 S and dP for dQ). dQ is summed over key blocks by fp32 atomics, so its low bits depend on the order
 programs finish: not deterministic (the two-kernel split is). Head dim 128 (half of it is one
-64-row wgmma). Not wired into flashlab's backward yet (docs/perf-notes.md, round 10):
-benchmarks/gluon_backward.py checks and times it.
+64-row wgmma). flashlab's backward where gluon_backward.fused_eligible says (causal, from 8k tokens,
+unless deterministic gradients are asked for); docs/perf-notes.md round 10 has how it was built.
 
 The program is backward_gluon.py's dK/dV program (128 keys, two consumers of 64 keys, a producer
 warp streaming (Q_i, dO_i) through the ring) with one more product a tile:
