@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-ORDER = ("flashlab", "flashlab-tl", "flashlab-tma", "sdpa-flash", "sdpa-cudnn")
+ORDER = ("flashlab", "flashlab-tl", "flashlab-unfused", "flashlab-tma", "sdpa-flash", "sdpa-cudnn")
 
 
 def providers(cells: dict[tuple, dict[str, float]]) -> list[str]:
