@@ -150,8 +150,8 @@ def test_deterministic_keeps_the_two_kernels(calls):
         torch.use_deterministic_algorithms(False)
     atomic = grads()
     assert len(fused) == 1
-    for a, b in zip(atomic, first):
-        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+    for a, b in zip(atomic, first):  # only dQ's fp32 summation order differs (measured ≤ 4e-5 relative)
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-3
 
 
 @pytest.mark.gpu
