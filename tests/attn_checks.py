@@ -16,6 +16,18 @@ def make_qkv(batch: int, seqlen_q: int, seqlen_k: int, heads: int, kv_heads: int
     return one(seqlen_q, heads), one(seqlen_k, kv_heads), one(seqlen_k, kv_heads)
 
 
+def backward_launch_inputs(layout: str, batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int,
+                           dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """CPU inputs of a Gluon backward launcher, as (batch, seqlen, heads, dim) views in the ``layout``
+    memory order ("bshd" or "bhsd"): q, k, v, dO, empty dq, dk, dv, and fp32 LSE / Δ buffers."""
+    shape = (lambda n: (batch, seqlen, n, head_dim)) if layout == "bshd" else (lambda n: (batch, n, seqlen, head_dim))
+    q, k, v, do = (torch.randn(*shape(n), dtype=dtype) for n in (heads, kv_heads, kv_heads, heads))
+    if layout == "bhsd":
+        q, k, v, do = (t.transpose(1, 2) for t in (q, k, v, do))
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
+    return q, k, v, do, dq, dk, dv, torch.empty(batch, heads, seqlen), torch.empty(batch, heads, seqlen)
+
+
 def case_id(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal) -> str:
     return f"B{batch}-S{seqlen_q}x{seqlen_k}-H{heads}:{kv_heads}-D{head_dim}-{'causal' if causal else 'full'}"
 

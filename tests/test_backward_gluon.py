@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attn_checks import FakeKernel, check_against_reference, gluon_spy, make_qkv, pretend_hopper
+from attn_checks import FakeKernel, backward_launch_inputs, check_against_reference, gluon_spy, make_qkv, pretend_hopper
 
 import flashlab
 from flashlab import ops
@@ -40,12 +40,7 @@ def test_launch_arguments(monkeypatch, layout):
     monkeypatch.setattr(kernels, "attn_bwd_dkdv_gluon_kernel", fake_kv)
     monkeypatch.setattr(kernels, "attn_bwd_dq_gluon_kernel", fake_q)
     b, s, h, hk, d = 2, 300, 6, 2, 128
-    shapes = {"bshd": lambda n: (b, s, n, d), "bhsd": lambda n: (b, n, s, d)}
-    q, k, v, do = (torch.randn(*shapes[layout](n), dtype=BF16) for n in (h, hk, hk, h))
-    if layout == "bhsd":
-        q, k, v, do = (t.transpose(1, 2) for t in (q, k, v, do))
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
-    lse, delta = torch.empty(b, h, s), torch.empty(b, h, s)
+    q, k, v, do, dq, dk, dv, lse, delta = backward_launch_inputs(layout, b, s, h, hk, d, BF16)
     launch_bwd_gluon(q, k, v, do, dq, dk, dv, lse, delta, (h * s, s), 0.1, True)
     (grid_kv, args_kv, kw_kv), = fake_kv.launches
     (grid_q, args_q, kw_q), = fake_q.launches

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attn_checks import check_against_reference, gluon_spy, make_qkv
+from attn_checks import backward_launch_inputs, check_against_reference, gluon_spy, make_qkv
 
 import flashlab
 import flashlab.gluon_backward as host
@@ -62,12 +62,7 @@ def test_launch_arguments_and_the_cast_into_dq(monkeypatch, layout):
     fake = AccumulatorWriter()
     monkeypatch.setattr(kernels, "attn_bwd_fused_gluon_kernel", fake)
     b, s, h, hk, d = 1, 300, 6, 2, 128
-    shapes = {"bshd": lambda n: (b, s, n, d), "bhsd": lambda n: (b, n, s, d)}
-    q, k, v, do = (torch.randn(*shapes[layout](n), dtype=F16) for n in (h, hk, hk, h))
-    if layout == "bhsd":
-        q, k, v, do = (t.transpose(1, 2) for t in (q, k, v, do))
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
-    lse, delta = torch.empty(b, h, s), torch.empty(b, h, s)
+    q, k, v, do, dq, dk, dv, lse, delta = backward_launch_inputs(layout, b, s, h, hk, d, F16)
     launch_bwd_gluon_fused(q, k, v, do, dq, dk, dv, lse, delta, (h * s, s), 0.1, True)
     (grid, args, kw), = fake.launches
     block_m, stages, nbuf = host.FUSED_TILES

@@ -51,6 +51,26 @@ def fused_eligible(causal: bool, seqlen_q: int, seqlen_k: int, head_dim: int, de
             and not torch.are_deterministic_algorithms_enabled() and switched_on("FLASHLAB_BWD_FUSED"))
 
 
+def _views_and_scalars(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: torch.Tensor, dk4: torch.Tensor,
+                       dv4: torch.Tensor, softmax_scale: float, causal: bool, bottom_right: bool) -> tuple:
+    """(q, k, v, dO as tile_views, the scalar arguments both backward launches end with: row and
+    column offsets, lengths, diagonal, group size, scales). ``do4`` in another memory order than
+    q4 is copied into q4's first (its row offsets address dO too)."""
+    _, seqlen_q, heads, _ = q4.shape
+    seqlen_k, kv_heads = k4.shape[1], k4.shape[2]
+    (q3, q_seq_b, q_seq_h, q_col_h), (k3, k_seq_b, k_seq_h, k_col_h), (v3, *_) = (
+        tile_view(t) for t in (q4, k4, v4))
+    do_view = tile_view(do4)
+    if do_view is None or do_view[1:] != (q_seq_b, q_seq_h, q_col_h):
+        do_view = tile_view(torch.empty_like(q4).copy_(do4))
+    if dk4.stride() != dv4.stride():
+        raise ValueError(f"dk and dv need the same strides, got {dk4.stride()} and {dv4.stride()}")
+    scalars = (q_seq_b, q_seq_h, q_col_h, k_seq_b, k_seq_h, k_col_h, seqlen_q, seqlen_k,
+               causal_diag(causal, bottom_right, seqlen_q, seqlen_k), heads // kv_heads,
+               softmax_scale * 1.4426950408889634, softmax_scale)
+    return q3, k3, v3, do_view[0], scalars
+
+
 def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: torch.Tensor, dq4: torch.Tensor,
                      dk4: torch.Tensor, dv4: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
                      lse_strides: tuple[int, int], softmax_scale: float, causal: bool, bottom_right: bool = True,
@@ -62,22 +82,12 @@ def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: 
 
     batch, seqlen_q, heads, head_dim = q4.shape
     seqlen_k, kv_heads = k4.shape[1], k4.shape[2]
-    (q3, q_seq_b, q_seq_h, q_col_h), (k3, k_seq_b, k_seq_h, k_col_h), (v3, *_) = (
-        tile_view(t) for t in (q4, k4, v4))
-    do_view = tile_view(do4)
-    if do_view is None or do_view[1:] != (q_seq_b, q_seq_h, q_col_h):
-        do4 = torch.empty_like(q4).copy_(do4)  # q4's memory order: its row offsets address dO too
-        do_view = tile_view(do4)
-    if dk4.stride() != dv4.stride():
-        raise ValueError(f"dk and dv need the same strides, got {dk4.stride()} and {dv4.stride()}")
-    rows = (q_seq_b, q_seq_h, q_col_h, k_seq_b, k_seq_h, k_col_h, seqlen_q, seqlen_k,
-            causal_diag(causal, bottom_right, seqlen_q, seqlen_k), heads // kv_heads,
-            softmax_scale * 1.4426950408889634, softmax_scale)
+    q3, k3, v3, do3, rows = _views_and_scalars(q4, k4, v4, do4, dk4, dv4, softmax_scale, causal, bottom_right)
 
     block_m, stages = dkdv_tiles or DKDV_TILES[head_dim]
     launch(
         attn_bwd_dkdv_gluon_kernel, (configs.cdiv(seqlen_k, DKDV_BLOCK_N), kv_heads, batch),
-        tile_descriptor(q3, block_m, head_dim), tile_descriptor(do_view[0], block_m, head_dim),
+        tile_descriptor(q3, block_m, head_dim), tile_descriptor(do3, block_m, head_dim),
         tile_descriptor(k3, DKDV_BLOCK_N // 2, head_dim), tile_descriptor(v3, DKDV_BLOCK_N // 2, head_dim),
         lse, delta, dk4, dv4, *lse_strides, dk4.stride(0), dk4.stride(1), dk4.stride(2), *rows,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=DKDV_BLOCK_N, STAGES=stages, CAUSAL=bool(causal),
@@ -86,7 +96,7 @@ def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: 
     block_n, stages = dq_tiles or DQ_TILES[head_dim]
     launch(
         attn_bwd_dq_gluon_kernel, (configs.cdiv(seqlen_q, DQ_BLOCK_M), heads, batch),
-        tile_descriptor(q3, DQ_BLOCK_M // 2, head_dim), tile_descriptor(do_view[0], DQ_BLOCK_M // 2, head_dim),
+        tile_descriptor(q3, DQ_BLOCK_M // 2, head_dim), tile_descriptor(do3, DQ_BLOCK_M // 2, head_dim),
         tile_descriptor(k3, block_n, head_dim), tile_descriptor(v3, block_n, head_dim),
         lse, delta, dq4, *lse_strides, dq4.stride(0), dq4.stride(1), dq4.stride(2), *rows,
         HEAD_DIM=head_dim, BLOCK_M=DQ_BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
@@ -106,27 +116,17 @@ def launch_bwd_gluon_fused(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
     batch, seqlen_q, heads, head_dim = q4.shape
     seqlen_k, kv_heads = k4.shape[1], k4.shape[2]
     block_m, stages, nbuf = tiles or FUSED_TILES
-    (q3, q_seq_b, q_seq_h, q_col_h), (k3, k_seq_b, k_seq_h, k_col_h), (v3, *_) = (
-        tile_view(t) for t in (q4, k4, v4))
-    do_view = tile_view(do4)
-    if do_view is None or do_view[1:] != (q_seq_b, q_seq_h, q_col_h):
-        do4 = torch.empty_like(q4).copy_(do4)
-        do_view = tile_view(do4)
-    if dk4.stride() != dv4.stride():
-        raise ValueError(f"dk and dv need the same strides, got {dk4.stride()} and {dv4.stride()}")
+    q3, k3, v3, do3, rows = _views_and_scalars(q4, k4, v4, do4, dk4, dv4, softmax_scale, causal, bottom_right)
     # Query-contiguous, so each thread's pair of dQᵀ elements is one 8-byte atomic; every tile's rows
     # exist (a ragged last tile adds zeros past seqlen_q).
     rows_padded = configs.cdiv(seqlen_q, block_m) * block_m
     dq_acc = torch.zeros(batch, heads, head_dim, rows_padded, device=q4.device, dtype=torch.float32)
     launch(
         attn_bwd_fused_gluon_kernel, (configs.cdiv(seqlen_k, DKDV_BLOCK_N), kv_heads, batch),
-        tile_descriptor(q3, block_m, head_dim), tile_descriptor(do_view[0], block_m, head_dim),
+        tile_descriptor(q3, block_m, head_dim), tile_descriptor(do3, block_m, head_dim),
         tile_descriptor(k3, DKDV_BLOCK_N // 2, head_dim), tile_descriptor(v3, DKDV_BLOCK_N // 2, head_dim),
         lse, delta, dk4, dv4, dq_acc, *lse_strides, dk4.stride(0), dk4.stride(1), dk4.stride(2),
-        dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
-        q_seq_b, q_seq_h, q_col_h, k_seq_b, k_seq_h, k_col_h, seqlen_q, seqlen_k,
-        causal_diag(causal, bottom_right, seqlen_q, seqlen_k), heads // kv_heads,
-        softmax_scale * 1.4426950408889634, softmax_scale,
+        dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), *rows,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=DKDV_BLOCK_N, STAGES=stages, NBUF=nbuf, CAUSAL=bool(causal),
         EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0,
         num_warps=4, maxnreg=MAXNREG)

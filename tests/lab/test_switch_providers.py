@@ -11,16 +11,22 @@ from flashlab.lab.cases import Case
 from flashlab.lab.providers import registry
 
 
-def test_tl_provider_is_cuda_only_and_refuses_cases_where_flashlab_runs_tl_anyway(monkeypatch):
-    provider = registry()["flashlab-tl"]
-    assert provider.unavailable(torch.device("cpu")) == "runs on cuda only, not cpu"
+def hopper_checks(monkeypatch, provider: str, check_fn: str):
+    """``provider``'s check on a pretended Hopper GPU with Triton 3.6 (after asserting it is CUDA-only)."""
+    assert registry()[provider].unavailable(torch.device("cpu")) == "runs on cuda only, not cpu"
     import triton
 
     from flashlab.lab import switch_providers
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(triton, "__version__", "3.6.0")
-    check = lambda case: switch_providers._check_tl(case, torch.device("cuda"))  # noqa: E731
+    return lambda case: getattr(switch_providers, check_fn)(case, torch.device("cuda"))
+
+
+def test_tl_provider_is_cuda_only_and_refuses_cases_where_flashlab_runs_tl_anyway(monkeypatch):
+    import triton
+
+    check = hopper_checks(monkeypatch, "flashlab-tl", "_check_tl")
     assert check(Case(8, 2048, 16, 128)) is None
     assert check(Case(4, 4096, 32, 64, causal=True)) is None
     assert check(Case(16, 1024, 8, 256)) is None
@@ -72,15 +78,7 @@ def test_the_workload_enters_the_providers_context_for_each_step():
 
 
 def test_deterministic_provider_only_where_the_default_backward_uses_atomics(monkeypatch):
-    provider = registry()["flashlab-deterministic"]
-    assert provider.unavailable(torch.device("cpu")) == "runs on cuda only, not cpu"
-    import triton
-
-    from flashlab.lab import switch_providers
-
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(triton, "__version__", "3.6.0")
-    check = lambda case: switch_providers._check_deterministic(case, torch.device("cuda"))  # noqa: E731
+    check = hopper_checks(monkeypatch, "flashlab-deterministic", "_check_deterministic")
     assert check(Case(2, 8192, 16, 128, causal=True)) is None
     assert check(Case(1, 16384, 32, 128, causal=True, kv_heads=8)) is None  # GQA
     assert "from 8192 tokens" in check(Case(2, 8192, 16, 128))           # no mask: the two kernels

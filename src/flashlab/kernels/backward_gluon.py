@@ -58,6 +58,42 @@ def _first_q_block(n0, diag, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
+def _probs_and_ds(s, dp, lse2, delta, keys, q_idx, in_seq, seqlen_k, diag, qk_scale, CAUSAL: gl.constexpr,
+                  EVEN: gl.constexpr):
+    """Pᵀ and dSᵀ (fp32, keys as rows) of one tile from Sᵀ, dPᵀ, the queries' LSE · log2 e and Δ:
+    zero past either sequence's end (unless EVEN) and above the causal diagonal."""
+    p = gl.exp2(s * qk_scale - lse2[None, :])
+    if not EVEN:
+        p = gl.where(in_seq[None, :] & (keys[:, None] < seqlen_k), p, 0.0)
+    if CAUSAL:
+        p = gl.where(keys[:, None] <= q_idx[None, :] + diag, p, 0.0)
+    return p, p * (dp - delta[None, :])
+
+
+@gluon.jit
+def _load_kv_halves(k_desc, v_desc, k0, k1, v0, v1, kv_bar, k_seq, n0, k_col, KEYS: gl.constexpr):
+    """Producer: the two consumers' K and V halves (keys n0 .., n0 + KEYS ..), completing on kv_bar."""
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+    load_tile(k_desc, k_seq, n0, k_col, kv_bar, k0)
+    load_tile(k_desc, k_seq, n0 + KEYS, k_col, kv_bar, k1)
+    load_tile(v_desc, k_seq, n0, k_col, kv_bar, v0)
+    load_tile(v_desc, k_seq, n0 + KEYS, k_col, kv_bar, v1)
+
+
+@gluon.jit
+def _store_dkdv(dk, dv, DK, DV, stride_kb, stride_ks, stride_kh, off_b, off_hk, key0, seqlen_k, softmax_scale,
+                o_layout: gl.constexpr, dtype: gl.constexpr, KEYS: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """A consumer's finished dK (scaled here) and dV of keys key0 .. key0 + KEYS, those in the sequence."""
+    rows = key0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, o_layout))
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    offs = (off_b.to(gl.int64) * stride_kb + rows[:, None].to(gl.int64) * stride_ks + off_hk.to(gl.int64) * stride_kh
+            + dims[None, :])
+    ok = rows[:, None] < seqlen_k
+    gl.store(DK + offs, (dk * softmax_scale).to(dtype), mask=ok)
+    gl.store(DV + offs, dv.to(dtype), mask=ok)
+
+
+@gluon.jit
 def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV,
                    stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, off_b, off_hk, key0, n0, group_size,
                    seqlen_q, seqlen_k, diag, qk_scale, softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
@@ -96,24 +132,13 @@ def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DE
             s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])  # the previous tile's dV, dK are done too
             if it > 0:
                 release(empty, it - 1, STAGES)  # the previous tile's Q, dO: read by its dV, dK products
-            p = gl.exp2(s * qk_scale - lse2[None, :])
-            if not EVEN:
-                p = gl.where(in_seq[None, :] & (keys[:, None] < seqlen_k), p, 0.0)
-            if CAUSAL:
-                p = gl.where(keys[:, None] <= q_idx[None, :] + diag, p, 0.0)
-            ds = p * (dp - delta[None, :])
+            p, ds = _probs_and_ds(s, dp, lse2, delta, keys, q_idx, in_seq, seqlen_k, diag, qk_scale, CAUSAL, EVEN)
             dv = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do_smem.index(slot), dv, is_async=True)
             dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), q_smem.index(slot), dk, is_async=True)
             it += 1
     dk, dv = warpgroup_mma_wait(0, deps=[dk, dv])
-
-    rows = key0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, o_layout))
-    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    offs = (off_b.to(gl.int64) * stride_kb + rows[:, None].to(gl.int64) * stride_ks + off_hk.to(gl.int64) * stride_kh
-            + dims[None, :])
-    ok = rows[:, None] < seqlen_k
-    gl.store(DK + offs, (dk * softmax_scale).to(dtype), mask=ok)
-    gl.store(DV + offs, dv.to(dtype), mask=ok)
+    _store_dkdv(dk, dv, DK, DV, stride_kb, stride_ks, stride_kh, off_b, off_hk, key0, seqlen_k, softmax_scale,
+                o_layout, dtype, KEYS, HEAD_DIM)
 
 
 @gluon.jit
@@ -121,11 +146,7 @@ def _dkdv_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0,
                    k_col, q_seq_b, q_seq_h, q_col_h, off_b, off_hk, n0, group_size, seqlen_q, diag,
                    KEYS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """One warp: both consumers' K and V halves, then (Q_i, dO_i) of every (query head, tile)."""
-    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
-    load_tile(k_desc, k_seq, n0, k_col, kv_bar, k0)
-    load_tile(k_desc, k_seq, n0 + KEYS, k_col, kv_bar, k1)
-    load_tile(v_desc, k_seq, n0, k_col, kv_bar, v0)
-    load_tile(v_desc, k_seq, n0 + KEYS, k_col, kv_bar, v1)
+    _load_kv_halves(k_desc, v_desc, k0, k1, v0, v1, kv_bar, k_seq, n0, k_col, KEYS)
     i_start = _first_q_block(n0, diag, BLOCK_M, CAUSAL)
     n_q = gl.cdiv(seqlen_q, BLOCK_M)
     it = 0

@@ -33,7 +33,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from flashlab.kernels.backward_gluon import _first_q_block
+from flashlab.kernels.backward_gluon import _first_q_block, _load_kv_halves, _probs_and_ds, _store_dkdv
 from flashlab.kernels.gluon_ring import (
     acquire,
     load_tile,
@@ -96,11 +96,7 @@ def _fused_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0
                     KEYS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """One warp: backward_gluon.py's dK/dV producer over the consumers' flattened stream, draining
     item it - STAGES's dQ after loading item it (and the last items' after the loop)."""
-    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
-    load_tile(k_desc, k_seq, n0, k_col, kv_bar, k0)
-    load_tile(k_desc, k_seq, n0 + KEYS, k_col, kv_bar, k1)
-    load_tile(v_desc, k_seq, n0, k_col, kv_bar, v0)
-    load_tile(v_desc, k_seq, n0 + KEYS, k_col, kv_bar, v1)
+    _load_kv_halves(k_desc, v_desc, k0, k1, v0, v1, kv_bar, k_seq, n0, k_col, KEYS)
     i_start = _first_q_block(n0, diag, BLOCK_M, CAUSAL)
     per_head = gl.cdiv(seqlen_q, BLOCK_M) - i_start
     items = group_size * per_head
@@ -142,12 +138,8 @@ def _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, 
     s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])  # every earlier product of this consumer too
     if it > 0:
         release(empty, it - 1, STAGES)  # the previous tile's Q, dO: read by its dV, dK products
-    p = gl.exp2(s * qk_scale - lse2[None, :])
-    if not EVEN:
-        p = gl.where(in_seq[None, :] & (keys[:, None] < seqlen_k), p, 0.0)
-    if CAUSAL:
-        p = gl.where(keys[:, None] <= q_idx[None, :] + diag, p, 0.0)
-    ds = (p * (dp - delta[None, :])).to(dtype)
+    p, ds = _probs_and_ds(s, dp, lse2, delta, keys, q_idx, in_seq, seqlen_k, diag, qk_scale, CAUSAL, EVEN)
+    ds = ds.to(dtype)
     # Into this item's buffer once both consumers' dQ products of its last use are done.
     b = it % NBUF
     mbarrier.wait(ds_free.index(b), ((it // NBUF) & 1) ^ 1)
@@ -213,14 +205,8 @@ def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq
         dq = warpgroup_mma_wait(0, deps=[dq])
         _dq_stage(dq * softmax_scale, dq_stage, dq_ready, dq_free, items - 1, half)
     dk, dv = warpgroup_mma_wait(0, deps=[dk, dv])
-
-    rows = key0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, o_layout))
-    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    offs = (off_b.to(gl.int64) * stride_kb + rows[:, None].to(gl.int64) * stride_ks + off_hk.to(gl.int64) * stride_kh
-            + dims[None, :])
-    ok = rows[:, None] < seqlen_k
-    gl.store(DK + offs, (dk * softmax_scale).to(dtype), mask=ok)
-    gl.store(DV + offs, dv.to(dtype), mask=ok)
+    _store_dkdv(dk, dv, DK, DV, stride_kb, stride_ks, stride_kh, off_b, off_hk, key0, seqlen_k, softmax_scale,
+                o_layout, dtype, KEYS, HEAD_DIM)
 
 
 @gluon.jit

@@ -30,25 +30,30 @@ _TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SWITCHES = ("FLASHLAB_FWD_GLUON", "FLASHLAB_BWD_GLUON")
 
 
-def _check_tl(case: Case, device: torch.device) -> str | None:
+def _why_not_gluon(case: Case, device: torch.device) -> str | None:
+    """Why flashlab would not run its Gluon kernels on ``case`` (None if it would)."""
     import triton
 
     from flashlab.gluon_forward import enough_work, gluon_shape_ok, triton_has_gluon_36
 
-    anyway = "flashlab runs its `tl` kernels here anyway: "
     if torch.cuda.get_device_capability(device) != (9, 0):
-        return anyway + "the Gluon kernels are Hopper's (compute capability 9.0)"
+        return "the Gluon kernels are Hopper's (compute capability 9.0)"
     if not triton_has_gluon_36():
-        return anyway + f"the Gluon kernels need Triton 3.6, not {triton.__version__}"
+        return f"the Gluon kernels need Triton 3.6, not {triton.__version__}"
     flags = dict(IS_VARLEN=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False, HAS_LOWER=False,
                  HAS_UPPER=case.causal, MASK_KIND=0, BOTTOM_RIGHT=True)
     if has_features(case) or case.scope != "op" or not gluon_shape_ok(
             flags, case.head_dim, case.seqlen_q, case.seqlen_k, _TORCH[case.dtype], 0):
-        return anyway + ("outside the Gluon forward's scope (head dim 128 or 256 from 1024 tokens, 64 from 4096; "
-                         "causal where every query sees a key; no features)")
+        return ("outside the Gluon forward's scope (head dim 128 or 256 from 1024 tokens, 64 from 4096; "
+                "causal where every query sees a key; no features)")
     if not enough_work(case.batch, case.heads, case.seqlen_q, case.seqlen_k, case.head_dim, case.causal):
-        return anyway + "too little work a call for the Gluon launch's host time to pay (gluon_forward.MIN_WORK)"
+        return "too little work a call for the Gluon launch's host time to pay (gluon_forward.MIN_WORK)"
     return None
+
+
+def _check_tl(case: Case, device: torch.device) -> str | None:
+    why = _why_not_gluon(case, device)
+    return None if why is None else "flashlab runs its `tl` kernels here anyway: " + why
 
 
 @contextmanager
@@ -85,10 +90,10 @@ register(Provider(
 def _check_deterministic(case: Case, device: torch.device) -> str | None:
     from flashlab.gluon_backward import FUSED_MIN_SEQLEN
 
-    refusal = _check_tl(case, device)
+    why = _why_not_gluon(case, device)
     anyway = "flashlab's backward is deterministic here anyway: "
-    if refusal is not None:
-        return anyway + refusal.split(": ", 1)[1]
+    if why is not None:
+        return anyway + why
     if not case.causal or case.head_dim != 128 or min(case.seqlen_q, case.seqlen_k) < FUSED_MIN_SEQLEN:
         return anyway + f"the fused backward runs at head dim 128, causal, from {FUSED_MIN_SEQLEN} tokens only"
     return None
