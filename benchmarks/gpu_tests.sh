@@ -33,8 +33,8 @@ shard kvcache-modules-on-gpu -m "not gpu" tests/test_kvcache.py tests/test_kvcac
   tests/test_transformers.py
 shard philox-cpu-path tests/test_philox.py tests/test_cpu_path.py tests/test_interface_errors.py
 shard packed-tma-launch-on-gpu tests/test_packed.py tests/test_forward_tma.py tests/test_forward_gluon.py \
-  tests/test_backward_gluon.py tests/test_launch.py \
-  tests/test_launch_plans.py
+  tests/test_launch.py tests/test_launch_plans.py
+shard gluon-backward tests/test_backward_gluon.py tests/test_backward_gluon_fused.py
 
 status=0
 for i in "${!pids[@]}"; do
