@@ -14,7 +14,7 @@ import torch
 
 from flashlab.kernels import configs
 from flashlab.kernels.configs import TileConfig, cdiv, interpreting
-from flashlab.kernels.launch import launch
+from flashlab.kernels import launch as launch_module
 
 _FEATURE_FLAGS = ("IS_VARLEN", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT")
 
@@ -60,7 +60,8 @@ def launch_fwd_tma(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, out4: t
     window_left, window_right, softmax_scale = scalars[:3]
     # Triton keeps the allocator in a context variable: set it in the calling thread, every launch.
     triton.set_allocator(_scratch(q4.device))
-    launch(
+    # Through the module attribute, so a stand-in for kernels/launch.launch (tests) sees this launch too.
+    launch_module.launch(
         attn_fwd_tma_kernel, (cdiv(seqlen_q, cfg.block_m), heads, q4.shape[0]),
         q4, k4, v4, out4, lse, *q4.stride()[:3], *k4.stride()[:3], *v4.stride()[:3], *out4.stride()[:3],
         *lse_strides, seqlen_q, seqlen_k, heads // kv_heads, window_left, window_right, softmax_scale,
