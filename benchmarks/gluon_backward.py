@@ -22,6 +22,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flashlab.gluon_backward import (  # noqa: E402
     DKDV_BLOCK_N,
+    DKDV_TILES,
     DQ_BLOCK_M,
     FUSED_TILES,
     launch_bwd_gluon,
@@ -73,12 +74,18 @@ def compile_only() -> None:
                for d, vs in VARIANTS.items() for t in vs if len(t) > 2 for c in kinds]
     types = {"LSE": "*fp32", "DELTA": "*fp32", "DK": "*{ty}", "DV": "*{ty}", "DQ": "*{ty}", "DQ_ACC": "*fp32",
              "qk_scale": "fp32", "softmax_scale": "fp32"}
+    # The dK/dV kernels with a split GQA group (group_split.py), at head dim 128's shipped tiles.
+    points += [(what + " split", kernel, 128, bm, bn, st, qr, kr, ("bf16", True))
+               for what, kernel, d, bm, bn, st, qr, kr, (ty, causal) in points
+               if what in ("dkdv", "fused") and d == 128 and causal and st in (DKDV_TILES[128][1], FUSED_TILES[1:])]
     for what, kernel, head_dim, block_m, block_n, stages, q_rows, kv_rows, (ty, causal) in points:
         blocks = {"q_desc": [q_rows, head_dim], "do_desc": [q_rows, head_dim], "k_desc": [kv_rows, head_dim],
                   "v_desc": [kv_rows, head_dim]}
         # Full rows compile the tile-multiple kernels, causal rows the ragged ones (EVEN off).
         consts = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "CAUSAL": causal, "EVEN": not causal}
-        if what == "fused":
+        if what != "dq":
+            consts["SPLIT"] = what.endswith("split")
+        if what.startswith("fused"):
             stages, consts["NBUF"] = stages
         consts["STAGES"] = stages
         # A launch finds the dQ accumulator's dim stride 16-divisible: 16-byte atomics.

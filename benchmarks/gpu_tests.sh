@@ -34,7 +34,7 @@ shard kvcache-modules-on-gpu -m "not gpu" tests/test_kvcache.py tests/test_kvcac
 shard philox-cpu-path tests/test_philox.py tests/test_cpu_path.py tests/test_interface_errors.py
 shard packed-tma-launch-on-gpu tests/test_packed.py tests/test_forward_tma.py tests/test_forward_gluon.py \
   tests/test_launch.py tests/test_launch_plans.py
-shard gluon-backward tests/test_backward_gluon.py tests/test_backward_gluon_fused.py
+shard gluon-backward tests/test_backward_gluon.py tests/test_backward_gluon_fused.py tests/test_group_split.py
 
 status=0
 for i in "${!pids[@]}"; do

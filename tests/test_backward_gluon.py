@@ -56,6 +56,7 @@ def test_launch_arguments(monkeypatch, layout):
     assert kw_kv["CAUSAL"] is True and kw_kv["STAGES"] == 3 and kw_q["STAGES"] == 2
     assert kw_kv["num_warps"] == kw_q["num_warps"] == 4
     assert kw_kv["EVEN"] is False and kw_q["EVEN"] is False  # 300 rows and keys: ragged tiles
+    assert kw_kv["SPLIT"] is False  # 12 programs fill the interpreter's pretend 8 SMs: no split group
 
 
 def test_dout_in_another_order_is_copied_into_qs(monkeypatch):

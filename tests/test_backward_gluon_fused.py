@@ -12,7 +12,7 @@ from attn_checks import backward_launch_inputs, check_against_reference, gluon_s
 
 import flashlab
 import flashlab.gluon_backward as host
-from flashlab import ops
+from flashlab import group_split, ops
 from flashlab.gluon_backward import fused_eligible, launch_bwd_gluon_fused
 
 F16, BF16 = torch.float16, torch.bfloat16
@@ -61,6 +61,7 @@ def test_launch_arguments_and_the_cast_into_dq(monkeypatch, layout):
 
     fake = AccumulatorWriter()
     monkeypatch.setattr(kernels, "attn_bwd_fused_gluon_kernel", fake)
+    monkeypatch.setattr(group_split, "heads_per_split", lambda *args: args[2])  # no split (test_group_split)
     b, s, h, hk, d = 1, 300, 6, 2, 128
     q, k, v, do, dq, dk, dv, lse, delta = backward_launch_inputs(layout, b, s, h, hk, d, F16)
     launch_bwd_gluon_fused(q, k, v, do, dq, dk, dv, lse, delta, (h * s, s), 0.1, True)
@@ -74,6 +75,7 @@ def test_launch_arguments_and_the_cast_into_dq(monkeypatch, layout):
     assert args[28] == 0.1
     assert args[0].block_shape == [1, block_m, d] and args[2].block_shape == [1, 64, d]
     assert kw["STAGES"] == stages and kw["NBUF"] == nbuf and kw["CAUSAL"] is True and kw["EVEN"] is False
+    assert kw["SPLIT"] is False and args[29:31] == (h // hk, 0)
     want = (1000 * torch.arange(h)[None, :, None] + 10 * torch.arange(d)[None, None, :]
             + torch.arange(s)[:, None, None]).to(F16)  # (seqlen, heads, dim): the accumulator transposed
     assert torch.equal(dq[0], want)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from flashlab import group_split
 from flashlab.gluon_forward import MAXNREG, causal_diag, gluon_call_ok, switched_on, tile_descriptor, tile_view
 from flashlab.kernels import configs
 from flashlab.kernels.launch import launch
@@ -71,6 +72,14 @@ def _views_and_scalars(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4
     return q3, k3, v3, do_view[0], scalars
 
 
+def _split(dk4: torch.Tensor, dv4: torch.Tensor, batch: int, kv_heads: int, rows: tuple, block_m: int,
+           causal: bool) -> group_split.DkDvTargets:
+    """group_split.targets for a dK/dV launch; ``rows`` are _views_and_scalars' scalars."""
+    seqlen_q, seqlen_k, diag, group = rows[6:10]
+    return group_split.targets(dk4, dv4, batch, kv_heads, group, seqlen_q, seqlen_k, block_m, DKDV_BLOCK_N,
+                               diag if causal else None)
+
+
 def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: torch.Tensor, dq4: torch.Tensor,
                      dk4: torch.Tensor, dv4: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
                      lse_strides: tuple[int, int], softmax_scale: float, causal: bool, bottom_right: bool = True,
@@ -85,14 +94,16 @@ def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: 
     q3, k3, v3, do3, rows = _views_and_scalars(q4, k4, v4, do4, dk4, dv4, softmax_scale, causal, bottom_right)
 
     block_m, stages = dkdv_tiles or DKDV_TILES[head_dim]
+    split = _split(dk4, dv4, batch, kv_heads, rows, block_m, causal)
     launch(
-        attn_bwd_dkdv_gluon_kernel, (configs.cdiv(seqlen_k, DKDV_BLOCK_N), kv_heads, batch),
+        attn_bwd_dkdv_gluon_kernel, (configs.cdiv(seqlen_k, DKDV_BLOCK_N), kv_heads, batch * split.splits),
         tile_descriptor(q3, block_m, head_dim), tile_descriptor(do3, block_m, head_dim),
         tile_descriptor(k3, DKDV_BLOCK_N // 2, head_dim), tile_descriptor(v3, DKDV_BLOCK_N // 2, head_dim),
-        lse, delta, dk4, dv4, *lse_strides, dk4.stride(0), dk4.stride(1), dk4.stride(2), *rows,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=DKDV_BLOCK_N, STAGES=stages, CAUSAL=bool(causal),
-        EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0,
+        lse, delta, split.dk, split.dv, *lse_strides, *split.dk.stride()[:3], *rows, split.heads_per_split,
+        split.stride_split, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=DKDV_BLOCK_N, STAGES=stages,
+        CAUSAL=bool(causal), EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0, SPLIT=split.splits > 1,
         num_warps=4, maxnreg=MAXNREG)
+    split.finish(dk4, dv4)
     block_n, stages = dq_tiles or DQ_TILES[head_dim]
     launch(
         attn_bwd_dq_gluon_kernel, (configs.cdiv(seqlen_q, DQ_BLOCK_M), heads, batch),
@@ -121,13 +132,15 @@ def launch_bwd_gluon_fused(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
     # exist (a ragged last tile adds zeros past seqlen_q).
     rows_padded = configs.cdiv(seqlen_q, block_m) * block_m
     dq_acc = torch.zeros(batch, heads, head_dim, rows_padded, device=q4.device, dtype=torch.float32)
+    split = _split(dk4, dv4, batch, kv_heads, rows, block_m, causal)
     launch(
-        attn_bwd_fused_gluon_kernel, (configs.cdiv(seqlen_k, DKDV_BLOCK_N), kv_heads, batch),
+        attn_bwd_fused_gluon_kernel, (configs.cdiv(seqlen_k, DKDV_BLOCK_N), kv_heads, batch * split.splits),
         tile_descriptor(q3, block_m, head_dim), tile_descriptor(do3, block_m, head_dim),
         tile_descriptor(k3, DKDV_BLOCK_N // 2, head_dim), tile_descriptor(v3, DKDV_BLOCK_N // 2, head_dim),
-        lse, delta, dk4, dv4, dq_acc, *lse_strides, dk4.stride(0), dk4.stride(1), dk4.stride(2),
-        dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), *rows,
+        lse, delta, split.dk, split.dv, dq_acc, *lse_strides, *split.dk.stride()[:3],
+        dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), *rows, split.heads_per_split, split.stride_split,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=DKDV_BLOCK_N, STAGES=stages, NBUF=nbuf, CAUSAL=bool(causal),
-        EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0,
+        EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0, SPLIT=split.splits > 1,
         num_warps=4, maxnreg=MAXNREG)
+    split.finish(dk4, dv4)
     dq4.copy_(dq_acc[..., :seqlen_q].permute(0, 3, 1, 2))

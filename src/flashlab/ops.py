@@ -23,7 +23,7 @@ from operator import itemgetter
 
 import torch
 
-from flashlab import launch_plans
+from flashlab import group_split, launch_plans
 from flashlab.block_mask import BlockMask
 from flashlab.gluon_backward import fused_eligible, gluon_bwd_eligible, launch_bwd_gluon, launch_bwd_gluon_fused
 from flashlab.gluon_forward import gluon_eligible, launch_fwd_gluon, switched_on
@@ -175,14 +175,19 @@ def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg_kv, cfg_q = (clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,
                                                                     aligned, run.seqlen_k, run.flags["HAS_DROPOUT"]))
+    # A split group writes fp32 partials (tensors outside the call's: such a call runs unplanned).
+    split = group_split.targets(dk4, dv4, run.batch, run.kv_heads, run.heads // run.kv_heads, run.seqlen_q,
+                                run.seqlen_k, cfg_kv.block_m, cfg_kv.block_n, group_split.upper_diagonal(run))
     launch_fn(
-        bwd_kernels.attn_bwd_dkdv_kernel, (cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads, run.batch),
-        run.q4, run.k4, run.v4, do4, lse, delta, dk4, dv4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_q,
-        *strides3(run.q4, varlen), *strides3(run.k4, varlen), *strides3(run.v4, varlen),
-        *strides3(do4, varlen), *strides3(dk4, varlen), *strides3(dv4, varlen), *head, *run.sparse_q_strides,
-        *common,
+        bwd_kernels.attn_bwd_dkdv_kernel, (cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads,
+                                           run.batch * split.splits),
+        run.q4, run.k4, run.v4, do4, lse, delta, split.dk, split.dv, run.cu_q, run.cu_k, run.slopes, run.mask,
+        run.sparse_q, *strides3(run.q4, varlen), *strides3(run.k4, varlen), *strides3(run.v4, varlen),
+        *strides3(do4, varlen), *strides3(split.dk, varlen), *strides3(split.dv, varlen), *head,
+        *run.sparse_q_strides, *common, split.heads_per_split, split.stride_split,
         **consts, **cfg_kv.launch_kwargs(), **FP_FUSION,
     )
+    split.finish(dk4, dv4)
     launch_fn(
         bwd_kernels.attn_bwd_dq_kernel, (cdiv(run.seqlen_q, cfg_q.block_m), run.heads, run.batch),
         run.q4, run.k4, run.v4, do4, lse, delta, dq4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,

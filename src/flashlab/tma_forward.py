@@ -13,8 +13,8 @@ import os
 import torch
 
 from flashlab.kernels import configs
-from flashlab.kernels.configs import TileConfig, cdiv, interpreting
 from flashlab.kernels import launch as launch_module
+from flashlab.kernels.configs import TileConfig, cdiv, interpreting
 
 _FEATURE_FLAGS = ("IS_VARLEN", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT")
 

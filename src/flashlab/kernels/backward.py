@@ -124,16 +124,21 @@ def attn_bwd_dkdv_kernel(
     stride_lb, stride_lh, stride_sb, stride_sh,
     stride_mb, stride_mh, stride_mq, stride_mk, stride_tb, stride_th, stride_tr,
     seqlen_q, seqlen_k, group_size, window_left, window_right, softmax_scale, cap_in, cap_out,
-    seed, dropout_p, drop_stride,
+    seed, dropout_p, drop_stride, heads_per_split, stride_split,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_LOWER: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     SPARSE_M: tl.constexpr, SPARSE_N: tl.constexpr,
 ):
-    """dK, dV for one key block of one kv head, summed over the query heads of its GQA group.
-    Grid: (cdiv(max seqlen_k, BLOCK_N), kv_heads, batch)."""
+    """dK, dV for one key block of one kv head, summed over ``heads_per_split`` query heads of its
+    GQA group (all of them: group_size). With fewer, split s of the group (group_split.py) writes
+    its fp32 partial sums ``stride_split`` elements past DK / DV's split 0.
+    Grid: (cdiv(max seqlen_k, BLOCK_N), kv_heads, batch · splits), splits = cdiv(group_size,
+    heads_per_split)."""
+    splits = tl.cdiv(group_size, heads_per_split)
+    split = tl.program_id(2) % splits
     off_hk = tl.program_id(1)
-    off_b = tl.program_id(2).to(tl.int64)
+    off_b = (tl.program_id(2) // splits).to(tl.int64)
     q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k, IS_VARLEN)
     start_n = tl.program_id(0) * BLOCK_N
     if start_n >= seqlen_k:
@@ -152,7 +157,8 @@ def attn_bwd_dkdv_kernel(
     lo, full_lo, full_hi, hi = query_block_ranges(start_n, seqlen_q, diag, window_left, window_right,
                                                   BLOCK_M, BLOCK_N, HAS_UPPER, HAS_LOWER)
 
-    for g in range(group_size):
+    g_lo = split * heads_per_split
+    for g in range(g_lo, tl.minimum(g_lo + heads_per_split, group_size)):
         off_h = off_hk * group_size + g
         q_base = Q + off_b * stride_qb + q_start * stride_qs + off_h * stride_qh
         do_base = DO + off_b * stride_dob + q_start * stride_dos + off_h * stride_doh
@@ -191,6 +197,8 @@ def attn_bwd_dkdv_kernel(
     row_ok = offs_n[:, None] < seqlen_k
     if BLOCK_D != HEAD_DIM:
         row_ok = row_ok & (offs_d[None, :] < HEAD_DIM)
+    DK += split.to(tl.int64) * stride_split
+    DV += split.to(tl.int64) * stride_split
     tl.store(DK + off_b * stride_dkb + (k_start + offs_n[:, None]) * stride_dks + off_hk * stride_dkh
              + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=row_ok)
     tl.store(DV + off_b * stride_dvb + (k_start + offs_n[:, None]) * stride_dvs + off_hk * stride_dvh

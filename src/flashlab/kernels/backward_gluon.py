@@ -12,7 +12,8 @@ and dS are register operands:
     dV += Pᵀ dOᵢ,  dK += dSᵀ Qᵢ                     (left in flight under the next tile's Sᵀ, dPᵀ)
 
 with Δ = rowsum(dO ⊙ O) (the `tl` preprocess kernel) and the forward's LSE; dK is scaled at the end.
-GQA loops over the group's query heads inside the program.
+GQA loops over the group's query heads inside the program — or over a split of them, when the grid
+is too small (group_split.py: fp32 partial dK, dV, summed after).
 
 dQ: one program per 128 query rows (two consumers of 64), Q and dO loaded once, K and V streamed:
 S = Q Kⱼᵀ and dP = dO Vⱼᵀ together, then dQ += dS Kⱼ left in flight.
@@ -58,6 +59,25 @@ def _first_q_block(n0, diag, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
+def split_heads(group_size, heads_per_split, SPLIT: gl.constexpr):
+    """(first query head, heads) of this dK/dV program: the kv head's whole group, or with SPLIT the
+    split program_id(2) % splits of it (group_split.py). Recomputed where used: values held across
+    the loop cost registers."""
+    if SPLIT:
+        g0 = gl.program_id(2) % gl.cdiv(group_size, heads_per_split) * heads_per_split
+        return gl.program_id(1) * group_size + g0, gl.minimum(heads_per_split, group_size - g0)
+    return gl.program_id(1) * group_size, group_size
+
+
+@gluon.jit
+def split_batch(group_size, heads_per_split, SPLIT: gl.constexpr):
+    """The batch index of a dK/dV program (program_id(2) is batch · splits + split with SPLIT)."""
+    if SPLIT:
+        return gl.program_id(2) // gl.cdiv(group_size, heads_per_split)
+    return gl.program_id(2)
+
+
+@gluon.jit
 def _probs_and_ds(s, dp, lse2, delta, keys, q_idx, in_seq, seqlen_k, diag, qk_scale, CAUSAL: gl.constexpr,
                   EVEN: gl.constexpr):
     """Pᵀ and dSᵀ (fp32, keys as rows) of one tile from Sᵀ, dPᵀ, the queries' LSE · log2 e and Δ:
@@ -82,25 +102,31 @@ def _load_kv_halves(k_desc, v_desc, k0, k1, v0, v1, kv_bar, k_seq, n0, k_col, KE
 
 @gluon.jit
 def _store_dkdv(dk, dv, DK, DV, stride_kb, stride_ks, stride_kh, off_b, off_hk, key0, seqlen_k, softmax_scale,
-                o_layout: gl.constexpr, dtype: gl.constexpr, KEYS: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """A consumer's finished dK (scaled here) and dV of keys key0 .. key0 + KEYS, those in the sequence."""
+                group_size, heads_per_split, stride_split, o_layout: gl.constexpr, KEYS: gl.constexpr,
+                HEAD_DIM: gl.constexpr, SPLIT: gl.constexpr):
+    """A consumer's finished dK (scaled here) and dV of keys key0 .. key0 + KEYS, those in the sequence,
+    in DK / DV's element type; a split group's (fp32 partials) ``stride_split`` elements a split on."""
     rows = key0 + gl.arange(0, KEYS, layout=gl.SliceLayout(1, o_layout))
     dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    offs = (off_b.to(gl.int64) * stride_kb + rows[:, None].to(gl.int64) * stride_ks + off_hk.to(gl.int64) * stride_kh
-            + dims[None, :])
+    offs = (off_b.to(gl.int64) * stride_kb + rows[:, None].to(gl.int64) * stride_ks
+            + off_hk.to(gl.int64) * stride_kh + dims[None, :])
+    if SPLIT:
+        offs += (gl.program_id(2) % gl.cdiv(group_size, heads_per_split)).to(gl.int64) * stride_split
     ok = rows[:, None] < seqlen_k
-    gl.store(DK + offs, (dk * softmax_scale).to(dtype), mask=ok)
-    gl.store(DV + offs, dv.to(dtype), mask=ok)
+    gl.store(DK + offs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=ok)
+    gl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=ok)
 
 
 @gluon.jit
 def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV,
                    stride_lb, stride_lh, stride_kb, stride_ks, stride_kh, off_b, off_hk, key0, n0, group_size,
-                   seqlen_q, seqlen_k, diag, qk_scale, softmax_scale, dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   heads_per_split, stride_split, seqlen_q, seqlen_k, diag, qk_scale, softmax_scale,
+                   dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
                    BLOCK_M: gl.constexpr, KEYS: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                   EVEN: gl.constexpr):
-    """One consumer warpgroup: keys key0 .. key0 + KEYS over every (query head of the group, query
-    tile), then dK, dV of its keys. EVEN: no ragged query tile or key block (no bounds mask)."""
+                   EVEN: gl.constexpr, SPLIT: gl.constexpr):
+    """One consumer warpgroup: keys key0 .. key0 + KEYS over every (query head of its split of the
+    group, query tile), then dK, dV of its keys. EVEN: no ragged query tile or key block (no bounds
+    mask)."""
     NUM_WARPS: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = mma_layout(NUM_WARPS, BLOCK_M)
     o_layout: gl.constexpr = mma_layout(NUM_WARPS, HEAD_DIM)
@@ -115,8 +141,9 @@ def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DE
     i_start = _first_q_block(n0, diag, BLOCK_M, CAUSAL)
     n_q = gl.cdiv(seqlen_q, BLOCK_M)
     it = 0
-    for g in range(group_size):
-        off_h = off_hk * group_size + g
+    h0, n_heads = split_heads(group_size, heads_per_split, SPLIT)
+    for g in range(n_heads):
+        off_h = h0 + g
         lse_base = LSE + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
         delta_base = DELTA + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
         for i in range(i_start, n_q):
@@ -138,20 +165,22 @@ def _dkdv_consumer(k_smem, v_smem, q_smem, do_smem, kv_bar, full, empty, LSE, DE
             it += 1
     dk, dv = warpgroup_mma_wait(0, deps=[dk, dv])
     _store_dkdv(dk, dv, DK, DV, stride_kb, stride_ks, stride_kh, off_b, off_hk, key0, seqlen_k, softmax_scale,
-                o_layout, dtype, KEYS, HEAD_DIM)
+                group_size, heads_per_split, stride_split, o_layout, KEYS, HEAD_DIM, SPLIT)
 
 
 @gluon.jit
 def _dkdv_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty, k_seq,
-                   k_col, q_seq_b, q_seq_h, q_col_h, off_b, off_hk, n0, group_size, seqlen_q, diag,
-                   KEYS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                   k_col, q_seq_b, q_seq_h, q_col_h, off_b, n0, group_size, heads_per_split, seqlen_q, diag,
+                   KEYS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                   SPLIT: gl.constexpr):
     """One warp: both consumers' K and V halves, then (Q_i, dO_i) of every (query head, tile)."""
     _load_kv_halves(k_desc, v_desc, k0, k1, v0, v1, kv_bar, k_seq, n0, k_col, KEYS)
     i_start = _first_q_block(n0, diag, BLOCK_M, CAUSAL)
     n_q = gl.cdiv(seqlen_q, BLOCK_M)
     it = 0
-    for g in range(group_size):
-        off_h = off_hk * group_size + g
+    h0, n_heads = split_heads(group_size, heads_per_split, SPLIT)
+    for g in range(n_heads):
+        off_h = h0 + g
         q_seq = off_b * q_seq_b + off_h * q_seq_h
         for i in range(i_start, n_q):
             slot = it % STAGES
@@ -165,16 +194,20 @@ def _dkdv_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0,
 def attn_bwd_dkdv_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, DV, stride_lb, stride_lh,
                                stride_kb, stride_ks, stride_kh, q_seq_b, q_seq_h, q_col_h, k_seq_b, k_seq_h,
                                k_col_h, seqlen_q, seqlen_k, diag, group_size, qk_scale, softmax_scale,
-                               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                               STAGES: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr):
-    """dK, dV of keys n0 .. n0 + BLOCK_N of kv head program_id(1), batch program_id(2) (module
-    docstring). DK / DV are (batch, seqlen_k, kv_heads, head_dim) with K's strides; LSE / DELTA
-    (batch, heads, seqlen_q) fp32. Grid: (cdiv(seqlen_k, BLOCK_N), kv_heads, batch); num_warps=4."""
+                               heads_per_split, stride_split, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                               EVEN: gl.constexpr, SPLIT: gl.constexpr):
+    """dK, dV of keys n0 .. n0 + BLOCK_N of kv head program_id(1), batch program_id(2), summed over
+    the query heads of its split of the group (module docstring). DK / DV are (batch, seqlen_k,
+    kv_heads, head_dim) with K's strides, split s's ``s · stride_split`` elements on (fp32 partials
+    when the group is split, group_split.py); LSE / DELTA (batch, heads, seqlen_q) fp32.
+    Grid: (cdiv(seqlen_k, BLOCK_N), kv_heads, batch · splits), splits = cdiv(group_size,
+    heads_per_split), SPLIT: splits > 1; num_warps=4."""
     KEYS: gl.constexpr = BLOCK_N // 2
     dtype: gl.constexpr = q_desc.dtype
     n0 = gl.program_id(0) * BLOCK_N
     off_hk = gl.program_id(1)
-    off_b = gl.program_id(2)
+    off_b = split_batch(group_size, heads_per_split, SPLIT)
 
     k0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(k_desc.layout))
     k1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(k_desc.layout))
@@ -187,15 +220,16 @@ def attn_bwd_dkdv_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, 
     k_seq = off_b * k_seq_b + off_hk * k_seq_h
     gl.warp_specialize([
         (_dkdv_consumer, (k0, v0, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV, stride_lb, stride_lh,
-                          stride_kb, stride_ks, stride_kh, off_b, off_hk, n0, n0, group_size, seqlen_q, seqlen_k,
-                          diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL, EVEN)),
+                          stride_kb, stride_ks, stride_kh, off_b, off_hk, n0, n0, group_size, heads_per_split,
+                          stride_split, seqlen_q, seqlen_k, diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M,
+                          KEYS, STAGES, CAUSAL, EVEN, SPLIT)),
         (_dkdv_consumer, (k1, v1, q_smem, do_smem, kv_bar, full, empty, LSE, DELTA, DK, DV, stride_lb, stride_lh,
-                          stride_kb, stride_ks, stride_kh, off_b, off_hk, n0 + KEYS, n0, group_size, seqlen_q,
-                          seqlen_k, diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL,
-                          EVEN)),
+                          stride_kb, stride_ks, stride_kh, off_b, off_hk, n0 + KEYS, n0, group_size,
+                          heads_per_split, stride_split, seqlen_q, seqlen_k, diag, qk_scale, softmax_scale, dtype,
+                          HEAD_DIM, BLOCK_M, KEYS, STAGES, CAUSAL, EVEN, SPLIT)),
         (_dkdv_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
-                          k_seq, off_hk * k_col_h, q_seq_b, q_seq_h, q_col_h, off_b, off_hk, n0, group_size,
-                          seqlen_q, diag, KEYS, BLOCK_M, STAGES, CAUSAL)),
+                          k_seq, off_hk * k_col_h, q_seq_b, q_seq_h, q_col_h, off_b, n0, group_size,
+                          heads_per_split, seqlen_q, diag, KEYS, BLOCK_M, STAGES, CAUSAL, SPLIT)),
     ], [4, 1], [240, 24])
 
 

@@ -33,7 +33,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from flashlab.kernels.backward_gluon import _first_q_block, _load_kv_halves, _probs_and_ds, _store_dkdv
+from flashlab.kernels.backward_gluon import (
+    _first_q_block,
+    _load_kv_halves,
+    _probs_and_ds,
+    _store_dkdv,
+    split_batch,
+    split_heads,
+)
 from flashlab.kernels.gluon_ring import (
     acquire,
     load_tile,
@@ -92,17 +99,20 @@ def _dq_drain(dq_stage, dq_ready, dq_free, DQ_ACC, n, off_b, off_h, tile, stride
 @gluon.jit
 def _fused_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
                     dq_stage, dq_ready, dq_free, DQ_ACC, stride_ab, stride_ah, stride_ad, k_seq, k_col, q_seq_b,
-                    q_seq_h, q_col_h, off_b, off_hk, n0, group_size, seqlen_q, diag, HEAD_DIM: gl.constexpr,
-                    KEYS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                    q_seq_h, q_col_h, off_b, n0, group_size, heads_per_split, seqlen_q, diag,
+                    HEAD_DIM: gl.constexpr,
+                    KEYS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                    SPLIT: gl.constexpr):
     """One warp: backward_gluon.py's dK/dV producer over the consumers' flattened stream, draining
     item it - STAGES's dQ after loading item it (and the last items' after the loop)."""
     _load_kv_halves(k_desc, v_desc, k0, k1, v0, v1, kv_bar, k_seq, n0, k_col, KEYS)
     i_start = _first_q_block(n0, diag, BLOCK_M, CAUSAL)
     per_head = gl.cdiv(seqlen_q, BLOCK_M) - i_start
-    items = group_size * per_head
+    h0, n_heads = split_heads(group_size, heads_per_split, SPLIT)
+    items = n_heads * per_head
     for it in range(items):
         g = it // per_head
-        off_h = off_hk * group_size + g
+        off_h = h0 + g
         q_seq = off_b * q_seq_b + off_h * q_seq_h
         i = i_start + it - g * per_head
         bar = acquire(empty, full, it, q_desc.block_type.nbytes + do_desc.block_type.nbytes, STAGES)
@@ -111,11 +121,11 @@ def _fused_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0
         if it >= STAGES:
             n = it - STAGES
             gn = n // per_head
-            _dq_drain(dq_stage, dq_ready, dq_free, DQ_ACC, n, off_b, off_hk * group_size + gn,
+            _dq_drain(dq_stage, dq_ready, dq_free, DQ_ACC, n, off_b, h0 + gn,
                       i_start + n - gn * per_head, stride_ab, stride_ah, stride_ad, HEAD_DIM, BLOCK_M)
     for n in range(gl.maximum(items - STAGES, 0), items):
         gn = n // per_head
-        _dq_drain(dq_stage, dq_ready, dq_free, DQ_ACC, n, off_b, off_hk * group_size + gn,
+        _dq_drain(dq_stage, dq_ready, dq_free, DQ_ACC, n, off_b, h0 + gn,
                   i_start + n - gn * per_head, stride_ab, stride_ah, stride_ad, HEAD_DIM, BLOCK_M)
 
 
@@ -153,9 +163,11 @@ def _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, 
 @gluon.jit
 def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq_ready, dq_free, kv_bar, full,
                     empty, ds_ready, ds_free, LSE, DELTA, DK, DV, stride_lb, stride_lh, stride_kb, stride_ks,
-                    stride_kh, off_b, off_hk, half, n0, group_size, seqlen_q, seqlen_k, diag, qk_scale, softmax_scale,
+                    stride_kh, off_b, off_hk, half, n0, group_size, heads_per_split, stride_split, seqlen_q,
+                    seqlen_k, diag, qk_scale, softmax_scale,
                     dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, KEYS: gl.constexpr,
-                    STAGES: gl.constexpr, NBUF: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr):
+                    STAGES: gl.constexpr, NBUF: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr,
+                    SPLIT: gl.constexpr):
     """Consumer ``half``: keys n0 + half · KEYS .. over every (query head of the group, query tile) —
     one stream of items, item 0 peeled so the loop issues item it-1's dQ product unconditionally;
     dK, dV of its keys; dQ of its half of the head dim (module docstring)."""
@@ -175,9 +187,10 @@ def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq
     mbarrier.wait(kv_bar, 0)
     i_start = _first_q_block(n0, diag, BLOCK_M, CAUSAL)
     per_head = gl.cdiv(seqlen_q, BLOCK_M) - i_start
-    items = group_size * per_head
+    h0, n_heads = split_heads(group_size, heads_per_split, SPLIT)
+    items = n_heads * per_head
     if items > 0:
-        off_h = off_hk * group_size
+        off_h = h0
         p, ds = _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, ds_free, LSE, DELTA,
                              stride_lb, stride_lh, off_b, off_h, i_start, 0, half, keys, cols, s_zero, seqlen_q,
                              seqlen_k, diag, qk_scale, dtype, BLOCK_M, STAGES, NBUF, CAUSAL, EVEN)
@@ -186,7 +199,7 @@ def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq
     for it in range(1, items):
         g = it // per_head
         i = i_start + it - g * per_head
-        off_h = off_hk * group_size + g
+        off_h = h0 + g
         p, ds = _tile_scores(k_own, v_own, q_smem, do_smem, ds_smem, full, empty, ds_ready, ds_free, LSE, DELTA,
                              stride_lb, stride_lh, off_b, off_h, i, it, half, keys, cols, s_zero, seqlen_q,
                              seqlen_k, diag, qk_scale, dtype, BLOCK_M, STAGES, NBUF, CAUSAL, EVEN)
@@ -206,27 +219,29 @@ def _fused_consumer(k_own, v_own, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq
         _dq_stage(dq * softmax_scale, dq_stage, dq_ready, dq_free, items - 1, half)
     dk, dv = warpgroup_mma_wait(0, deps=[dk, dv])
     _store_dkdv(dk, dv, DK, DV, stride_kb, stride_ks, stride_kh, off_b, off_hk, key0, seqlen_k, softmax_scale,
-                o_layout, dtype, KEYS, HEAD_DIM)
+                group_size, heads_per_split, stride_split, o_layout, KEYS, HEAD_DIM, SPLIT)
 
 
 @gluon.jit
 def attn_bwd_fused_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, DV, DQ_ACC, stride_lb, stride_lh,
                                 stride_kb, stride_ks, stride_kh, stride_ab, stride_ah, stride_ad,
                                 q_seq_b, q_seq_h, q_col_h, k_seq_b, k_seq_h, k_col_h, seqlen_q, seqlen_k, diag,
-                                group_size, qk_scale, softmax_scale, HEAD_DIM: gl.constexpr,
-                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                                NBUF: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr):
+                                group_size, qk_scale, softmax_scale, heads_per_split, stride_split,
+                                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                STAGES: gl.constexpr, NBUF: gl.constexpr, CAUSAL: gl.constexpr, EVEN: gl.constexpr,
+                                SPLIT: gl.constexpr):
     """dK, dV of keys n0 .. n0 + BLOCK_N of kv head program_id(1), batch program_id(2), and their
     part of every visible query's dQ (module docstring). DK / DV as backward_gluon.py's; DQ_ACC fp32
     (batch, heads, head_dim, queries) by (stride_ab, stride_ah, stride_ad), queries contiguous,
     zeroed, covering every query tile (cdiv(seqlen_q, BLOCK_M) · BLOCK_M rows: ragged tiles add
     zeros past seqlen_q).
-    Grid: (cdiv(seqlen_k, BLOCK_N), kv_heads, batch); num_warps=4."""
+    A split group (group_split.py) sums its heads only, into fp32 partials as backward_gluon.py's.
+    Grid: (cdiv(seqlen_k, BLOCK_N), kv_heads, batch · splits), SPLIT: splits > 1; num_warps=4."""
     KEYS: gl.constexpr = BLOCK_N // 2
     dtype: gl.constexpr = q_desc.dtype
     n0 = gl.program_id(0) * BLOCK_N
     off_hk = gl.program_id(1)
-    off_b = gl.program_id(2)
+    off_b = split_batch(group_size, heads_per_split, SPLIT)
 
     k0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(k_desc.layout))
     k1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(k_desc.layout))
@@ -256,14 +271,16 @@ def attn_bwd_fused_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK,
     gl.warp_specialize([
         (_fused_consumer, (k0, v0, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq_ready, dq_free, kv_bar, full,
                            empty, ds_ready, ds_free, LSE, DELTA, DK, DV, stride_lb, stride_lh, stride_kb, stride_ks,
-                           stride_kh, off_b, off_hk, 0, n0, group_size, seqlen_q, seqlen_k, diag, qk_scale,
-                           softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF, CAUSAL, EVEN)),
+                           stride_kh, off_b, off_hk, 0, n0, group_size, heads_per_split, stride_split, seqlen_q,
+                           seqlen_k, diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF,
+                           CAUSAL, EVEN, SPLIT)),
         (_fused_consumer, (k1, v1, k0, k1, q_smem, do_smem, ds_smem, dq_stage, dq_ready, dq_free, kv_bar, full,
                            empty, ds_ready, ds_free, LSE, DELTA, DK, DV, stride_lb, stride_lh, stride_kb, stride_ks,
-                           stride_kh, off_b, off_hk, 1, n0, group_size, seqlen_q, seqlen_k, diag, qk_scale,
-                           softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF, CAUSAL, EVEN)),
+                           stride_kh, off_b, off_hk, 1, n0, group_size, heads_per_split, stride_split, seqlen_q,
+                           seqlen_k, diag, qk_scale, softmax_scale, dtype, HEAD_DIM, BLOCK_M, KEYS, STAGES, NBUF,
+                           CAUSAL, EVEN, SPLIT)),
         (_fused_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k0, k1, v0, v1, kv_bar, full, empty,
                            dq_stage, dq_ready, dq_free, DQ_ACC, stride_ab, stride_ah, stride_ad, k_seq,
-                           off_hk * k_col_h, q_seq_b, q_seq_h, q_col_h, off_b, off_hk, n0, group_size, seqlen_q,
-                           diag, HEAD_DIM, KEYS, BLOCK_M, STAGES, CAUSAL)),
+                           off_hk * k_col_h, q_seq_b, q_seq_h, q_col_h, off_b, n0, group_size, heads_per_split,
+                           seqlen_q, diag, HEAD_DIM, KEYS, BLOCK_M, STAGES, CAUSAL, SPLIT)),
     ], [4, 1], [240, 32])  # the producer's 32: both consumers keep 240

@@ -325,6 +325,11 @@ def _build_flex(case: Case, device: torch.device) -> Attn:
         # caches it; a failure while compiling for one device must not send the other's calls to
         # flex's eager path, which materializes the scores
         _FLEX[fn_key] = torch.compile(flex_attention, dynamic=False)
+        # The bwd mode replays one graph's backward (retain_graph=True), which a compiled backward
+        # with donated buffers refuses; the donation only frees saved tensors early (memory).
+        import torch._functorch.config as functorch_config
+        if getattr(functorch_config, "donated_buffer", False):
+            functorch_config.donated_buffer = False
     compiled = _FLEX[fn_key]
     block_mask, score_mod, layout = None, None, "bhsd"
     if case.dropout:

@@ -1,0 +1,178 @@
+"""group_split.py: a GQA group's query heads split over several dK/dV programs when the grid is too
+small — the rule, the `tl` backward with split groups against the reference (interpreter or GPU),
+the Gluon launchers' split arguments and reduction (CPU, stand-in kernels), and on a Hopper GPU the
+Gluon kernels' split gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attn_checks import FakeKernel, backward_launch_inputs, check_against_reference, gluon_spy, make_qkv
+
+import flashlab
+from flashlab import group_split, ops
+from flashlab.gluon_backward import launch_bwd_gluon, launch_bwd_gluon_fused
+from flashlab.reference import accuracy_check, naive_attention, reference_attention
+
+F16, BF16 = torch.float16, torch.bfloat16
+H200_SMS = 132
+
+
+def per_split(batch, kv_heads, group, seqlen, causal, block_m=64, block_n=128, sms=H200_SMS):
+    return group_split.heads_per_split(batch, kv_heads, group, seqlen, seqlen, block_m, block_n,
+                                       0 if causal else None, sms)
+
+
+def test_the_rule_splits_small_grids_only():
+    assert per_split(1, 1, 32, 4096, False) == 8  # MQA at 4k: 32 programs -> 128
+    assert per_split(1, 1, 32, 16384, True) == 16  # causal: the first key block's program sets the pace
+    assert per_split(1, 8, 4, 4096, False) == 4  # 32:8 at 4k: 256 programs fill the GPU already
+    assert per_split(2, 16, 1, 8192, True) == 1  # no group
+    assert per_split(1, 2, 3, 300, True, sms=8) == 1  # the interpreter's pretend GPU: 6 programs
+    # Every candidate's programs cover the group exactly once.
+    for group in range(1, 40):
+        per = per_split(1, 1, group, 2048, False)
+        assert 1 <= per <= group
+
+
+def test_query_tiles_per_key_block():
+    assert group_split.query_tiles_per_key_block(300, 300, 64, 128, None) == [5, 5, 5]
+    assert group_split.query_tiles_per_key_block(300, 300, 64, 128, 0) == [5, 3, 1]
+    # Bottom-right with a key prefix: query i sees keys up to i + 200.
+    assert group_split.query_tiles_per_key_block(100, 300, 64, 128, 200) == [2, 2, 2]  # key 256: query 56 on
+    assert group_split.query_tiles_per_key_block(100, 400, 64, 128, 300) == [2, 2, 2, 1]  # key 384: query 84
+
+
+@pytest.fixture
+def forced_split(monkeypatch):
+    """forced_split(per): every dK/dV launch sums ``per`` query heads a program (fewer where the group
+    is smaller); returns the list of group_split.DkDvTargets the launches got."""
+    seen = []
+    real = group_split.targets
+
+    def force(per):
+        monkeypatch.setattr(group_split, "heads_per_split", lambda *args: min(per, args[2]))
+        monkeypatch.setattr(group_split, "targets", lambda *args: seen.append(real(*args)) or seen[-1])
+        return seen
+    return force
+
+
+@pytest.mark.parametrize("heads, kv_heads, per, causal", [
+    (4, 1, 1, True),    # MQA, every head its own split
+    (6, 2, 2, False),   # GQA 6:2, groups of 3 cut 2 + 1
+    (8, 2, 3, True),    # groups of 4 cut 3 + 1
+])
+def test_split_groups_match_the_reference(device, forced_split, heads, kv_heads, per, causal):
+    seen = forced_split(per)
+    torch.manual_seed(3)
+    q, k, v = make_qkv(2, 37, 53, heads, kv_heads, 40, F16, device)
+    out = flashlab.flash_attn_func(q, k, v, causal=causal)
+    check_against_reference(out, q, k, v, causal=causal)
+    assert seen and all(s.splits == -(-(heads // kv_heads) // per) > 1 for s in seen)
+
+
+def test_split_varlen_matches_the_reference(device, forced_split):
+    """Packed sequences (one of length 1) with every head its own split: each sequence's gradients
+    pass the accuracy rule against the reference run on that sequence alone."""
+    seen = forced_split(1)
+    torch.manual_seed(4)
+    lens = [17, 1, 40]
+    cu = torch.tensor([0, 17, 18, 58], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(58, h, 32, dtype=F16, device=device, requires_grad=True) for h in (4, 2, 2))
+    out = flashlab.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    assert seen and seen[0].splits == 2
+    for start, n in zip(cu.tolist(), lens):
+        rows = slice(start, start + n)
+        one = [t.detach()[rows][None].clone().requires_grad_() for t in (q, k, v)]
+        ref = reference_attention(*one, dtype=torch.float64, causal=True)
+        low = naive_attention(*one, causal=True)
+        want = torch.autograd.grad(ref, one, g[rows][None].double())
+        same = torch.autograd.grad(low, one, g[rows][None])
+        for name, a, r, s in zip(("dq", "dk", "dv"), got, want, same):
+            check = accuracy_check(a[rows][None], r, s, factor=3.0)
+            assert check.ok, f"{name}, sequence of {n}: {check}"
+
+
+def test_split_gradients_are_deterministic(device, forced_split):
+    forced_split(1)
+    torch.manual_seed(5)
+    q, k, v = make_qkv(1, 29, 29, 4, 1, 32, F16, device)
+    runs = []
+    for _ in range(2):
+        q.grad = k.grad = v.grad = None
+        flashlab.flash_attn_func(q, k, v, causal=True).sum().backward()
+        runs.append([t.grad.clone() for t in (q, k, v)])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+class PartialWriter(FakeKernel):
+    """A stand-in dK/dV kernel: writes (split + 1) · pattern into every split's partial dK and
+    (split + 1) · 2 · pattern into its dV, through the launch's split stride."""
+
+    def __init__(self, dk_arg: int, stride_arg: int):
+        super().__init__()
+        self.dk_arg, self.stride_arg = dk_arg, stride_arg
+
+    def __getitem__(self, grid):
+        record = super().__getitem__(grid)
+
+        def run(*args, **kwargs):
+            record(*args, **kwargs)
+            dk0, dv0, step = args[self.dk_arg], args[self.dk_arg + 1], args[self.stride_arg]
+            splits = grid[2] // dk0.shape[0]
+            for base, scale in ((dk0, 1.0), (dv0, 2.0)):
+                every = base.as_strided((splits, *base.shape), (step, *base.stride()))
+                for s in range(splits):
+                    every[s] = scale * (s + 1) * torch.arange(base.numel()).view(base.shape).float() / 64
+        return run
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["two-kernel", "fused"])
+def test_gluon_launchers_split_and_reduce(monkeypatch, fused):
+    import flashlab.kernels.backward_gluon as kernels
+    import flashlab.kernels.backward_gluon_fused as fused_kernels
+
+    # 300 keys in 3 blocks of 128, 2 kv heads: 6 programs on the pretend 8-SM GPU -> 3 splits of 1.
+    b, s, h, hk, d = 1, 300, 6, 2, 128
+    q, k, v, do, dq, dk, dv, lse, delta = backward_launch_inputs("bshd", b, s, h, hk, d, F16)
+    if fused:
+        fake = PartialWriter(6, 30)
+        monkeypatch.setattr(fused_kernels, "attn_bwd_fused_gluon_kernel", fake)
+        launch_bwd_gluon_fused(q, k, v, do, dq, dk, dv, lse, delta, (h * s, s), 0.1, True)
+    else:
+        fake = PartialWriter(6, 26)
+        monkeypatch.setattr(kernels, "attn_bwd_dkdv_gluon_kernel", fake)
+        monkeypatch.setattr(kernels, "attn_bwd_dq_gluon_kernel", FakeKernel())
+        launch_bwd_gluon(q, k, v, do, dq, dk, dv, lse, delta, (h * s, s), 0.1, True)
+    (grid, args, kw), = fake.launches
+    assert grid == (3, hk, b * 3) and kw["SPLIT"] is True
+    dk0 = args[6]
+    assert dk0.dtype == torch.float32 and dk0.shape == dk.shape and args[fake.stride_arg] == dk.numel()
+    assert args[fake.stride_arg - 1] == 1  # heads a split
+    pattern = torch.arange(dk.numel()).view(dk.shape).float() / 64
+    assert torch.equal(dk, (6 * pattern).to(F16)) and torch.equal(dv, (12 * pattern).to(F16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sq, heads, kv_heads, causal, fused", [
+    (1100, 8, 1, False, False),  # MQA: 9 programs -> split
+    (1030, 6, 2, True, False),   # GQA 6:2, ragged
+    (1100, 8, 1, True, True),    # the fused kernel (any length here), MQA
+    (1030, 6, 2, True, True),
+])
+def test_gluon_split_gradients_match_the_reference(monkeypatch, sq, heads, kv_heads, causal, fused):
+    import flashlab.gluon_backward as host
+
+    two = gluon_spy(monkeypatch, "FLASHLAB_BWD_GLUON", ops, "launch_bwd_gluon")
+    spy = gluon_spy(monkeypatch, "FLASHLAB_BWD_FUSED", ops, "launch_bwd_gluon_fused")
+    monkeypatch.setattr(host, "FUSED_MIN_SEQLEN", 0 if fused else 1 << 30)
+    seen = []
+    real = group_split.targets
+    monkeypatch.setattr(group_split, "targets", lambda *a: seen.append(real(*a)) or seen[-1])
+    torch.manual_seed(8)
+    q, k, v = make_qkv(1, sq, sq, heads, kv_heads, 128, BF16, "cuda")
+    out = flashlab.flash_attn_func(q, k, v, causal=causal)
+    check_against_reference(out, q, k, v, causal=causal)
+    assert len(spy if fused else two) == 1 and seen[-1].splits > 1
