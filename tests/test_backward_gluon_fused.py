@@ -27,6 +27,7 @@ def test_where_it_runs(monkeypatch):
     assert not fused_eligible(True, n // 2, n, 128, False)
     assert not fused_eligible(True, n, n, 64, False)  # half the head dim must fill a 64-row product
     assert not fused_eligible(True, n, n, 128, True)  # deterministic: no float atomics
+    assert not fused_eligible(True, n, n, 128, False, group=4)  # GQA: the two kernels win
     monkeypatch.setenv("FLASHLAB_BWD_FUSED", "0")
     assert not fused_eligible(True, n, n, 128, False)
     monkeypatch.delenv("FLASHLAB_BWD_FUSED")
@@ -87,6 +88,7 @@ def calls(monkeypatch):
     two = gluon_spy(monkeypatch, "FLASHLAB_BWD_GLUON", ops, "launch_bwd_gluon")
     fused = gluon_spy(monkeypatch, "FLASHLAB_BWD_FUSED", ops, "launch_bwd_gluon_fused")
     monkeypatch.setattr(host, "FUSED_MIN_SEQLEN", 0)
+    monkeypatch.setattr(host, "FUSED_MAX_GROUP", 64)  # GQA through the fused kernel too
     return fused, two
 
 
@@ -121,7 +123,7 @@ def test_at_the_default_threshold(monkeypatch):
     """Without the tests' lowered threshold: a causal 8k call takes the fused kernel by default."""
     fused = gluon_spy(monkeypatch, "FLASHLAB_BWD_FUSED", ops, "launch_bwd_gluon_fused")
     torch.manual_seed(13)
-    q, k, v = make_qkv(1, host.FUSED_MIN_SEQLEN, host.FUSED_MIN_SEQLEN, 2, 1, 128, BF16, "cuda")
+    q, k, v = make_qkv(1, host.FUSED_MIN_SEQLEN, host.FUSED_MIN_SEQLEN, 2, 2, 128, BF16, "cuda")
     out = flashlab.flash_attn_func(q, k, v, causal=True)
     check_against_reference(out, q, k, v, causal=True)
     assert len(fused) == 1

@@ -35,6 +35,9 @@ FUSED_TILES = (64, 2, 2)
 # Where the fused kernel runs instead of the two: causal from 8k tokens, measured 1.11-1.13x the
 # two-kernel backward there (round 10); at 2k it is 0.96x, without the mask 0.92-0.99x.
 FUSED_MIN_SEQLEN = 8192
+# GQA groups up to this size take it: with 4 or 32 query heads a kv head the two kernels won at
+# causal 8k-16k (1.03-1.17x, H200, round 11); the fused kernel handles any group (tests force it).
+FUSED_MAX_GROUP = 1
 
 
 def gluon_bwd_eligible(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int, window_right: int,
@@ -44,12 +47,16 @@ def gluon_bwd_eligible(flags: dict, head_dim: int, seqlen_q: int, seqlen_k: int,
         flags, head_dim, seqlen_q, seqlen_k, window_right, *tensors)
 
 
-def fused_eligible(causal: bool, seqlen_q: int, seqlen_k: int, head_dim: int, deterministic: bool) -> bool:
+def fused_eligible(causal: bool, seqlen_q: int, seqlen_k: int, head_dim: int, deterministic: bool,
+                   group: int = 1) -> bool:
     """Whether a call that passed gluon_bwd_eligible takes the fused kernel: causal, head dim 128,
-    both lengths from FUSED_MIN_SEQLEN, and nondeterminism allowed (neither ``deterministic`` nor
-    torch.use_deterministic_algorithms); FLASHLAB_BWD_FUSED=0 turns it off."""
-    return (causal and head_dim == 128 and min(seqlen_q, seqlen_k) >= FUSED_MIN_SEQLEN and not deterministic
-            and not torch.are_deterministic_algorithms_enabled() and switched_on("FLASHLAB_BWD_FUSED"))
+    both lengths from FUSED_MIN_SEQLEN, ``group`` (query heads a kv head) up to FUSED_MAX_GROUP, and
+    nondeterminism allowed
+    (neither ``deterministic`` nor torch.use_deterministic_algorithms); FLASHLAB_BWD_FUSED=0 turns
+    it off."""
+    return (causal and head_dim == 128 and group <= FUSED_MAX_GROUP and min(seqlen_q, seqlen_k) >= FUSED_MIN_SEQLEN
+            and not deterministic and not torch.are_deterministic_algorithms_enabled()
+            and switched_on("FLASHLAB_BWD_FUSED"))
 
 
 def _views_and_scalars(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: torch.Tensor, dk4: torch.Tensor,

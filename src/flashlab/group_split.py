@@ -10,13 +10,15 @@ Splitting the group into ``splits`` runs of ``heads_per_split`` query heads give
 programs; each writes its partial dK, dV in fp32 to its own slice of a (2, splits, *dk.shape)
 buffer, and one reduction over the splits (in a fixed order: deterministic) casts the sums into dk
 and dv. The split is the fastest-varying part of program_id(2) (batch · splits + split). The extra
-memory is bounded by the grid it fills: only small grids split.
+memory is bounded by the grid it fills: only small grids split. ``FLASHLAB_BWD_GROUP_SPLIT=0`` turns
+splitting off.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +104,8 @@ def targets(dk4: torch.Tensor, dv4: torch.Tensor, batch: int, kv_heads: int, gro
     dk4's device, and the tensors it writes."""
     per = heads_per_split(batch, kv_heads, group, seqlen_q, seqlen_k, block_m, block_n, upper_diag,
                           num_sms(dk4.device.index))
+    if os.environ.get("FLASHLAB_BWD_GROUP_SPLIT", "1") == "0":  # off: one program sums the whole group
+        per = max(group, 1)
     splits = math.ceil(group / per) if group > 0 else 1
     if splits == 1:
         return DkDvTargets(per, 1, dk4, dv4, 0, None)

@@ -167,7 +167,8 @@ def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch
     )
     if gluon_bwd_eligible(run.flags, run.head_dim, run.seqlen_q, run.seqlen_k, run.scalars[1], run.q4, run.k4,
                           run.v4):
-        fused = fused_eligible(run.flags["HAS_UPPER"], run.seqlen_q, run.seqlen_k, run.head_dim, deterministic)
+        fused = fused_eligible(run.flags["HAS_UPPER"], run.seqlen_q, run.seqlen_k, run.head_dim, deterministic,
+                               run.heads // run.kv_heads)
         (launch_bwd_gluon_fused if fused else launch_bwd_gluon)(
             run.q4, run.k4, run.v4, do4, dq4, dk4, dv4, lse, delta, run.lse_strides, run.scalars[2],
             run.flags["HAS_UPPER"], run.flags["BOTTOM_RIGHT"])

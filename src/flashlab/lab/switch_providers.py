@@ -8,7 +8,7 @@ Triton 3.6, outside the Gluon forward's scope or under its least work): there th
 the same code.
 
 ``flashlab-deterministic``: flash_attn_func with ``deterministic=True``: the atomics-free backward
-where the default takes the fused one (Hopper, head dim 128, causal, from 8k tokens:
+where the default takes the fused one (Hopper, head dim 128, causal, from 8k tokens, no GQA:
 gluon_backward.fused_eligible) — the price of bit-identical gradients. It refuses every other case
 (flashlab is deterministic there anyway); its forward is flashlab's (the flag changes the backward
 only), so time it in the fwd+bwd or bwd modes.
@@ -88,14 +88,16 @@ register(Provider(
 
 
 def _check_deterministic(case: Case, device: torch.device) -> str | None:
-    from flashlab.gluon_backward import FUSED_MIN_SEQLEN
+    from flashlab.gluon_backward import FUSED_MAX_GROUP, FUSED_MIN_SEQLEN, fused_eligible
 
     why = _why_not_gluon(case, device)
     anyway = "flashlab's backward is deterministic here anyway: "
     if why is not None:
         return anyway + why
-    if not case.causal or case.head_dim != 128 or min(case.seqlen_q, case.seqlen_k) < FUSED_MIN_SEQLEN:
-        return anyway + f"the fused backward runs at head dim 128, causal, from {FUSED_MIN_SEQLEN} tokens only"
+    if not fused_eligible(case.causal, case.seqlen_q, case.seqlen_k, case.head_dim, False,
+                          case.heads // case.kv_heads):
+        return anyway + (f"the fused backward runs at head dim 128, causal, from {FUSED_MIN_SEQLEN} tokens, "
+                         f"up to {FUSED_MAX_GROUP} query heads a kv head only")
     return None
 
 
@@ -111,6 +113,6 @@ def _build_deterministic(case: Case, device: torch.device) -> Attn:
 
 register(Provider(
     "flashlab-deterministic", "flashlab with deterministic=True: the atomics-free backward; only cases where the "
-    "default takes the fused backward (Hopper, Triton 3.6, head dim 128, causal, from 8k tokens)",
+    "default takes the fused backward (Hopper, Triton 3.6, head dim 128, causal, from 8k tokens, no GQA)",
     build=_build_deterministic, devices=("cuda",), dtypes=("fp16", "bf16"), check=_check_deterministic,
     min_capability=(9, 0)))
