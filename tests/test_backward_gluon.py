@@ -10,7 +10,7 @@ import torch
 from attn_checks import FakeKernel, backward_launch_inputs, check_against_reference, gluon_spy, make_qkv, pretend_hopper
 
 import flashlab
-from flashlab import ops
+from flashlab import group_split, ops
 from flashlab.gluon_backward import gluon_bwd_eligible, launch_bwd_gluon
 
 F16, BF16 = torch.float16, torch.bfloat16
@@ -39,6 +39,7 @@ def test_launch_arguments(monkeypatch, layout):
     fake_kv, fake_q = FakeKernel(), FakeKernel()
     monkeypatch.setattr(kernels, "attn_bwd_dkdv_gluon_kernel", fake_kv)
     monkeypatch.setattr(kernels, "attn_bwd_dq_gluon_kernel", fake_q)
+    monkeypatch.setattr(group_split, "heads_per_split", lambda *args: args[2])  # no split (test_group_split)
     b, s, h, hk, d = 2, 300, 6, 2, 128
     q, k, v, do, dq, dk, dv, lse, delta = backward_launch_inputs(layout, b, s, h, hk, d, BF16)
     launch_bwd_gluon(q, k, v, do, dq, dk, dv, lse, delta, (h * s, s), 0.1, True)
@@ -56,7 +57,7 @@ def test_launch_arguments(monkeypatch, layout):
     assert kw_kv["CAUSAL"] is True and kw_kv["STAGES"] == 3 and kw_q["STAGES"] == 2
     assert kw_kv["num_warps"] == kw_q["num_warps"] == 4
     assert kw_kv["EVEN"] is False and kw_q["EVEN"] is False  # 300 rows and keys: ragged tiles
-    assert kw_kv["SPLIT"] is False  # 12 programs fill the interpreter's pretend 8 SMs: no split group
+    assert kw_kv["SPLIT"] is False and args_kv[25:27] == (h // hk, 0)
 
 
 def test_dout_in_another_order_is_copied_into_qs(monkeypatch):

@@ -18,21 +18,30 @@ F16, BF16 = torch.float16, torch.bfloat16
 H200_SMS = 132
 
 
-def per_split(batch, kv_heads, group, seqlen, causal, block_m=64, block_n=128, sms=H200_SMS):
+def per_split(batch, kv_heads, group, seqlen, causal, block_m=64, block_n=128, sms=H200_SMS, ctas=1):
     return group_split.heads_per_split(batch, kv_heads, group, seqlen, seqlen, block_m, block_n,
-                                       0 if causal else None, sms)
+                                       0 if causal else None, sms, ctas)
 
 
 def test_the_rule_splits_small_grids_only():
-    assert per_split(1, 1, 32, 4096, False) == 8  # MQA at 4k: 32 programs -> 128
-    assert per_split(1, 1, 32, 16384, True) == 16  # causal: the first key block's program sets the pace
-    assert per_split(1, 8, 4, 4096, False) == 4  # 32:8 at 4k: 256 programs fill the GPU already
+    assert per_split(1, 1, 32, 4096, False) == 8  # MQA at 4k: 32 equal programs -> 128, one wave
+    assert per_split(1, 1, 32, 4096, False, block_m=32, ctas=2) == 4  # two a SM: 256 slots
+    assert per_split(1, 1, 32, 16384, True) == 16  # causal: 128 programs, the longest sets the pace
+    assert per_split(1, 8, 4, 4096, False) == 4  # 32:8 at 4k: 256 equal programs, two whole waves
+    assert per_split(1, 8, 4, 4096, True) == 1  # causal: 4 splits of one head even out the tail
+    assert per_split(1, 16, 4, 16384, True) == 4  # 2048 programs: 15 waves, no split
     assert per_split(2, 16, 1, 8192, True) == 1  # no group
-    assert per_split(1, 2, 3, 300, True, sms=8) == 1  # the interpreter's pretend GPU: 6 programs
-    # Every candidate's programs cover the group exactly once.
-    for group in range(1, 40):
-        per = per_split(1, 1, group, 2048, False)
-        assert 1 <= per <= group
+    assert per_split(1, 2, 3, 300, True, sms=8) == 2  # the interpreter's pretend GPU: 6 programs -> 12
+    for group in range(1, 40):  # never past MAX_SPLITS
+        per = per_split(1, 1, group, 2048, True)
+        assert 1 <= per <= group and -(-group // per) <= group_split.MAX_SPLITS
+
+
+def test_makespan_schedules_in_launch_order():
+    # Two slots, programs of 3, 1, 1 tiles in one split: 3 | 1 + 1 -> 3.
+    assert group_split.makespan([3, 1, 1], 1, 1, 1, 2) == 3
+    # Two splits of a group of 3 (2 heads, then 1) over two blocks of 1 tile: 2, 2 | 1, 1 -> 3.
+    assert group_split.makespan([1, 1], 1, 3, 2, 2) == 3
 
 
 def test_query_tiles_per_key_block():
@@ -134,7 +143,7 @@ def test_gluon_launchers_split_and_reduce(monkeypatch, fused):
     import flashlab.kernels.backward_gluon as kernels
     import flashlab.kernels.backward_gluon_fused as fused_kernels
 
-    # 300 keys in 3 blocks of 128, 2 kv heads: 6 programs on the pretend 8-SM GPU -> 3 splits of 1.
+    # 300 keys in 3 blocks of 128, 2 kv heads: 6 programs on the pretend 8-SM GPU -> splits of 2 + 1 heads.
     b, s, h, hk, d = 1, 300, 6, 2, 128
     q, k, v, do, dq, dk, dv, lse, delta = backward_launch_inputs("bshd", b, s, h, hk, d, F16)
     if fused:
@@ -147,12 +156,12 @@ def test_gluon_launchers_split_and_reduce(monkeypatch, fused):
         monkeypatch.setattr(kernels, "attn_bwd_dq_gluon_kernel", FakeKernel())
         launch_bwd_gluon(q, k, v, do, dq, dk, dv, lse, delta, (h * s, s), 0.1, True)
     (grid, args, kw), = fake.launches
-    assert grid == (3, hk, b * 3) and kw["SPLIT"] is True
+    assert grid == (3, hk, b * 2) and kw["SPLIT"] is True
     dk0 = args[6]
     assert dk0.dtype == torch.float32 and dk0.shape == dk.shape and args[fake.stride_arg] == dk.numel()
-    assert args[fake.stride_arg - 1] == 1  # heads a split
+    assert args[fake.stride_arg - 1] == 2  # heads a split
     pattern = torch.arange(dk.numel()).view(dk.shape).float() / 64
-    assert torch.equal(dk, (6 * pattern).to(F16)) and torch.equal(dv, (12 * pattern).to(F16))
+    assert torch.equal(dk, (3 * pattern).to(F16)) and torch.equal(dv, (6 * pattern).to(F16))  # 1 + 2 splits
 
 
 @pytest.mark.gpu

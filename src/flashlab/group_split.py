@@ -17,6 +17,7 @@ splitting off.
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 import os
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from flashlab.decode_tiles import num_sms
 # A split must shorten the estimated time by this share to be taken: it costs a partial buffer
 # written and read in fp32, and a reduction launch.
 MIN_GAIN = 0.05
+# At most this many splits: the fp32 partials of dK and dV are then at most 16x their own memory
+# (MQA's dK, dV are a group's worth smaller than dQ already).
+MAX_SPLITS = 8
 
 
 def query_tiles_per_key_block(seqlen_q: int, seqlen_k: int, block_m: int, block_n: int,
@@ -42,30 +46,47 @@ def query_tiles_per_key_block(seqlen_q: int, seqlen_k: int, block_m: int, block_
     return lens
 
 
+def makespan(lens: list[int], programs_per_len: int, group: int, per: int, slots: int) -> float:
+    """Finishing time of a dK/dV grid on ``slots`` program slots that take programs in launch order
+    (key block fastest, then kv head, then batch · split) as they free up: key block j's program
+    walks lens[j] query tiles for each of its split's heads (``per``, fewer in a ragged last split).
+    ``programs_per_len`` is kv heads × batch: how often the key blocks repeat."""
+    splits = math.ceil(group / per)
+    free = [0.0] * slots  # a heap of the slots' next free times
+    end = 0.0
+    for z in range(programs_per_len * splits):
+        heads = min(per, group - (z % splits) * per)
+        for n in lens:
+            start = heapq.heappop(free)
+            finish = start + n * heads
+            heapq.heappush(free, finish)
+            end = max(end, finish)
+    return end
+
+
 @functools.cache
 def heads_per_split(batch: int, kv_heads: int, group: int, seqlen_q: int, seqlen_k: int, block_m: int,
-                    block_n: int, causal_diag: int | None, sms: int) -> int:
-    """Query heads a dK/dV program sums over (``group``: no split). A candidate's time is estimated
-    as max(the longest program, whole waves of the mean program), a program's work being (query
-    tiles it walks) × (heads it sums); from one split up, more splits are taken only where they cut
-    the estimate by MIN_GAIN."""
+                    block_n: int, causal_diag: int | None, sms: int, ctas_per_sm: int = 1) -> int:
+    """Query heads a dK/dV program sums over (``group``: no split). Each candidate's grid is
+    scheduled on sms × ctas_per_sm slots (makespan; co-resident programs share an SM, so a slot runs
+    at 1 / ctas_per_sm of its speed, which is why the longest program matters); from one split up,
+    more splits are taken only where they cut the time by MIN_GAIN, up to MAX_SPLITS. Grids of 4
+    waves or more are not split (no program is then much longer than the mean wave), nor split past
+    16 waves."""
     lens = query_tiles_per_key_block(seqlen_q, seqlen_k, block_m, block_n, causal_diag)
+    slots = sms * ctas_per_sm
     programs = batch * kv_heads * len(lens)
-    if group <= 1 or programs == 0 or programs >= sms:
+    if group <= 1 or programs == 0 or programs >= 4 * slots:
         return max(group, 1)
-    longest, mean = max(lens), sum(lens) / len(lens)
-
-    def estimate(per: int) -> float:
-        splits = math.ceil(group / per)
-        waves = math.ceil(programs * splits / sms)
-        return max(longest * per, waves * mean * per)
-
     best = group
-    best_time = estimate(group)
-    for splits in range(2, group + 1):
+    best_time = makespan(lens, batch * kv_heads, group, group, slots)
+    for splits in range(2, min(group, MAX_SPLITS) + 1):
         per = math.ceil(group / splits)
-        if per != best and estimate(per) < (1 - MIN_GAIN) * best_time:
-            best, best_time = per, estimate(per)
+        if per == best or programs * math.ceil(group / per) > 16 * slots:
+            continue
+        time = makespan(lens, batch * kv_heads, group, per, slots)
+        if time < (1 - MIN_GAIN) * best_time:
+            best, best_time = per, time
     return best
 
 
@@ -99,11 +120,11 @@ class DkDvTargets:
 
 
 def targets(dk4: torch.Tensor, dv4: torch.Tensor, batch: int, kv_heads: int, group: int, seqlen_q: int,
-            seqlen_k: int, block_m: int, block_n: int, upper_diag: int | None) -> DkDvTargets:
-    """The split (heads_per_split) for a dK/dV launch of (block_m query rows, block_n keys) tiles on
-    dk4's device, and the tensors it writes."""
+            seqlen_k: int, block_m: int, block_n: int, upper_diag: int | None, ctas_per_sm: int = 1) -> DkDvTargets:
+    """The split (heads_per_split) for a dK/dV launch of (block_m query rows, block_n keys) tiles, of
+    which ``ctas_per_sm`` programs fit an SM, on dk4's device, and the tensors it writes."""
     per = heads_per_split(batch, kv_heads, group, seqlen_q, seqlen_k, block_m, block_n, upper_diag,
-                          num_sms(dk4.device.index))
+                          num_sms(dk4.device.index), ctas_per_sm)
     if os.environ.get("FLASHLAB_BWD_GROUP_SPLIT", "1") == "0":  # off: one program sums the whole group
         per = max(group, 1)
     splits = math.ceil(group / per) if group > 0 else 1

@@ -178,7 +178,9 @@ def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch
                                                                     aligned, run.seqlen_k, run.flags["HAS_DROPOUT"]))
     # A split group writes fp32 partials (tensors outside the call's: such a call runs unplanned).
     split = group_split.targets(dk4, dv4, run.batch, run.kv_heads, run.heads // run.kv_heads, run.seqlen_q,
-                                run.seqlen_k, cfg_kv.block_m, cfg_kv.block_n, group_split.upper_diagonal(run))
+                                run.seqlen_k, cfg_kv.block_m, cfg_kv.block_n, group_split.upper_diagonal(run),
+                                # Two programs share an SM at head dim 64 (registers: 4 warps, 32-row tiles).
+                                2 if block_d <= 64 else 1)
     launch_fn(
         bwd_kernels.attn_bwd_dkdv_kernel, (cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads,
                                            run.batch * split.splits),
