@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flashlab
-from flashlab import launch_args, launch_plans, ops
+from flashlab import group_split, launch_args, launch_plans, ops
 from flashlab.kernels import launch as launch_module
 from flashlab.kernels.configs import TileConfig
 
@@ -21,6 +21,8 @@ def logged(monkeypatch):
     monkeypatch.setattr(launch_module, "launch", lambda kernel, grid, *args, **named: log.append(
         (kernel, tuple(grid), args, named)))
     monkeypatch.setattr(launch_plans, "_plans", {})
+    # Whole GQA groups a dK/dV program (a split group's fp32 partials are not the call's tensors).
+    monkeypatch.setattr(group_split, "heads_per_split", lambda *args: args[2])
     return log
 
 
@@ -53,6 +55,20 @@ def _derivation_must_not_run(*args):
 
 
 CASES = [dict(), dict(causal=False), dict(window=(17, 3)), dict(softcap=30.0), dict(causal=False, scale=0.3)]
+
+
+def test_a_split_group_backward_runs_unplanned(logged, monkeypatch):
+    """A backward that splits its GQA group writes partials the call does not own: no plan is kept,
+    and every call derives its launches (and reduces the partials) again."""
+    monkeypatch.setattr(group_split, "heads_per_split", lambda *args: 1)
+    q, k, v = _qkv()
+    out, lse = _fwd(q, k, v)
+    for _ in range(2):
+        n = len(logged)
+        _bwd(torch.randn_like(q), q, k, v, out, lse)
+        (_, grid, args, _) = logged[n + 1]  # the dK/dV launch: 3 splits of one head a kv head
+        assert grid[2] == 2 * 3 and args[6].dtype == torch.float32
+    assert None in launch_plans._plans.values()
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["bshd", "bhsd-view"])
