@@ -98,34 +98,6 @@ def test_matches_reference_and_appends_in_place(case, num_splits, device):
     check_rows(out, q, k_cache, v_cache, [n + new for n in lens], causal, lse=lse)
 
 
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged16"])
-def test_merge_in_the_split_kernel_equals_the_combine_kernel(paged, device, monkeypatch):
-    """The last split of each tile merges the splits (the default) or a combine kernel does
-    (FLASHLAB_DECODE_MERGE=0): both pass the reference, agree to rounding, and leave the tickets
-    zeroed; sequences of 0 keys (zeros, -inf) and of one active split write their rows directly."""
-    torch.manual_seed(21)
-    lens = [0, 3, 40, 100]
-    q, k_cache, v_cache, _, _, seqlens = make_case(4, 2, 6, 2, 24, lens, 0, 104, torch.float16, device)
-    table = None
-    if paged:
-        k_cache, table = to_paged(k_cache, 16)
-        v_cache, _ = to_paged(v_cache, 16)
-    runs = {}
-    for merge in ("1", "0"):
-        monkeypatch.setenv("FLASHLAB_DECODE_MERGE", merge)
-        runs[merge] = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table,
-                                              causal=True, num_splits=4, return_softmax_lse=True)
-        check_rows(runs[merge][0], q, k_cache, v_cache, lens, True, lse=runs[merge][1], block_table=table)
-    (out_m, lse_m), (out_c, lse_c) = runs["1"], runs["0"]
-    torch.testing.assert_close(out_m, out_c, atol=2e-3, rtol=0)
-    assert torch.equal(lse_m.isinf(), lse_c.isinf()) and (lse_m - lse_c)[lse_m.isfinite()].abs().max() < 1e-5
-    assert torch.equal(out_m[0], torch.zeros_like(out_m[0]))  # no keys: zeros
-    if device == "cuda":
-        torch.cuda.synchronize()
-        from flashlab import decode_tiles
-        assert all(int(c.abs().sum()) == 0 for c in decode_tiles._COUNTERS.values())
-
-
 @pytest.mark.parametrize("page_size", [16, 32, 48, 5])
 def test_paged_equals_contiguous(page_size, device):
     torch.manual_seed(page_size)
@@ -396,20 +368,6 @@ def test_gpu_cuda_graph_capture_and_compile():
     got = step(q, k_cache, v_cache, seqlens + 1)
     ref = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens + 1, num_splits=4)
     assert torch.equal(got, ref)
-
-
-@pytest.mark.gpu
-def test_gpu_merge_tickets_per_stream():
-    """Each stream has its own tickets (calls on two streams may run at once), and a graph capture
-    takes fresh zeroed ones."""
-    from flashlab.decode_tiles import merge_counters
-
-    device = torch.device("cuda", torch.cuda.current_device())
-    main = merge_counters(device, 64)
-    assert merge_counters(device, 64) is main and int(main.abs().sum()) == 0
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        assert merge_counters(device, 64) is not main
 
 
 @pytest.mark.gpu

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
@@ -66,26 +65,3 @@ def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, max_keys: int, n
         want -= 1
     useful = math.ceil(max(max_keys, 1) / min_split_keys)
     return max(1, min(want, useful, MAX_SPLITS))
-
-
-_COUNTERS: dict[tuple[int | None, int], torch.Tensor] = {}
-
-
-def merge_enabled() -> bool:
-    """Whether the last split of a tile merges the splits in the attention kernel (the default) rather
-    than a combine kernel launched after it (``FLASHLAB_DECODE_MERGE=0``)."""
-    return os.environ.get("FLASHLAB_DECODE_MERGE", "1") != "0"
-
-
-def merge_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least ``n`` zeroed int32 tickets for the merging decode kernel, which leaves them zeroed
-    again. One buffer per (GPU, stream), so calls that may run concurrently never share tickets;
-    while a CUDA graph is captured a fresh zeroed one (its zeroing is captured with the graph, so
-    every replay starts from zero); on the CPU (the interpreter) a fresh one each call."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf

@@ -19,15 +19,7 @@ import torch
 from torch.library import wrap_triton
 
 from flashlab import checks, launch_plans
-from flashlab.decode_tiles import (
-    MAX_SPLITS,
-    MIN_SPLIT_KEYS,
-    choose_num_splits,
-    decode_config,
-    merge_counters,
-    merge_enabled,
-    num_sms,
-)
+from flashlab.decode_tiles import MAX_SPLITS, MIN_SPLIT_KEYS, choose_num_splits, decode_config, num_sms
 from flashlab.kernels.configs import cdiv, interpreting, next_power_of_2, padded_head_dim
 from flashlab.kvcache_checks import check_index, check_rotary, check_tensor, check_values
 from flashlab.kvcache_torch import append_torch, attend_torch
@@ -110,17 +102,14 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     batch, seqlen_q, heads, head_dim = q.shape
     out = torch.empty((batch, seqlen_q, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
-    counters = lse  # unread without SPLIT + MERGE: lse stands in (int32 there)
     if num_splits > 1:
         rows = seqlen_q * heads
         o_part = torch.empty((num_splits, batch, rows, head_dim), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((num_splits, batch, rows), dtype=torch.float32, device=q.device)
-        if merge_enabled():  # a ticket per (sequence, kv head, row block); row blocks have >= 16 rows
-            counters = merge_counters(q.device, batch * k_cache.shape[2] * cdiv(_grid_rows(q, k_cache.shape[2]), 16))
     else:  # unread without SPLIT: lse (fp32 too) stands in, two allocations fewer on the decoding step
         o_part = lse_part = lse
     tensors = (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, alibi_slopes, out, lse, o_part,
-               lse_part, counters)
+               lse_part)
     scalars = (seqlen_new, softmax_scale, causal, num_splits, min_chunk, window_left, window_right, softcap)
     _run((*_signature(*tensors[:7]), *scalars), tensors,
          lambda launch_fn: _attn_launches(tensors, scalars, launch_fn), q)
@@ -128,11 +117,11 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
 
 
 def _attn_launches(tensors: tuple, scalars: tuple, launch_fn) -> None:
-    """The split-KV attention launch and, with splits, the combine launch unless the last split of
-    each tile merges them (``tensors`` / ``scalars`` as _attn_impl builds them)."""
+    """The split-KV attention launch and, with splits, the combine launch (``tensors`` / ``scalars``
+    as _attn_impl builds them)."""
     from flashlab.kernels import decode as kernels
-    (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, alibi_slopes, out, lse, o_part, lse_part,
-     counters) = tensors
+    q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, alibi_slopes, out, lse, o_part, lse_part = \
+        tensors
     seqlen_new, softmax_scale, causal, num_splits, min_chunk, window_left, window_right, softcap = scalars
     batch, seqlen_q, heads, _ = q.shape
     kv_heads = k_cache.shape[2]
@@ -142,7 +131,6 @@ def _attn_launches(tensors: tuple, scalars: tuple, launch_fn) -> None:
     m_blocks = cdiv(_grid_rows(q, kv_heads), cfg.block_m)
     min_chunk = cdiv(max(min_chunk, 1), cfg.block_n) * cfg.block_n
     split = num_splits > 1
-    merge = split and counters is not lse
     rows = seqlen_q * heads
     batch_idx, bt, stride_btb = _index_args(cache_seqlens, cache_batch_idx, block_table)
     capacity = _capacity(k_cache, block_table)
@@ -155,16 +143,15 @@ def _attn_launches(tensors: tuple, scalars: tuple, launch_fn) -> None:
     right = 0 if causal else window_right
     launch_fn(
         kernels.decode_attn_kernel, (num_splits, kv_heads * m_blocks, batch),
-        q, k_cache, v_cache, out, lse, o_part, lse_part, counters, cache_seqlens, batch_idx, bt, slopes,
+        q, k_cache, v_cache, out, lse, o_part, lse_part, cache_seqlens, batch_idx, bt, slopes,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3], stride_btb, *slope_strides,
         batch, seqlen_q, seqlen_new, capacity, heads, heads // kv_heads, num_splits, min_chunk, softmax_scale,
         window_left, right, softmax_scale / softcap if softcap > 0 else 0.0, softcap * math.log2(math.e),
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size, PAGED=block_table is not None,
         HAS_BATCH_IDX=cache_batch_idx is not None, HAS_UPPER=causal or right >= 0, HAS_LOWER=window_left >= 0,
-        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, SPLIT=split, MERGE=merge,
-        **cfg.launch_kwargs(),
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, SPLIT=split, **cfg.launch_kwargs(),
     )
-    if split and not merge:
+    if split:
         launch_fn(
             kernels.decode_combine_kernel, (rows, batch),
             out, lse, o_part, lse_part, cache_seqlens, *out.stride()[:3],

@@ -99,7 +99,7 @@ def _decode_inner(acc, l_i, m_i, q, k_base, v_base, bt_row, stride_kb, stride_ks
 
 @triton.jit
 def decode_attn_kernel(
-    Q, K, V, O, LSE, O_PART, LSE_PART, COUNTERS, SEQLENS, BATCH_IDX, BT, SLOPES,
+    Q, K, V, O, LSE, O_PART, LSE_PART, SEQLENS, BATCH_IDX, BT, SLOPES,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -110,15 +110,10 @@ def decode_attn_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_UPPER: tl.constexpr,
     HAS_LOWER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, SPLIT: tl.constexpr,
-    MERGE: tl.constexpr,
 ):
     """One (split, kv head × row block, sequence). Without SPLIT: O[b, t, h] (q's dtype) and
     LSE[b, h, t]. With SPLIT: the split's normalized partial O_PART[s, b, t·heads + h, :] and its
-    LSE_PART[s, b, t·heads + h] (fp32, log2 units) for ``decode_combine_kernel``; with MERGE too, the
-    last of a tile's active splits to finish merges them into O and LSE itself (no combine launch):
-    each takes a ticket from COUNTERS[b · programs(1) + program_id(1)] (int32, zero before the launch,
-    zero again after: the merging program resets it), and a sequence with one active split writes
-    O and LSE directly.
+    LSE_PART[s, b, t·heads + h] (fp32, log2 units) for ``decode_combine_kernel``.
 
     Grid: (num_splits, kv_heads · cdiv(seqlen_q · group_size, BLOCK_M), batch).
     """
@@ -132,12 +127,8 @@ def decode_attn_kernel(
     n_keys = tl.minimum(tl.load(SEQLENS + b) + seqlen_new, capacity)
     key_lo, chunk = split_range(n_keys, seqlen_q, window_left, num_splits, min_chunk, BLOCK_N, HAS_LOWER)
     lo = key_lo + split * chunk
-    n_active = tl.cdiv(n_keys - key_lo, chunk)
     if SPLIT:
-        if MERGE:
-            if split >= tl.maximum(n_active, 1):
-                return  # idle: no ticket (split 0 of a sequence without keys writes its zeros)
-        elif lo >= n_keys:
+        if lo >= n_keys:
             return  # an idle split: the combine kernel never reads it
     hi = tl.minimum(lo + chunk, n_keys)
     diag = n_keys - seqlen_q
@@ -209,69 +200,14 @@ def decode_attn_kernel(
     acc = acc / l_safe[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
     d_ok = offs_d[None, :] < HEAD_DIM
-    o_ptrs = O + b * stride_ob + t[:, None] * stride_os + h[:, None] * stride_oh + offs_d[None, :]
-    lse_ptrs = LSE + (b * heads + h) * seqlen_q + t
-    part_row = (split * batch + b) * (seqlen_q * heads) + t * heads + h
-    if not SPLIT:
-        _store_out(o_ptrs, lse_ptrs, acc, lse2, row_ok, d_ok)
-    elif not MERGE:
-        _store_partial(O_PART, LSE_PART, part_row, acc, lse2, row_ok, offs_d, d_ok, HEAD_DIM)
-    elif n_active <= 1:
-        _store_out(o_ptrs, lse_ptrs, acc, lse2, row_ok, d_ok)
+    if SPLIT:
+        part_row = (split * batch + b) * (seqlen_q * heads) + t * heads + h
+        tl.store(LSE_PART + part_row, lse2, mask=row_ok)
+        tl.store(O_PART + part_row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok)
     else:
-        _store_partial(O_PART, LSE_PART, part_row, acc, lse2, row_ok, offs_d, d_ok, HEAD_DIM)
-        # Every thread's partials are stored before one thread's release; the acquire on the last
-        # ticket makes all splits' partials visible to this program (CUTLASS's semaphore pattern).
-        tl.debug_barrier()
-        counter = COUNTERS + b * tl.num_programs(1) + tl.program_id(1)
-        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if ticket == n_active - 1:
-            acc, lse2 = _merge_splits(O_PART, LSE_PART, part_row - split * batch * (seqlen_q * heads),
-                                      batch * (seqlen_q * heads), n_active, row_ok, offs_d, d_ok, HEAD_DIM,
-                                      BLOCK_M, BLOCK_D)
-            _store_out(o_ptrs, lse_ptrs, acc, lse2, row_ok, d_ok)
-            tl.atomic_xchg(counter, 0)  # ready for the next launch
-
-
-@triton.jit
-def _store_out(o_ptrs, lse_ptrs, acc, lse2, row_ok, d_ok):
-    """A tile's final rows: O in its dtype, LSE in natural-log units."""
-    tl.store(lse_ptrs, lse2 * LN2, mask=row_ok)
-    tl.store(o_ptrs, acc.to(o_ptrs.dtype.element_ty), mask=row_ok[:, None] & d_ok)
-
-
-@triton.jit
-def _store_partial(O_PART, LSE_PART, part_row, acc, lse2, row_ok, offs_d, d_ok, HEAD_DIM: tl.constexpr):
-    """A split's normalized partial rows (fp32) and their LSE (log2 units)."""
-    tl.store(LSE_PART + part_row, lse2, mask=row_ok)
-    tl.store(O_PART + part_row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok)
-
-
-@triton.jit
-def _merge_splits(O_PART, LSE_PART, rows0, split_step, n_active, row_ok, offs_d, d_ok, HEAD_DIM: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(O, LSE in log2 units) of a tile's rows from the partials of splits 0 .. n_active - 1 (rows
-    ``rows0 + s · split_step``), by a running log-sum-exp; rows no split saw give 0 and -inf. Loads
-    go to L2 (.cg): other SMs wrote the partials during this launch."""
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for s in range(n_active):
-        rows = rows0 + s * split_step
-        lse = tl.load(LSE_PART + rows, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(O_PART + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0,
-                    cache_modifier=".cg")
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_safe)
-        w = tl.math.exp2(lse - m_safe)
-        acc = acc * alpha[:, None] + o * w[:, None]
-        l_sum = l_sum * alpha + w
-        m = m_new
-    empty = l_sum == 0.0
-    l_safe = tl.where(empty, 1.0, l_sum)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    return acc / l_safe[:, None], tl.where(empty, float("-inf"), m + tl.math.log2(l_safe))
+        tl.store(LSE + (b * heads + h) * seqlen_q + t, lse2 * LN2, mask=row_ok)
+        o_ptrs = O + b * stride_ob + t[:, None] * stride_os + h[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
 
 
 @triton.jit
