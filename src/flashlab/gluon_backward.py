@@ -7,8 +7,9 @@ option, dense q / k / v with k and v in one memory order); ``FLASHLAB_BWD_GLUON=
 It replaces the dK/dV and dQ kernels; the `tl` preprocess kernel still computes Δ = rowsum(dO ⊙ O).
 Measured on the H200 (docs/performance.md): 1.10–1.16× the `tl` backward at head dim 128; at 64 it
 ties (0.93–1.02×), so head dim 64 keeps the `tl` kernels. Causal calls from FUSED_MIN_SEQLEN tokens
-take the fused kernel instead (dQ by fp32 atomics: 1.11–1.13× the two kernels, round 10) unless the
-caller asks for deterministic gradients (fused_eligible).
+without GQA take the fused kernel instead (dQ by fp32 atomics: 1.11–1.13× the two kernels, round
+10) unless the caller asks for deterministic gradients (fused_eligible). Both split a GQA group
+over several dK/dV programs where the grid is small (group_split.py).
 """
 
 from __future__ import annotations
@@ -51,9 +52,8 @@ def fused_eligible(causal: bool, seqlen_q: int, seqlen_k: int, head_dim: int, de
                    group: int = 1) -> bool:
     """Whether a call that passed gluon_bwd_eligible takes the fused kernel: causal, head dim 128,
     both lengths from FUSED_MIN_SEQLEN, ``group`` (query heads a kv head) up to FUSED_MAX_GROUP, and
-    nondeterminism allowed
-    (neither ``deterministic`` nor torch.use_deterministic_algorithms); FLASHLAB_BWD_FUSED=0 turns
-    it off."""
+    nondeterminism allowed (neither ``deterministic`` nor torch.use_deterministic_algorithms);
+    FLASHLAB_BWD_FUSED=0 turns it off."""
     return (causal and head_dim == 128 and group <= FUSED_MAX_GROUP and min(seqlen_q, seqlen_k) >= FUSED_MIN_SEQLEN
             and not deterministic and not torch.are_deterministic_algorithms_enabled()
             and switched_on("FLASHLAB_BWD_FUSED"))
