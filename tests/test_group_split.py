@@ -118,7 +118,7 @@ def test_split_gradients_are_deterministic(device, forced_split):
 
 class PartialWriter(FakeKernel):
     """A stand-in dK/dV kernel: writes (split + 1) · pattern into every split's partial dK and
-    (split + 1) · 2 · pattern into its dV, through the launch's split stride."""
+    (split + 1) · 2 · pattern into its dV (the (splits, *dk.shape) tensors the launch gets)."""
 
     def __init__(self, dk_arg: int, stride_arg: int):
         super().__init__()
@@ -129,12 +129,9 @@ class PartialWriter(FakeKernel):
 
         def run(*args, **kwargs):
             record(*args, **kwargs)
-            dk0, dv0, step = args[self.dk_arg], args[self.dk_arg + 1], args[self.stride_arg]
-            splits = grid[2] // dk0.shape[0]
-            for base, scale in ((dk0, 1.0), (dv0, 2.0)):
-                every = base.as_strided((splits, *base.shape), (step, *base.stride()))
-                for s in range(splits):
-                    every[s] = scale * (s + 1) * torch.arange(base.numel()).view(base.shape).float() / 64
+            for partials, scale in ((args[self.dk_arg], 1.0), (args[self.dk_arg + 1], 2.0)):
+                for s in range(partials.shape[0]):
+                    partials[s] = scale * (s + 1) * torch.arange(partials[s].numel()).view(partials[s].shape) / 64
         return run
 
 
@@ -157,8 +154,8 @@ def test_gluon_launchers_split_and_reduce(monkeypatch, fused):
         launch_bwd_gluon(q, k, v, do, dq, dk, dv, lse, delta, (h * s, s), 0.1, True)
     (grid, args, kw), = fake.launches
     assert grid == (3, hk, b * 2) and kw["SPLIT"] is True
-    dk0 = args[6]
-    assert dk0.dtype == torch.float32 and dk0.shape == dk.shape and args[fake.stride_arg] == dk.numel()
+    partials = args[6]
+    assert partials.dtype == torch.float32 and partials.shape == (2, *dk.shape) and args[fake.stride_arg] == dk.numel()
     assert args[fake.stride_arg - 1] == 2  # heads a split
     pattern = torch.arange(dk.numel()).view(dk.shape).float() / 64
     assert torch.equal(dk, (3 * pattern).to(F16)) and torch.equal(dv, (6 * pattern).to(F16))  # 1 + 2 splits

@@ -57,18 +57,31 @@ def _derivation_must_not_run(*args):
 CASES = [dict(), dict(causal=False), dict(window=(17, 3)), dict(softcap=30.0), dict(causal=False, scale=0.3)]
 
 
-def test_a_split_group_backward_runs_unplanned(logged, monkeypatch):
-    """A backward that splits its GQA group writes partials the call does not own: no plan is kept,
-    and every call derives its launches (and reduces the partials) again."""
+def test_a_split_group_backward_replays_its_scratch(logged, monkeypatch):
+    """A backward that splits its GQA group writes fp32 partials the call does not own (scratch):
+    the plan allocates fresh ones each replay and launches what the unplanned call launches — the
+    dK/dV kernel into them, then their reduction into dk, dv."""
     monkeypatch.setattr(group_split, "heads_per_split", lambda *args: 1)
     q, k, v = _qkv()
     out, lse = _fwd(q, k, v)
-    for _ in range(2):
-        n = len(logged)
-        _bwd(torch.randn_like(q), q, k, v, out, lse)
-        (_, grid, args, _) = logged[n + 1]  # the dK/dV launch: 3 splits of one head a kv head
-        assert grid[2] == 2 * 3 and args[6].dtype == torch.float32
-    assert None in launch_plans._plans.values()
+    _bwd(torch.randn_like(q), q, k, v, out, lse)  # records
+    prepare = ops.prepare
+    monkeypatch.setattr(ops, "prepare", _derivation_must_not_run)
+    n = len(logged)
+    dq, dk, dv = _bwd(torch.randn_like(q), q, k, v, out, lse)  # replays
+    replayed = logged[n:]
+    monkeypatch.setattr(ops, "prepare", prepare)
+    monkeypatch.setenv("FLASHLAB_LAUNCH_PLANS", "0")
+    n = len(logged)
+    _bwd(torch.randn_like(q), q, k, v, out, lse)
+    unplanned = logged[n:]
+    assert [s[0] for s in replayed] == [s[0] for s in unplanned] and len(replayed) == 4  # + the reduction
+    (_, grid, args, _), (_, _, red_args, _) = replayed[1], replayed[2]
+    assert grid[2] == 2 * 3 and args[6].shape == (3, *dk.shape) and args[6].dtype == torch.float32
+    assert red_args[:4] == (args[6], args[7], dk, dv)  # the fresh partials reduced into this call's dk, dv
+    for (_, g1, a1, n1), (_, g2, a2, n2) in zip(replayed, unplanned):
+        assert g1 == g2 and n1 == n2 and [type(x) for x in a1] == [type(x) for x in a2]
+        assert [x for x in a1 if not isinstance(x, torch.Tensor)] == [x for x in a2 if not isinstance(x, torch.Tensor)]
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["bshd", "bhsd-view"])

@@ -106,11 +106,11 @@ def launch_bwd_gluon(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, do4: 
         attn_bwd_dkdv_gluon_kernel, (configs.cdiv(seqlen_k, DKDV_BLOCK_N), kv_heads, batch * split.splits),
         tile_descriptor(q3, block_m, head_dim), tile_descriptor(do3, block_m, head_dim),
         tile_descriptor(k3, DKDV_BLOCK_N // 2, head_dim), tile_descriptor(v3, DKDV_BLOCK_N // 2, head_dim),
-        lse, delta, split.dk, split.dv, *lse_strides, *split.dk.stride()[:3], *rows, split.heads_per_split,
+        lse, delta, split.dk, split.dv, *lse_strides, *split.strides(False)[:3], *rows, split.heads_per_split,
         split.stride_split, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=DKDV_BLOCK_N, STAGES=stages,
         CAUSAL=bool(causal), EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0, SPLIT=split.splits > 1,
         num_warps=4, maxnreg=MAXNREG)
-    split.finish(dk4, dv4)
+    split.finish(dk4, dv4, launch)
     block_n, stages = dq_tiles or DQ_TILES[head_dim]
     launch(
         attn_bwd_dq_gluon_kernel, (configs.cdiv(seqlen_q, DQ_BLOCK_M), heads, batch),
@@ -144,10 +144,10 @@ def launch_bwd_gluon_fused(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor,
         attn_bwd_fused_gluon_kernel, (configs.cdiv(seqlen_k, DKDV_BLOCK_N), kv_heads, batch * split.splits),
         tile_descriptor(q3, block_m, head_dim), tile_descriptor(do3, block_m, head_dim),
         tile_descriptor(k3, DKDV_BLOCK_N // 2, head_dim), tile_descriptor(v3, DKDV_BLOCK_N // 2, head_dim),
-        lse, delta, split.dk, split.dv, dq_acc, *lse_strides, *split.dk.stride()[:3],
+        lse, delta, split.dk, split.dv, dq_acc, *lse_strides, *split.strides(False)[:3],
         dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), *rows, split.heads_per_split, split.stride_split,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=DKDV_BLOCK_N, STAGES=stages, NBUF=nbuf, CAUSAL=bool(causal),
         EVEN=seqlen_q % block_m == 0 and seqlen_k % DKDV_BLOCK_N == 0, SPLIT=split.splits > 1,
         num_warps=4, maxnreg=MAXNREG)
-    split.finish(dk4, dv4)
+    split.finish(dk4, dv4, launch)
     dq4.copy_(dq_acc[..., :seqlen_q].permute(0, 3, 1, 2))

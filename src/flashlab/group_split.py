@@ -7,11 +7,11 @@ its backward ran at 151 TFLOP/s against 32:8's 411 (H200, round 11). Causal mask
 first key block sees every query tile, so the longest program sets the pace.
 
 Splitting the group into ``splits`` runs of ``heads_per_split`` query heads gives splits × the
-programs; each writes its partial dK, dV in fp32 to its own slice of a (2, splits, *dk.shape)
-buffer, and one reduction over the splits (in a fixed order: deterministic) casts the sums into dk
+programs; each writes its partial dK, dV in fp32 to its own slice of (splits, *dk.shape) buffers,
+and one reduction launch over the splits (in a fixed order: deterministic) casts the sums into dk
 and dv. The split is the fastest-varying part of program_id(2) (batch · splits + split). The extra
-memory is bounded by the grid it fills: only small grids split. ``FLASHLAB_BWD_GROUP_SPLIT=0`` turns
-splitting off.
+memory is bounded by the grid it fills: only small grids split, at most MAX_SPLITS ways.
+``FLASHLAB_BWD_GROUP_SPLIT=0`` turns splitting off.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import functools
 import heapq
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,36 +100,52 @@ def upper_diagonal(run) -> int | None:
     return diag + max(run.scalars[1], 0)
 
 
+REDUCE_BLOCK = 1024  # elements a program of the reduction sums
+
+
 @dataclass
 class DkDvTargets:
-    """Where a dK/dV launch writes: dk / dv themselves (one split), or split 0 of fp32 partials."""
+    """Where a dK/dV launch writes: dk / dv themselves (one split), or fp32 partials (splits, *dk's
+    shape) each, whose split 0 the kernel's pointers address (``stride_split`` elements a split)."""
 
     heads_per_split: int
     splits: int
     dk: torch.Tensor
     dv: torch.Tensor
-    stride_split: int  # elements from one split's partials to the next (0: no split)
-    partials: torch.Tensor | None  # (2, splits, *dk.shape) fp32, dK then dV
+    stride_split: int  # 0 without a split
 
-    def finish(self, dk4: torch.Tensor, dv4: torch.Tensor) -> None:
-        """After the launch: dk4, dv4 = the sums over the splits, cast to their dtype (one split:
-        nothing to do)."""
-        if self.partials is not None:
-            sums = self.partials.sum(dim=1)
-            dk4.copy_(sums[0])
-            dv4.copy_(sums[1])
+    def strides(self, varlen: bool) -> tuple[int, ...]:
+        """(batch, row, head) strides of dk then dv as the kernels take them (batch 0 when varlen)."""
+        dk, dv = (t.stride()[-4:-1] for t in (self.dk, self.dv))
+        return (0 if varlen else dk[0]), dk[1], dk[2], (0 if varlen else dv[0]), dv[1], dv[2]
+
+    def finish(self, dk4: torch.Tensor, dv4: torch.Tensor, launch_fn: Callable[..., object]) -> None:
+        """After the dK/dV launch: dk4, dv4 (4-D, any strides) = the sums over the splits, cast to
+        their dtype, by one launch through ``launch_fn`` (nothing to do with one split)."""
+        if self.splits == 1:
+            return
+        from flashlab.kernels.backward import dkdv_split_reduce_kernel
+
+        n = dk4.numel()
+        launch_fn(dkdv_split_reduce_kernel, (math.ceil(n / REDUCE_BLOCK),), self.dk, self.dv, dk4, dv4, n,
+                  self.splits, *dk4.shape[1:], *dk4.stride()[:3], *dv4.stride()[:3], BLOCK=REDUCE_BLOCK)
 
 
 def targets(dk4: torch.Tensor, dv4: torch.Tensor, batch: int, kv_heads: int, group: int, seqlen_q: int,
-            seqlen_k: int, block_m: int, block_n: int, upper_diag: int | None, ctas_per_sm: int = 1) -> DkDvTargets:
+            seqlen_k: int, block_m: int, block_n: int, upper_diag: int | None, ctas_per_sm: int = 1,
+            alloc: Callable[[tuple[int, ...]], torch.Tensor] | None = None) -> DkDvTargets:
     """The split (heads_per_split) for a dK/dV launch of (block_m query rows, block_n keys) tiles, of
-    which ``ctas_per_sm`` programs fit an SM, on dk4's device, and the tensors it writes."""
+    which ``ctas_per_sm`` programs fit an SM, on dk4's device, and the tensors it writes. ``alloc``
+    makes an fp32 partials tensor of a shape (launch_plans.scratch: a planned call replays the
+    allocation); default torch.empty."""
     per = heads_per_split(batch, kv_heads, group, seqlen_q, seqlen_k, block_m, block_n, upper_diag,
                           num_sms(dk4.device.index), ctas_per_sm)
     if os.environ.get("FLASHLAB_BWD_GROUP_SPLIT", "1") == "0":  # off: one program sums the whole group
         per = max(group, 1)
     splits = math.ceil(group / per) if group > 0 else 1
     if splits == 1:
-        return DkDvTargets(per, 1, dk4, dv4, 0, None)
-    partials = torch.empty((2, splits, *dk4.shape), device=dk4.device, dtype=torch.float32)
-    return DkDvTargets(per, splits, partials[0, 0], partials[1, 0], partials.stride(1), partials)
+        return DkDvTargets(per, 1, dk4, dv4, 0)
+    shape = (splits, *dk4.shape)
+    make = alloc or (lambda shape: torch.empty(shape, device=dk4.device, dtype=torch.float32))
+    dk, dv = make(shape), make(shape)
+    return DkDvTargets(per, splits, dk, dv, dk.stride(0))

@@ -15,7 +15,9 @@ plan) for calls whose arguments vary otherwise (a dropout seed) or whose tensors
 replaces by views. A launcher that passes a tensor not among the call's tensors, or a tensor after a
 non-tensor argument, gets no plan (recorded as such; it always runs unplanned); so does one that
 returns ``UNPLANNED`` (it launched something outside the function it was given: the Gluon kernels,
-the TMA forward). Under Triton's interpreter plans still skip the derivation;
+the TMA forward). A launcher that needs a scratch tensor (a split GQA group's fp32 partials) takes it
+from ``scratch(launch_fn, ...)``: recorded, a replay allocates one alike and passes it where the
+recorded call passed its own. Under Triton's interpreter plans still skip the derivation;
 ``FLASHLAB_LAUNCH_PLANS=0`` turns them off.
 """
 
@@ -55,7 +57,25 @@ class _Step:
             self.pick = lambda tensors: tuple(tensors[i] for i in self.slots)
 
 
-_plans: dict[tuple, list[_Step] | None] = {}
+@dataclass
+class _Scratch:
+    """A scratch tensor the recorded launcher allocated: replays allocate one alike (torch.empty) and
+    append it to the call's tensors, where the recorded launches found it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+_plans: dict[tuple, list[_Step | _Scratch] | None] = {}
+
+
+def scratch(launch_fn: LaunchFn, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialized tensor for a launcher's launches through ``launch_fn``; under ``run`` its
+    allocation is part of the plan (a replay makes a fresh one)."""
+    alloc = getattr(launch_fn, "scratch", None)
+    if alloc is not None:
+        return alloc(tuple(shape), dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def enabled() -> bool:
@@ -91,11 +111,18 @@ def run(signature: tuple | None, tensors: Sequence[torch.Tensor | None],
         else:
             _replay(steps, tensors)
         return
-    recorded: list[tuple] = []
+    recorded: list[tuple | _Scratch] = []
 
     def record(kernel, grid, *args, **named):
         recorded.append((kernel, tuple(grid), args, named))
         return launch_module.launch(kernel, grid, *args, **named)
+
+    def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=tensors[0].device)
+        recorded.append(_Scratch(shape, dtype))
+        tensors.append(t)  # later launches find it among the call's tensors
+        return t
+    record.scratch = allocate
 
     bypassed = launcher(record) is UNPLANNED
     if len(_plans) >= MAX_PLANS:
@@ -103,9 +130,13 @@ def run(signature: tuple | None, tensors: Sequence[torch.Tensor | None],
     _plans[signature] = None if bypassed else _plan(recorded, tensors)
 
 
-def _plan(recorded: list[tuple], tensors: Sequence[torch.Tensor]) -> list[_Step] | None:
-    steps = []
-    for kernel, grid, args, named in recorded:
+def _plan(recorded: list[tuple | _Scratch], tensors: Sequence[torch.Tensor]) -> list[_Step | _Scratch] | None:
+    steps: list[_Step | _Scratch] = []
+    for item in recorded:
+        if isinstance(item, _Scratch):
+            steps.append(item)
+            continue
+        kernel, grid, args, named = item
         lead = 0
         while lead < len(args) and isinstance(args[lead], torch.Tensor):
             lead += 1
@@ -126,11 +157,17 @@ def _direct(device: torch.device) -> bool:
     return device.type == "cuda" and launch_module.direct_enabled() and device.index == torch.cuda.current_device()
 
 
-def _replay(steps: list[_Step], tensors: Sequence[torch.Tensor]) -> None:
-    direct = _direct(tensors[0].device)
+def _replay(steps: list[_Step | _Scratch], tensors: list[torch.Tensor]) -> None:
+    device = tensors[0].device
+    direct = _direct(device)
     # Triton specializes pointers on 16-byte alignment: one compiled kernel per alignment pattern.
     aligned = tuple(not t.data_ptr() & 15 for t in tensors) if direct else None
     for step in steps:
+        if isinstance(step, _Scratch):
+            tensors.append(torch.empty(step.shape, dtype=step.dtype, device=device))
+            if direct:
+                aligned += (True,)  # the caching allocator's blocks are 512-byte aligned
+            continue
         args = step.pick(tensors) + step.static
         runner = step.runners.get(aligned) if direct else None
         if runner is not None:

@@ -176,21 +176,22 @@ def _bwd_launches(tensors: tuple, dlse: torch.Tensor | None, args: tuple, launch
     aligned = tile_aligned(run.seqlen_q, run.seqlen_k, varlen)
     cfg_kv, cfg_q = (clamp_tiles(c, run) for c in backward_config(block_d, run.flags["HAS_UPPER"], q.device,
                                                                     aligned, run.seqlen_k, run.flags["HAS_DROPOUT"]))
-    # A split group writes fp32 partials (tensors outside the call's: such a call runs unplanned).
+    # A split group writes fp32 partials: scratch tensors a planned call allocates again.
     split = group_split.targets(dk4, dv4, run.batch, run.kv_heads, run.heads // run.kv_heads, run.seqlen_q,
                                 run.seqlen_k, cfg_kv.block_m, cfg_kv.block_n, group_split.upper_diagonal(run),
                                 # Two programs share an SM at head dim 64 (registers: 4 warps, 32-row tiles).
-                                2 if block_d <= 64 else 1)
+                                2 if block_d <= 64 else 1,
+                                lambda shape: launch_plans.scratch(launch_fn, shape, torch.float32, q.device))
     launch_fn(
         bwd_kernels.attn_bwd_dkdv_kernel, (cdiv(run.seqlen_k, cfg_kv.block_n), run.kv_heads,
                                            run.batch * split.splits),
         run.q4, run.k4, run.v4, do4, lse, delta, split.dk, split.dv, run.cu_q, run.cu_k, run.slopes, run.mask,
         run.sparse_q, *strides3(run.q4, varlen), *strides3(run.k4, varlen), *strides3(run.v4, varlen),
-        *strides3(do4, varlen), *strides3(split.dk, varlen), *strides3(split.dv, varlen), *head,
-        *run.sparse_q_strides, *common, split.heads_per_split, split.stride_split,
+        *strides3(do4, varlen), *split.strides(varlen), *head, *run.sparse_q_strides, *common,
+        split.heads_per_split, split.stride_split,
         **consts, **cfg_kv.launch_kwargs(), **FP_FUSION,
     )
-    split.finish(dk4, dv4)
+    split.finish(dk4, dv4, launch_fn)
     launch_fn(
         bwd_kernels.attn_bwd_dq_kernel, (cdiv(run.seqlen_q, cfg_q.block_m), run.heads, run.batch),
         run.q4, run.k4, run.v4, do4, lse, delta, dq4, run.cu_q, run.cu_k, run.slopes, run.mask, run.sparse_kv,

@@ -310,3 +310,31 @@ def attn_bwd_dq_kernel(
         row_ok = row_ok & (offs_d[None, :] < HEAD_DIM)
     tl.store(DQ + off_b * stride_dqb + (q_start + offs_m[:, None]) * stride_dqs + off_h * stride_dqh
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def dkdv_split_reduce_kernel(
+    PART_DK, PART_DV, DK, DV, n, splits, size_s, size_h, size_d,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    BLOCK: tl.constexpr,
+):
+    """DK, DV (batch, seqlen_k, kv_heads, head_dim) by their strides = the sums over the splits of a
+    split group's fp32 partials (group_split.py): PART_DK, PART_DV contiguous (splits, n), n the
+    elements of DK in (batch, seqlen_k, kv_heads, head_dim) order; summed in split order, so the
+    result is the same every run. Grid: (cdiv(n, BLOCK),)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    dk = tl.zeros([BLOCK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK], dtype=tl.float32)
+    part_dk, part_dv = PART_DK + offs, PART_DV + offs
+    for _ in range(splits):
+        dk += tl.load(part_dk, mask=ok, other=0.0)
+        dv += tl.load(part_dv, mask=ok, other=0.0)
+        part_dk += n  # pointer steps: splits × n may pass 2^31
+        part_dv += n
+    d = offs % size_d
+    h = offs // size_d % size_h
+    pos = offs // (size_d * size_h) % size_s
+    b = (offs // (size_d * size_h * size_s)).to(tl.int64)
+    tl.store(DK + b * stride_dkb + pos * stride_dks + h * stride_dkh + d, dk.to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + b * stride_dvb + pos * stride_dvs + h * stride_dvh + d, dv.to(DV.dtype.element_ty), mask=ok)
