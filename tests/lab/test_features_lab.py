@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import FAST
 
-from flashlab.lab import accuracy, features, providers
+from flashlab.lab import accuracy, features, flex_provider, providers
 from flashlab.lab.cases import Case
 from flashlab.lab.cli import main
 from flashlab.lab.errors import LabError
@@ -74,7 +74,7 @@ def test_flex_expresses_the_same_features(case: Case, monkeypatch: pytest.Monkey
     pytest.importorskip("torch.nn.attention.flex_attention")
     from torch.nn.attention.flex_attention import flex_attention
 
-    monkeypatch.setitem(providers._FLEX, ("fn", CPU.type), flex_attention)
+    monkeypatch.setitem(flex_provider._FLEX, ("fn", CPU.type), flex_attention)
     wl = Workload(case, providers.get_provider("flex").build(case, CPU), CPU)
     assert accuracy.check_output(wl)["acc_ok"]
 

@@ -69,7 +69,7 @@ def test_workload_layouts_and_modes() -> None:
 def test_flex_raises_dynamo_recompile_limits() -> None:
     import torch._dynamo
 
-    from flashlab.lab.providers import _raise_recompile_limits
+    from flashlab.lab.flex_provider import _raise_recompile_limits
 
     _raise_recompile_limits()
     cfg = torch._dynamo.config
