@@ -150,6 +150,7 @@ def breakdown() -> dict[str, float]:
         # run stubbed only launch() and so timed real launches in this row).
         launch_module.run_compiled = lambda *a: None
         rows["flashlab fwd+bwd, launches stubbed"] = per_call_us(fwd_bwd)
+        rows["flashlab kvcache, launches stubbed"] = per_call_us(decode)  # its Python and torch part
         launch_module.run_compiled = real_run_compiled
         launch_module.launch = lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw))
         os.environ["FLASHLAB_LAUNCH_PLANS"] = "0"
