@@ -25,6 +25,8 @@
 #   fa-grid-gluon  the lab's FlashAttention grid (d64/d128, 2k-16k, fwd) with flashlab-tl and Flex
 #   training   issue 5's suite: fwd+bwd and bwd with flashlab-deterministic, GQA 32:8 / 32:1, peak memory
 #              (Flex compiles its backward per shape: rerun with the same OUT and --resume to finish)
+#   gqa        GQA / MQA backward (32:8, 32:1; d128 4k/8k, d64 4k/16k) beside cuDNN and sdpa-flash, and
+#              with FLASHLAB_BWD_GROUP_SPLIT=0
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:?usage: device_round.sh OUT STAGE...}
@@ -155,6 +157,20 @@ for stage in "$@"; do
         > "$dir/training.log" 2>&1
       tail -n 40 "$dir/training.log"
       ;;
+    gqa)
+      # Issue 5's GQA / MQA backward beside the peers, and with the group split off (group_split.py).
+      gqa=("$py" -m flashlab.lab.cli bench --batch 1 --heads 32 --kv-heads 8,1 --causal both --modes bwd
+           --dtypes bf16 --rep-ms 40)
+      for d in 128 64; do
+        s=4096,8192; [ "$d" = 64 ] && s=4096,16384
+        timeout 120 "${gqa[@]}" --seqlen "$s" --head-dim "$d" --providers flashlab,sdpa-cudnn,sdpa-flash \
+          --out "$dir/d$d" > "$dir/d$d.log" 2>&1
+        FLASHLAB_BWD_GROUP_SPLIT=0 timeout 80 "${gqa[@]}" --seqlen "$s" --head-dim "$d" --providers flashlab \
+          --out "$dir/d${d}-unsplit" > "$dir/d${d}-unsplit.log" 2>&1
+        grep -A11 "backward time" "$dir/d$d/report.md"
+        grep -A11 "backward time" "$dir/d${d}-unsplit/report.md"
+      done
+      ;;
     gluon)
       # The package's Gluon forward: its tests, then checked and timed.
       timeout 200 "$py" -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_forward_gluon.py \
@@ -165,7 +181,7 @@ for stage in "$@"; do
       timeout 120 "$py" benchmarks/first_call.py --head-dims 128 --out "$dir/first-call" | tail -4
       ;;
     *)
-      echo "unknown stage: $stage (verify, host, tune, tma, decode, dropout-tests, decode-tune, bwd-tune, dropout-tune, lab, dropout, attn-mask, gluon, gluon-grid, gluon-bwd, fa-grid-gluon, training)"
+      echo "unknown stage: $stage (verify, host, tune, tma, decode, dropout-tests, decode-tune, bwd-tune, dropout-tune, lab, dropout, attn-mask, gluon, gluon-grid, gluon-bwd, fa-grid-gluon, training, gqa)"
       exit 2
       ;;
   esac
