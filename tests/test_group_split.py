@@ -37,6 +37,15 @@ def test_the_rule_splits_small_grids_only():
         assert 1 <= per <= group and -(-group // per) <= group_split.MAX_SPLITS
 
 
+def test_the_switch_keeps_whole_groups(monkeypatch):
+    dk = torch.empty(1, 300, 1, 64)
+    split = group_split.targets(dk, dk, 1, 1, 8, 300, 300, 64, 128, 0)  # 3 programs on 8 pretend SMs
+    assert split.splits > 1 and split.dk.shape == (split.splits, *dk.shape) and split.dk.dtype == torch.float32
+    monkeypatch.setenv("FLASHLAB_BWD_GROUP_SPLIT", "0")
+    whole = group_split.targets(dk, dk, 1, 1, 8, 300, 300, 64, 128, 0)
+    assert whole.splits == 1 and whole.heads_per_split == 8 and whole.dk is dk and whole.stride_split == 0
+
+
 def test_makespan_schedules_in_launch_order():
     # Two slots, programs of 3, 1, 1 tiles in one split: 3 | 1 + 1 -> 3.
     assert group_split.makespan([3, 1, 1], 1, 1, 1, 2) == 3
