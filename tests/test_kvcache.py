@@ -371,6 +371,28 @@ def test_gpu_cuda_graph_capture_and_compile():
 
 
 @pytest.mark.gpu
+def test_gpu_pdl_combine_equals_the_plain_launch(monkeypatch):
+    """FLASHLAB_DECODE_PDL=1 (the combine as a programmatic dependent launch, Hopper): the same
+    bits as the plain launch order, eagerly and replayed from a CUDA graph."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper")
+    torch.manual_seed(2)
+    q, k_cache, v_cache, _, _, seqlens = make_case(4, 1, 32, 8, 128, [100, 3000, 8000, 1], 0, 8192,
+                                                   torch.bfloat16, "cuda")
+    want = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=8)
+    monkeypatch.setenv("FLASHLAB_DECODE_PDL", "1")
+    got = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=8)
+    assert torch.equal(got, want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=8)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, want)
+
+
+@pytest.mark.gpu
 def test_gpu_opcheck():
     q, k_cache, v_cache, k, v, seqlens = make_case(2, 3, 8, 2, 64, [5, 300], 3, 512, torch.bfloat16, "cuda")
     torch.library.opcheck(torch.ops.flashlab.kvcache_attn.default,

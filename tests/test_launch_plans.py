@@ -285,3 +285,23 @@ def test_the_kernel_switches_are_part_of_the_signature(logged, monkeypatch):
     monkeypatch.setenv("FLASHLAB_FWD_TMA", "1")  # the opt-in TMA forward: its own signature too
     _fwd(q, k, v)
     assert len(launch_plans._plans) == 3
+
+
+def test_decoding_pdl_switch(logged, monkeypatch):
+    """FLASHLAB_DECODE_PDL=1 (Hopper only) launches the combine kernel as a programmatic dependent
+    of the split kernel (both compiled with PDL); the switch is part of the plan's signature."""
+    from flashlab import decoding
+
+    real = decoding.pdl_enabled
+    assert not real(torch.device("cpu"))
+    monkeypatch.setenv("FLASHLAB_DECODE_PDL", "1")
+    assert not real(torch.device("cpu"))  # a Hopper GPU only
+    q = torch.randn(1, 1, 8, 64, dtype=torch.float16)
+    kc = torch.randn(1, 512, 2, 64, dtype=torch.float16)
+    lens = torch.tensor([300], dtype=torch.int32)
+    for on in (False, True):
+        monkeypatch.setattr(decoding, "pdl_enabled", lambda device, on=on: on)
+        n = len(logged)
+        flashlab.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=lens, num_splits=4)
+        (_, _, _, attn), (_, _, _, combine) = logged[n:]
+        assert attn["PDL"] is on and combine["PDL"] is on and combine.get("launch_pdl", False) is on

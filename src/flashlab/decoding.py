@@ -14,13 +14,14 @@ CPU tensors outside Triton's interpreter take a PyTorch path (gather + ``blockwi
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch.library import wrap_triton
 
 from flashlab import checks, launch_plans
 from flashlab.decode_tiles import MAX_SPLITS, MIN_SPLIT_KEYS, choose_num_splits, decode_config, num_sms
-from flashlab.kernels.configs import cdiv, interpreting, next_power_of_2, padded_head_dim
+from flashlab.kernels.configs import cdiv, device_capability, interpreting, next_power_of_2, padded_head_dim
 from flashlab.kvcache_checks import check_index, check_rotary, check_tensor, check_values
 from flashlab.kvcache_torch import append_torch, attend_torch
 from flashlab.library import kernel_op, kvcache_append_fake, kvcache_attn_fake
@@ -43,6 +44,15 @@ def _index_args(cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | Non
     bt = block_table if block_table is not None else cache_seqlens
     return (cache_batch_idx if cache_batch_idx is not None else cache_seqlens, bt,
             block_table.stride(0) if block_table is not None else 0)
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether the combine kernel launches as a programmatic dependent of the split kernel (its
+    launch overlapping that kernel's tail): opt-in with ``FLASHLAB_DECODE_PDL=1`` until measured, and
+    only on a Hopper-class GPU (not under the interpreter)."""
+    if os.environ.get("FLASHLAB_DECODE_PDL", "0") != "1" or device.type != "cuda" or interpreting():
+        return False
+    return device_capability(device)[0] >= 9
 
 
 def _traced_launch(kernel, grid: tuple[int, ...], *args: object, **named: object) -> None:
@@ -111,7 +121,8 @@ def _attn_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
     tensors = (q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, alibi_slopes, out, lse, o_part,
                lse_part)
     scalars = (seqlen_new, softmax_scale, causal, num_splits, min_chunk, window_left, window_right, softcap)
-    _run((*_signature(*tensors[:7]), *scalars), tensors,
+    # The PDL switch changes the launches: part of the plan's signature.
+    _run((*_signature(*tensors[:7]), *scalars, num_splits > 1 and pdl_enabled(q.device)), tensors,
          lambda launch_fn: _attn_launches(tensors, scalars, launch_fn), q)
     return out, lse
 
@@ -141,6 +152,7 @@ def _attn_launches(tensors: tuple, scalars: tuple, launch_fn) -> None:
         slope_strides = (alibi_slopes.stride(0), alibi_slopes.stride(1)) if alibi_slopes.dim() == 2 else (
             0, alibi_slopes.stride(0))
     right = 0 if causal else window_right
+    pdl = split and pdl_enabled(q.device)
     launch_fn(
         kernels.decode_attn_kernel, (num_splits, kv_heads * m_blocks, batch),
         q, k_cache, v_cache, out, lse, o_part, lse_part, cache_seqlens, batch_idx, bt, slopes,
@@ -149,7 +161,7 @@ def _attn_launches(tensors: tuple, scalars: tuple, launch_fn) -> None:
         window_left, right, softmax_scale / softcap if softcap > 0 else 0.0, softcap * math.log2(math.e),
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size, PAGED=block_table is not None,
         HAS_BATCH_IDX=cache_batch_idx is not None, HAS_UPPER=causal or right >= 0, HAS_LOWER=window_left >= 0,
-        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, SPLIT=split, **cfg.launch_kwargs(),
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, SPLIT=split, PDL=pdl, **cfg.launch_kwargs(),
     )
     if split:
         launch_fn(
@@ -157,8 +169,9 @@ def _attn_launches(tensors: tuple, scalars: tuple, launch_fn) -> None:
             out, lse, o_part, lse_part, cache_seqlens, *out.stride()[:3],
             batch, seqlen_q, seqlen_new, capacity, heads, num_splits, min_chunk, window_left,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n, SPLITS_P2=next_power_of_2(num_splits),
-            HAS_LOWER=window_left >= 0,
+            HAS_LOWER=window_left >= 0, PDL=pdl,
             num_warps=8 if next_power_of_2(num_splits) * block_d > 8192 else 4,  # the [splits, dim] tile
+            **({"launch_pdl": True} if pdl else {}),
         )
 
 

@@ -26,6 +26,7 @@ rows that see no key (their output is 0).
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from flashlab.kernels.forward import LN2, LOG2E, M_INIT, online_softmax_step, shifted_scores
 
@@ -110,13 +111,19 @@ def decode_attn_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_UPPER: tl.constexpr,
     HAS_LOWER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, SPLIT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One (split, kv head × row block, sequence). Without SPLIT: O[b, t, h] (q's dtype) and
     LSE[b, h, t]. With SPLIT: the split's normalized partial O_PART[s, b, t·heads + h, :] and its
     LSE_PART[s, b, t·heads + h] (fp32, log2 units) for ``decode_combine_kernel``.
 
+    PDL (Hopper, with the combine launched as a programmatic dependent): let the combine kernel's
+    programs start once every program here has, so its launch overlaps this kernel's tail.
+
     Grid: (num_splits, kv_heads · cdiv(seqlen_q · group_size, BLOCK_M), batch).
     """
+    if PDL:
+        gdc_launch_dependents()
     split = tl.program_id(0)
     n_mblocks = tl.cdiv(seqlen_q * group_size, BLOCK_M)
     hk = tl.program_id(1) // n_mblocks
@@ -216,10 +223,12 @@ def decode_combine_kernel(
     stride_ob, stride_os, stride_oh,
     batch, seqlen_q, seqlen_new, capacity, heads, num_splits, min_chunk, window_left,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_P2: tl.constexpr,
-    HAS_LOWER: tl.constexpr,
+    HAS_LOWER: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Merge the active splits of one output row (query position t, head h) by log-sum-exp:
-    O = Σ_s w_s O_s / Σ_s w_s with w_s = 2^(lse_s - max lse). Grid: (seqlen_q · heads, batch)."""
+    O = Σ_s w_s O_s / Σ_s w_s with w_s = 2^(lse_s - max lse). PDL: launched as a programmatic
+    dependent of the split kernel, it waits for that grid's writes before reading the partials.
+    Grid: (seqlen_q · heads, batch)."""
     row = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     t = row // heads
@@ -231,6 +240,8 @@ def decode_combine_kernel(
     offs_s = tl.arange(0, SPLITS_P2)
     s_ok = offs_s < n_active
     part_row = (offs_s * batch + b) * (seqlen_q * heads) + row
+    if PDL:
+        gdc_wait()  # the split kernel's partials (and everything before it) are visible after this
     lse = tl.load(LSE_PART + part_row, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
