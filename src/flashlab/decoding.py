@@ -152,7 +152,8 @@ def _attn_launches(tensors: tuple, scalars: tuple, launch_fn) -> None:
         slope_strides = (alibi_slopes.stride(0), alibi_slopes.stride(1)) if alibi_slopes.dim() == 2 else (
             0, alibi_slopes.stride(0))
     right = 0 if causal else window_right
-    pdl = split and pdl_enabled(q.device)
+    # Traced launches (wrap_triton) take kernel arguments only: no launch options beside num_warps.
+    pdl = split and launch_fn is not _traced_launch and pdl_enabled(q.device)
     launch_fn(
         kernels.decode_attn_kernel, (num_splits, kv_heads * m_blocks, batch),
         q, k_cache, v_cache, out, lse, o_part, lse_part, cache_seqlens, batch_idx, bt, slopes,
