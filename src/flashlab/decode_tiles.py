@@ -6,7 +6,6 @@ pipeline depth follows from it (measurements in docs/perf-notes.md, rounds 2 and
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -40,13 +39,6 @@ def decode_config(rows: int, block_d: int, paged: bool, device: torch.device, nu
         return TileConfig(block_m, 32, 8, 5 if paged else 3)
     stages = 5 if paged else (2 if 1 <= num_splits <= FEW_SPLITS else 3)
     return TileConfig(block_m, 64, 4, stages)
-
-
-@functools.cache
-def num_sms(device_index: int | None) -> int:
-    if device_index is None or not torch.cuda.is_available():
-        return 8  # interpreter: a pretend GPU, small enough that tests exercise the split path
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def choose_num_splits(batch: int, kv_heads: int, m_blocks: int, max_keys: int, num_sms: int,

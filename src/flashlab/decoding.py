@@ -20,8 +20,8 @@ import torch
 from torch.library import wrap_triton
 
 from flashlab import checks, launch_plans
-from flashlab.decode_tiles import MAX_SPLITS, MIN_SPLIT_KEYS, choose_num_splits, decode_config, num_sms
-from flashlab.kernels.configs import cdiv, device_capability, interpreting, next_power_of_2, padded_head_dim
+from flashlab.decode_tiles import MAX_SPLITS, MIN_SPLIT_KEYS, choose_num_splits, decode_config
+from flashlab.kernels.configs import cdiv, device_capability, interpreting, next_power_of_2, num_sms, padded_head_dim
 from flashlab.kvcache_checks import check_index, check_rotary, check_tensor, check_values
 from flashlab.kvcache_torch import append_torch, attend_torch
 from flashlab.library import kernel_op, kvcache_append_fake, kvcache_attn_fake

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashlab.decode_tiles import num_sms
+from flashlab.kernels.configs import num_sms
 
 # A split must shorten the estimated time by this share to be taken: it costs a partial buffer
 # written and read in fp32, and a reduction launch.
@@ -138,10 +138,11 @@ def targets(dk4: torch.Tensor, dv4: torch.Tensor, batch: int, kv_heads: int, gro
     which ``ctas_per_sm`` programs fit an SM, on dk4's device, and the tensors it writes. ``alloc``
     makes an fp32 partials tensor of a shape (launch_plans.scratch: a planned call replays the
     allocation); default torch.empty."""
-    per = heads_per_split(batch, kv_heads, group, seqlen_q, seqlen_k, block_m, block_n, upper_diag,
-                          num_sms(dk4.device.index), ctas_per_sm)
     if os.environ.get("FLASHLAB_BWD_GROUP_SPLIT", "1") == "0":  # off: one program sums the whole group
         per = max(group, 1)
+    else:
+        per = heads_per_split(batch, kv_heads, group, seqlen_q, seqlen_k, block_m, block_n, upper_diag,
+                              num_sms(dk4.device.index), ctas_per_sm)
     splits = math.ceil(group / per) if group > 0 else 1
     if splits == 1:
         return DkDvTargets(per, 1, dk4, dv4, 0)

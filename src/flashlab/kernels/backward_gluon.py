@@ -78,6 +78,21 @@ def split_batch(group_size, heads_per_split, SPLIT: gl.constexpr):
 
 
 @gluon.jit
+def dkdv_buffers(q_desc, do_desc, k_desc, v_desc, KEYS: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """A dK/dV program's shared memory (this kernel's and the fused one's): each consumer's K and V
+    halves (KEYS keys), and the ring of STAGES (Q, dO) tiles of BLOCK_M rows."""
+    dtype: gl.constexpr = q_desc.dtype
+    k0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(k_desc.layout))
+    k1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(k_desc.layout))
+    v0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(v_desc.layout))
+    v1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(v_desc.layout))
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], tile_layout(q_desc.layout))
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], tile_layout(do_desc.layout))
+    return k0, k1, v0, v1, q_smem, do_smem
+
+
+@gluon.jit
 def _probs_and_ds(s, dp, lse2, delta, keys, q_idx, in_seq, seqlen_k, diag, qk_scale, CAUSAL: gl.constexpr,
                   EVEN: gl.constexpr):
     """Pᵀ and dSᵀ (fp32, keys as rows) of one tile from Sᵀ, dPᵀ, the queries' LSE · log2 e and Δ:
@@ -209,12 +224,7 @@ def attn_bwd_dkdv_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK, 
     off_hk = gl.program_id(1)
     off_b = split_batch(group_size, heads_per_split, SPLIT)
 
-    k0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(k_desc.layout))
-    k1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(k_desc.layout))
-    v0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(v_desc.layout))
-    v1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(v_desc.layout))
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], tile_layout(q_desc.layout))
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], tile_layout(do_desc.layout))
+    k0, k1, v0, v1, q_smem, do_smem = dkdv_buffers(q_desc, do_desc, k_desc, v_desc, KEYS, HEAD_DIM, BLOCK_M, STAGES)
     kv_bar, full, empty = ring_barriers(STAGES)
 
     k_seq = off_b * k_seq_b + off_hk * k_seq_h

@@ -38,6 +38,7 @@ from flashlab.kernels.backward_gluon import (
     _load_kv_halves,
     _probs_and_ds,
     _store_dkdv,
+    dkdv_buffers,
     split_batch,
     split_heads,
 )
@@ -48,7 +49,6 @@ from flashlab.kernels.gluon_ring import (
     operand_layout,
     release,
     ring_barriers,
-    tile_layout,
     wait_full,
 )
 
@@ -243,12 +243,7 @@ def attn_bwd_fused_gluon_kernel(q_desc, do_desc, k_desc, v_desc, LSE, DELTA, DK,
     off_hk = gl.program_id(1)
     off_b = split_batch(group_size, heads_per_split, SPLIT)
 
-    k0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(k_desc.layout))
-    k1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(k_desc.layout))
-    v0 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(v_desc.layout))
-    v1 = gl.allocate_shared_memory(dtype, [KEYS, HEAD_DIM], tile_layout(v_desc.layout))
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], tile_layout(q_desc.layout))
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], tile_layout(do_desc.layout))
+    k0, k1, v0, v1, q_smem, do_smem = dkdv_buffers(q_desc, do_desc, k_desc, v_desc, KEYS, HEAD_DIM, BLOCK_M, STAGES)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KEYS, BLOCK_M], dtype)
     ds_smem = gl.allocate_shared_memory(dtype, [2 * NBUF, KEYS, BLOCK_M], ds_layout)
     kv_bar, full, empty = ring_barriers(STAGES)

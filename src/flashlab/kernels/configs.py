@@ -55,6 +55,15 @@ def device_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
+@functools.cache
+def num_sms(device_index: int | None) -> int:
+    """SMs of a CUDA device, for grid-size rules (split-KV decoding, split GQA groups); under the
+    interpreter a pretend GPU of 8, small enough that tests exercise the split paths."""
+    if device_index is None or not torch.cuda.is_available():
+        return 8
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 # Wide-head tiles faster on H100 but verified only on tile-aligned shapes: with them the forward
 # faults (misaligned address) on a ragged d192 case (777x777, GQA 8:1, not causal; H100 round 2,
 # reproduced on H200 2026-11-29 by benchmarks/config_probe.py, while ragged d160/d256, causal d192
